@@ -1,0 +1,289 @@
+"""MonkeyConfig: the original checkpoint's `config.json` (Qwen fields + a nested `visual` dict).
+
+The file is read as data only: `auto_map` (which names remote Python code) is ignored, never followed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import PretrainedConfig
+
+from monkey_cli.errors import ConfigError
+
+WINDOW_SIZE = 448  # every view the ViT sees is 448x448 (the original's visual.image_size per window)
+TOKENS_PER_VIEW = 256  # resampler queries (a 16x16 grid)
+IMAGE_START_OFFSET = 214  # <img> = <|endoftext|> + 3 chat tokens + 205 extras + 6 grounding tags
+
+# field -> accepted types, for the top-level Qwen fields the model needs.
+_QWEN_FIELDS: dict[str, tuple[type, ...]] = {
+    "hidden_size": (int,),
+    "num_attention_heads": (int,),
+    "num_hidden_layers": (int,),
+    "kv_channels": (int,),
+    "intermediate_size": (int,),
+    "vocab_size": (int,),
+    "seq_length": (int,),
+    "max_position_embeddings": (int,),
+    "rotary_emb_base": (int, float),
+    "rotary_pct": (int, float),
+    "layer_norm_epsilon": (int, float),
+    "use_dynamic_ntk": (bool,),
+    "use_logn_attn": (bool,),
+}
+_VISUAL_FIELDS: dict[str, tuple[type, ...]] = {
+    "width": (int,),
+    "layers": (int,),
+    "heads": (int,),
+    "mlp_ratio": (int, float),
+    "patch_size": (int,),
+    "image_size": (int, list),
+    "output_dim": (int,),
+    "lora_repeat_num": (int,),
+    "image_start_id": (int,),
+}
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The ViT + resampler hyper-parameters, with the window grid derived from the input size."""
+
+    width: int
+    layers: int
+    heads: int
+    mlp_ratio: float
+    patch_size: int
+    input_size: tuple[int, int]  # (height, width) of the page the processor produces
+    output_dim: int
+    lora_repeat_num: int
+    image_start_id: int
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, cols) of 448px windows: 896 -> (2, 2), [896, 1344] -> (2, 3)."""
+        return self.input_size[0] // WINDOW_SIZE, self.input_size[1] // WINDOW_SIZE
+
+    @property
+    def num_windows(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def num_views(self) -> int:
+        """Local windows plus the one global view."""
+        return self.num_windows + 1
+
+    @property
+    def mlp_width(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+    @property
+    def patches_per_side(self) -> int:
+        return WINDOW_SIZE // self.patch_size
+
+
+class MonkeyConfig(PretrainedConfig):
+    """Configuration of a Monkey checkpoint, field names as in the original `config.json`."""
+
+    model_type = "monkey"
+
+    def __init__(
+        self,
+        vocab_size: int = 151936,
+        hidden_size: int = 4096,
+        num_hidden_layers: int = 32,
+        num_attention_heads: int = 32,
+        kv_channels: int = 128,
+        intermediate_size: int = 22016,
+        seq_length: int = 2048,
+        max_position_embeddings: int = 8192,
+        rotary_emb_base: float = 10000,
+        rotary_pct: float = 1.0,
+        layer_norm_epsilon: float = 1e-6,
+        use_dynamic_ntk: bool = True,
+        use_logn_attn: bool = True,
+        visual: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.pop("auto_map", None)  # names remote code; never used
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.kv_channels = kv_channels
+        self.intermediate_size = intermediate_size
+        self.seq_length = seq_length
+        self.max_position_embeddings = max_position_embeddings
+        self.rotary_emb_base = rotary_emb_base
+        self.rotary_pct = rotary_pct
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.use_dynamic_ntk = use_dynamic_ntk
+        self.use_logn_attn = use_logn_attn
+        self.visual = dict(visual) if visual is not None else dict(REAL_VISUAL)
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(**kwargs)
+
+    # --- derived values -------------------------------------------------------------------------
+    @property
+    def vision(self) -> VisionConfig:
+        v = self.visual
+        return VisionConfig(
+            width=v["width"],
+            layers=v["layers"],
+            heads=v["heads"],
+            mlp_ratio=float(v["mlp_ratio"]),
+            patch_size=v["patch_size"],
+            input_size=_as_height_width(v["image_size"]),
+            output_dim=v["output_dim"],
+            lora_repeat_num=v["lora_repeat_num"],
+            image_start_id=v["image_start_id"],
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels
+
+    @property
+    def ffn_width(self) -> int:
+        """The MLP's hidden width: Qwen halves `intermediate_size` (w1 and w2 each take half)."""
+        return self.intermediate_size // 2
+
+    @property
+    def tokens_per_image(self) -> int:
+        """IMG_TOKEN_SPAN: positions between <img> and </img> (1280 for the released checkpoints)."""
+        return self.vision.num_views * TOKENS_PER_VIEW
+
+    @property
+    def image_start_id(self) -> int:
+        return self.visual["image_start_id"]
+
+    @property
+    def image_end_id(self) -> int:
+        return self.image_start_id + 1
+
+    @property
+    def image_pad_id(self) -> int:
+        return self.image_start_id + 2
+
+    @property
+    def eod_id(self) -> int:
+        return self.image_start_id - IMAGE_START_OFFSET
+
+    @property
+    def checkpoint_dtype(self) -> str:
+        """The dtype the checkpoint was saved in, from the original's bf16/fp16/fp32 flags."""
+        if getattr(self, "bf16", False):
+            return "bfloat16"
+        if getattr(self, "fp16", False):
+            return "float16"
+        return "float32"
+
+
+# The released checkpoints' `visual` dict (echo840/Monkey and echo840/Monkey-Chat).
+REAL_VISUAL: dict[str, Any] = {
+    "heads": 16,
+    "image_size": 896,
+    "image_start_id": 151857,
+    "layers": 48,
+    "mlp_ratio": 4.9231,
+    "output_dim": 4096,
+    "patch_size": 14,
+    "width": 1664,
+    "lora_repeat_num": 4,
+}
+
+
+def real_monkey_config(**overrides: Any) -> MonkeyConfig:
+    """The released Monkey's configuration (for memory plans and meta-device checks)."""
+    fields: dict[str, Any] = {"bf16": True, "visual": dict(REAL_VISUAL)}
+    fields.update(overrides)
+    return MonkeyConfig(**fields)
+
+
+def _as_height_width(image_size: int | list[int]) -> tuple[int, int]:
+    if isinstance(image_size, int):
+        return image_size, image_size
+    return int(image_size[0]), int(image_size[1])
+
+
+def load_config(path: str | os.PathLike[str]) -> MonkeyConfig:
+    """Read and validate `config.json` (or a checkpoint folder holding it)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    validate_config_dict(data, source=str(path))
+    return MonkeyConfig(**data)
+
+
+def validate_config_dict(data: Any, source: str = "config.json") -> None:
+    """Raise ConfigError naming the file and field for anything the model cannot be built from."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a JSON object at the top level")
+    model_type = data.get("model_type")
+    if model_type != "monkey":
+        raise ConfigError(f"{source}: field 'model_type' must be \"monkey\", got {model_type!r}")
+    _check_fields(data, _QWEN_FIELDS, source, prefix="")
+    visual = data.get("visual")
+    if not isinstance(visual, dict):
+        raise ConfigError(f"{source}: field 'visual' must be an object with the vision tower's settings")
+    _check_fields(visual, _VISUAL_FIELDS, source, prefix="visual.")
+
+    def fail(field: str, why: str) -> None:
+        raise ConfigError(f"{source}: field '{field}' {why}")
+
+    for field, types in _QWEN_FIELDS.items():
+        if int in types and not isinstance(data[field], bool) and data[field] <= 0 and field != "rotary_pct":
+            fail(field, f"must be positive, got {data[field]!r}")
+    if data["hidden_size"] != data["num_attention_heads"] * data["kv_channels"]:
+        fail("hidden_size", "must equal num_attention_heads * kv_channels "
+             f"({data['num_attention_heads']} * {data['kv_channels']}), got {data['hidden_size']}")
+    if data["kv_channels"] % 2:
+        fail("kv_channels", f"must be even for rotary embeddings, got {data['kv_channels']}")
+    if data["rotary_pct"] != 1.0:
+        fail("rotary_pct", f"must be 1.0 (rotary over the whole head, as every Monkey), got {data['rotary_pct']}")
+    if data["intermediate_size"] % 2:
+        fail("intermediate_size", f"must be even (the MLP uses half of it), got {data['intermediate_size']}")
+
+    size = visual["image_size"]
+    if isinstance(size, list) and (len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size)):
+        fail("visual.image_size", f"must be an integer or [height, width], got {size!r}")
+    height, width = _as_height_width(size)
+    if height <= 0 or height % WINDOW_SIZE or width % WINDOW_SIZE:
+        fail("visual.image_size", f"must be a positive multiple of {WINDOW_SIZE} per side, got {size!r}")
+    windows = (height // WINDOW_SIZE) * (width // WINDOW_SIZE)
+    if visual["lora_repeat_num"] != windows:
+        fail("visual.lora_repeat_num", f"must equal the number of {WINDOW_SIZE}px windows "
+             f"({height // WINDOW_SIZE}x{width // WINDOW_SIZE} = {windows}), got {visual['lora_repeat_num']}")
+    if WINDOW_SIZE % visual["patch_size"]:
+        fail("visual.patch_size", f"must divide {WINDOW_SIZE}, got {visual['patch_size']}")
+    if visual["width"] % visual["heads"]:
+        fail("visual.width", f"must be divisible by visual.heads ({visual['heads']}), got {visual['width']}")
+    if visual["output_dim"] != data["hidden_size"]:
+        fail("visual.output_dim", f"must equal hidden_size ({data['hidden_size']}), got {visual['output_dim']}")
+    if visual["output_dim"] % 128:
+        fail("visual.output_dim", f"must be a multiple of 128 (resampler heads), got {visual['output_dim']}")
+    start = visual["image_start_id"]
+    if start < IMAGE_START_OFFSET or start + 2 >= data["vocab_size"]:
+        fail("visual.image_start_id", f"must leave room for </img> and <imgpad> below vocab_size "
+             f"({data['vocab_size']}), got {start}")
+
+
+def _check_fields(data: dict[str, Any], fields: dict[str, tuple[type, ...]], source: str, prefix: str) -> None:
+    for name, types in fields.items():
+        if name not in data:
+            raise ConfigError(f"{source}: missing field '{prefix}{name}'")
+        value = data[name]
+        # bool is an int subclass: accept it only where a bool is asked for.
+        wrong_bool = isinstance(value, bool) and bool not in types
+        if wrong_bool or not isinstance(value, types):
+            expected = " or ".join("array" if t is list else t.__name__ for t in types)
+            raise ConfigError(f"{source}: field '{prefix}{name}' must be {expected}, got {type(value).__name__}")

@@ -124,6 +124,9 @@ class MonkeyConfig(PretrainedConfig):
         self.use_logn_attn = use_logn_attn
         self.visual = dict(visual) if visual is not None else dict(REAL_VISUAL)
         kwargs.setdefault("tie_word_embeddings", False)
+        # The released config.json says use_cache=false (a training setting); inference always wants the
+        # KV cache, and decoding without it would also re-pick the NTK alpha at every step.
+        kwargs.pop("use_cache", None)
         super().__init__(**kwargs)
 
     # --- derived values -------------------------------------------------------------------------
@@ -244,8 +247,11 @@ def validate_config_dict(data: Any, source: str = "config.json") -> None:
         if int in types and not isinstance(data[field], bool) and data[field] <= 0 and field != "rotary_pct":
             fail(field, f"must be positive, got {data[field]!r}")
     if data["hidden_size"] != data["num_attention_heads"] * data["kv_channels"]:
-        fail("hidden_size", "must equal num_attention_heads * kv_channels "
-             f"({data['num_attention_heads']} * {data['kv_channels']}), got {data['hidden_size']}")
+        fail(
+            "hidden_size",
+            "must equal num_attention_heads * kv_channels "
+            f"({data['num_attention_heads']} * {data['kv_channels']}), got {data['hidden_size']}",
+        )
     if data["kv_channels"] % 2:
         fail("kv_channels", f"must be even for rotary embeddings, got {data['kv_channels']}")
     if data["rotary_pct"] != 1.0:
@@ -261,8 +267,11 @@ def validate_config_dict(data: Any, source: str = "config.json") -> None:
         fail("visual.image_size", f"must be a positive multiple of {WINDOW_SIZE} per side, got {size!r}")
     windows = (height // WINDOW_SIZE) * (width // WINDOW_SIZE)
     if visual["lora_repeat_num"] != windows:
-        fail("visual.lora_repeat_num", f"must equal the number of {WINDOW_SIZE}px windows "
-             f"({height // WINDOW_SIZE}x{width // WINDOW_SIZE} = {windows}), got {visual['lora_repeat_num']}")
+        fail(
+            "visual.lora_repeat_num",
+            f"must equal the number of {WINDOW_SIZE}px windows "
+            f"({height // WINDOW_SIZE}x{width // WINDOW_SIZE} = {windows}), got {visual['lora_repeat_num']}",
+        )
     if WINDOW_SIZE % visual["patch_size"]:
         fail("visual.patch_size", f"must divide {WINDOW_SIZE}, got {visual['patch_size']}")
     if visual["width"] % visual["heads"]:
@@ -273,8 +282,10 @@ def validate_config_dict(data: Any, source: str = "config.json") -> None:
         fail("visual.output_dim", f"must be a multiple of 128 (resampler heads), got {visual['output_dim']}")
     start = visual["image_start_id"]
     if start < IMAGE_START_OFFSET or start + 2 >= data["vocab_size"]:
-        fail("visual.image_start_id", f"must leave room for </img> and <imgpad> below vocab_size "
-             f"({data['vocab_size']}), got {start}")
+        fail(
+            "visual.image_start_id",
+            f"must leave room for </img> and <imgpad> below vocab_size ({data['vocab_size']}), got {start}",
+        )
 
 
 def _check_fields(data: dict[str, Any], fields: dict[str, tuple[type, ...]], source: str, prefix: str) -> None:

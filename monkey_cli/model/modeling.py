@@ -1,0 +1,215 @@
+"""MonkeyForCausalLM: the ViT (windows + global view) feeding a Qwen decoder, as a transformers model.
+
+Registered locally for model_type "monkey" so transformers' `generate()` (greedy, sampling, streamers,
+stopping criteria) works without `trust_remote_code`: no code from a checkpoint is ever executed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from monkey_cli.model import vision
+from monkey_cli.model.configuration import MonkeyConfig
+from monkey_cli.model.qwen import (
+    QWenBlock,
+    RMSNorm,
+    RotaryEmbedding,
+    attention_bias,
+    logn_scale,
+    ntk_alpha,
+    positions_from_mask,
+)
+from monkey_cli.model.vision import VisionTransformer
+
+# Where a Cache remembers the NTK alphas chosen at prefill, so decoding keeps them (as the original does).
+_NTK_ALPHAS = "monkey_ntk_alphas"
+
+
+class MonkeyPreTrainedModel(PreTrainedModel):
+    config_class = MonkeyConfig
+    base_model_prefix = "transformer"
+    main_input_name = "input_ids"
+    _no_split_modules = ["QWenBlock", "VisionBlock"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    # Keys the original's .bin checkpoints may carry as buffers; they hold nothing the model needs.
+    _keys_to_ignore_on_load_unexpected = [r"attn\.masked_bias", r"attn\.bias$", r"rotary_emb\.inv_freq"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Only reached for weights a checkpoint did not provide (or a model built from a config alone).
+        if isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+        elif hasattr(module, "reset_parameters") and module.__module__ == vision.__name__:
+            module.reset_parameters()  # the vision tower's own modules know the original's init
+        else:
+            super()._init_weights(module)
+
+
+class MonkeyModel(MonkeyPreTrainedModel):
+    """Embeddings with image features spliced in, then the Qwen blocks (`transformer.*` in the checkpoint)."""
+
+    def __init__(self, config: MonkeyConfig) -> None:
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.h = nn.ModuleList(QWenBlock(config, i) for i in range(config.num_hidden_layers))
+        self.ln_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
+        self.visual = VisionTransformer(config.vision)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rotary_emb_base)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.wte = value
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[images, views, 3, 448, 448] (windows row-major, then the global view) -> [images, views*256, hidden]."""
+        return self.visual(pixel_values[:, :-1], pixel_values[:, -1])
+
+    def splice_images(self, input_ids: torch.Tensor, embeds: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Replace the positions between each <img> and </img> with that image's features, in reading order.
+
+        <img> and </img> keep their word embeddings; image k of `image_embeds` fills the k-th span found
+        scanning the batch row by row (local windows first, then the global view, as the vision tower orders).
+        """
+        span = self.config.tokens_per_image
+        rows, starts = torch.nonzero(input_ids == self.config.image_start_id, as_tuple=True)
+        if len(starts) != image_embeds.shape[0]:
+            raise ValueError(f"the prompts hold {len(starts)} <img> spans but {image_embeds.shape[0]} images")
+        ends = starts + span + 1
+        if (ends >= input_ids.shape[1]).any() or (input_ids[rows, ends] != self.config.image_end_id).any():
+            raise ValueError(f"every <img> must be followed by exactly {span} positions and </img>")
+        span_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        span_mask[rows[:, None], starts[:, None] + torch.arange(1, span + 1, device=input_ids.device)] = True
+        return embeds.masked_scatter(span_mask[..., None], image_embeds.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.wte(input_ids)
+        batch, seq = inputs_embeds.shape[:2]
+        use_cache = True if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        prefill = past_length == 0
+
+        # Images only matter at prefill; on decode steps the cache already holds them.
+        if prefill and (pixel_values is not None or image_embeds is not None):
+            if input_ids is None:
+                raise ValueError("images need input_ids to find the <img> spans")
+            if image_embeds is None:
+                image_embeds = self.encode_images(pixel_values)
+            inputs_embeds = self.splice_images(input_ids, inputs_embeds, image_embeds)
+
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past_length + seq, dtype=torch.long, device=inputs_embeds.device)
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, seq)
+        alphas = self._ntk_alphas(attention_mask, past_key_values, prefill)
+        rotary = self.rotary(position_ids, alphas)
+        query_scale = logn_scale(position_ids, self.config.seq_length) if self.config.use_logn_attn else None
+        bias = attention_bias(attention_mask, seq)
+
+        hidden_states = inputs_embeds
+        for block in self.h:
+            hidden_states = block(hidden_states, rotary, query_scale, bias, past_key_values)
+        hidden_states = self.ln_f(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+    def _ntk_alphas(self, attention_mask: torch.Tensor, cache: Cache | None, prefill: bool) -> list[float]:
+        """Per-sample NTK alpha: chosen from each prompt's real length at prefill, then kept while decoding."""
+        if not self.config.use_dynamic_ntk:
+            return [1.0] * attention_mask.shape[0]
+        if not prefill and cache is not None and hasattr(cache, _NTK_ALPHAS):
+            return getattr(cache, _NTK_ALPHAS)
+        lengths = attention_mask.sum(-1).tolist()
+        alphas = [float(ntk_alpha(int(n), self.config.seq_length)) for n in lengths]
+        if cache is not None:
+            setattr(cache, _NTK_ALPHAS, alphas)
+        return alphas
+
+
+class MonkeyForCausalLM(MonkeyPreTrainedModel, GenerationMixin):
+    def __init__(self, config: MonkeyConfig) -> None:
+        super().__init__(config)
+        self.transformer = MonkeyModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+        self.generation_config = default_generation_config(config)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision features for a batch of processed images: [images, views*256, hidden]."""
+        return self.transformer.encode_images(pixel_values)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.transformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            pixel_values=pixel_values,
+            image_embeds=image_embeds,
+            use_cache=use_cache,
+        )
+        hidden_states = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
+        return CausalLMOutputWithPast(logits=logits, past_key_values=outputs.past_key_values)
+
+
+def default_generation_config(config: MonkeyConfig) -> GenerationConfig:
+    """Greedy with the KV cache, stopping at <|endoftext|> (which also pads a batch)."""
+    return GenerationConfig(
+        eos_token_id=config.eod_id, pad_token_id=config.eod_id, do_sample=False, num_beams=1, use_cache=True
+    )
+
+
+def register() -> None:
+    """Make AutoConfig / AutoModelForCausalLM know model_type "monkey" (idempotent)."""
+    try:
+        AutoConfig.register("monkey", MonkeyConfig)
+        AutoModelForCausalLM.register(MonkeyConfig, MonkeyForCausalLM)
+    except ValueError:  # already registered
+        pass
+
+
+register()

@@ -1,0 +1,91 @@
+"""Where a model comes from (a local folder or a Hugging Face hub id) and which device runs it."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+from monkey_cli.errors import MonkeyError, UsageError
+
+# Only data files are fetched from the hub: a checkpoint's .py files are never downloaded, let alone run.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.tiktoken"]
+
+
+class ModelSourceError(MonkeyError):
+    """The model cannot be found locally and cannot be downloaded."""
+
+
+class SlowCPUWarning(UserWarning):
+    """Running the full-size model on a CPU takes minutes per page."""
+
+
+def looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or os.sep in source.rstrip(os.sep) and source.count("/") != 1
+
+
+def resolve_source(source: str | os.PathLike[str]) -> Path:
+    """A local checkpoint folder, or a hub id resolved through huggingface_hub's cache (downloading if allowed)."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"{path}: not a Monkey checkpoint folder (no config.json)")
+        return path
+    if looks_like_path(text) or path.exists() or text.count("/") != 1:
+        raise ModelSourceError(
+            f"{text}: model folder not found (give a checkpoint folder or a hub id like echo840/Monkey)"
+        )
+    return _download(text)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError:
+        raise ModelSourceError(
+            f"{repo_id}: not in the Hugging Face cache and cannot be downloaded (offline or no network); "
+            f"pass --model PATH to a downloaded checkpoint, or fetch it first with "
+            f"`hf download {repo_id}` where the network is reachable"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelSourceError(f"{repo_id}: no such model on the Hugging Face hub") from None
+    except (HfHubHTTPError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelSourceError(f"{repo_id}: download failed ({reason}); pass --model PATH to a local copy") from None
+
+
+def resolve_device(device: str | None) -> str:
+    """auto -> the CUDA device with the most free memory, else cpu; cuda -> cuda:0; cuda:N checked."""
+    import torch
+
+    device = (device or "auto").strip().lower()
+    if device == "cpu":
+        return "cpu"
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device == "auto":
+        if cuda_count == 0:
+            return "cpu"
+        free = [torch.cuda.mem_get_info(i)[0] for i in range(cuda_count)]
+        return f"cuda:{max(range(cuda_count), key=free.__getitem__)}"
+    if device == "cuda":
+        device = "cuda:0"
+    if device.startswith("cuda:") and device[5:].isdigit():
+        if int(device[5:]) >= cuda_count:
+            available = f"{cuda_count} CUDA device(s)" if cuda_count else "no CUDA device"
+            raise UsageError(f"--device {device}: this machine has {available}")
+        return device
+    raise UsageError(f"--device must be auto, cpu, cuda or cuda:N; got {device!r}")
+
+
+def warn_if_slow(device: str, parameters: int) -> None:
+    """Warn (once per process) that a multi-billion-parameter model on a CPU is slow."""
+    if device == "cpu" and parameters > 1_000_000_000:
+        warnings.warn(
+            f"running a {parameters / 1e9:.1f}B-parameter model on the CPU: expect minutes per page",
+            SlowCPUWarning,
+            stacklevel=3,
+        )

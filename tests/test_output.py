@@ -1,0 +1,449 @@
+"""Output records, stream writers, per-document files (mirroring, atomicity) and the resume manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from monkey_cli import output
+from monkey_cli.errors import DocumentError, MonkeyError, UsageError
+from monkey_cli.output import (
+    SCHEMA_VERSION,
+    Record,
+    ResumeIndex,
+    cleanup_stale_temps,
+    common_root,
+    file_sha256,
+    make_writer,
+    output_path,
+    settings_fingerprint,
+    write_document,
+)
+
+RECORD_KEYS = [
+    "source",
+    "page",
+    "pages",
+    "task",
+    "prompt",
+    "answer",
+    "answer_source",
+    "model",
+    "quant",
+    "seconds",
+    "error",
+]
+
+
+def answer(source: str = "docs/a.pdf", page: int | None = 1, prompt: str = "What?", **kw) -> Record:
+    fields = dict(
+        source=source,
+        page=page,
+        pages=3 if page is not None else None,
+        task="ask",
+        prompt=prompt,
+        answer="42",
+        answer_source="model",
+        model="echo840/Monkey",
+        quant="4bit",
+        seconds=0.8,
+    )
+    fields.update(kw)
+    return Record(**fields)
+
+
+def failure(source: str = "docs/a.pdf", page: int | None = 2, message: object = "can't render") -> Record:
+    return Record.failure(
+        source=source,
+        page=page,
+        pages=3,
+        task="ask",
+        prompt="What?",
+        model="m",
+        quant="bf16",
+        error=message,
+    )
+
+
+class FlushRecorder(io.StringIO):
+    """A stream that remembers what it held each time it was flushed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed: list[str] = []
+
+    def flush(self) -> None:
+        super().flush()
+        self.flushed.append(self.getvalue())
+
+
+# ------------------------------------------------------------------------------------------- records
+
+
+def test_record_to_dict_has_the_documented_keys_in_a_stable_order():
+    record = answer()
+    assert list(record.to_dict()) == RECORD_KEYS
+    assert [field.name for field in dataclasses.fields(Record)] == RECORD_KEYS
+    assert Record.from_dict({"schema_version": 1, **record.to_dict()}) == record
+
+
+def test_error_records_have_no_answer_and_a_one_line_message():
+    record = failure(message=ValueError("bad\n  xref table\n"))
+    assert record.answer is None and not record.ok
+    assert record.error == "bad xref table"
+    assert failure(message=KeyError()).error == "KeyError"
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"task": "summarise"}, {"answer_source": "ocr"}, {"page": 0}, {"error": "boom"}, {"answer": None}],
+)
+def test_inconsistent_records_are_rejected(changes):
+    with pytest.raises(ValueError):
+        answer(**changes)
+
+
+# ------------------------------------------------------------------------------------------- writers
+
+
+def test_json_writer_writes_one_document_with_schema_version_at_close():
+    stream = io.StringIO()
+    writer = make_writer("json", stream, multi=True)
+    writer.write(answer(page=1))
+    writer.write(failure(page=2))
+    assert stream.getvalue() == ""  # buffered: a half document is never on stdout
+    writer.close()
+    writer.close()  # idempotent
+    document = json.loads(stream.getvalue())
+    assert document["schema_version"] == SCHEMA_VERSION
+    assert document["tool"]["name"] == "monkey-cli"
+    assert [list(record) for record in document["records"]] == [RECORD_KEYS, RECORD_KEYS]
+    assert document["records"][0]["answer"] == "42"
+    assert document["records"][1]["answer"] is None
+    assert document["records"][1]["error"] == "can't render"
+
+
+def test_json_writer_still_writes_finished_records_on_ctrl_c():
+    stream = io.StringIO()
+    with pytest.raises(KeyboardInterrupt), make_writer("json", stream) as writer:
+        writer.write(answer(page=1))
+        raise KeyboardInterrupt
+    assert [record["page"] for record in json.loads(stream.getvalue())["records"]] == [1]
+
+
+def test_jsonl_writer_flushes_one_valid_object_per_record():
+    stream = FlushRecorder()
+    writer = make_writer("jsonl", stream, multi=True)
+    records = [answer(page=1), failure(page=2), answer(page=3, answer="héllo\nworld")]
+    for count, record in enumerate(records, start=1):
+        writer.write(record)
+        # The record is on the stream and flushed before the next one is produced.
+        assert stream.flushed and stream.flushed[-1].count("\n") == count
+    writer.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3
+    parsed = [json.loads(line) for line in lines]
+    assert all(list(item) == ["schema_version", *RECORD_KEYS] for item in parsed)
+    assert all(item["schema_version"] == SCHEMA_VERSION for item in parsed)
+    assert parsed[2]["answer"] == "héllo\nworld"
+    assert parsed[1]["error"] == "can't render"
+
+
+def test_text_writer_prints_only_the_answer_for_a_single_record():
+    stream = io.StringIO()
+    with make_writer("text", stream, multi=False) as writer:
+        writer.write(answer(answer="Total: 42\n"))
+    assert stream.getvalue() == "Total: 42\n"
+
+
+def test_text_writer_adds_headers_for_several_records_and_skips_errors():
+    stream = FlushRecorder()
+    with make_writer("text", stream, multi=True) as writer:
+        writer.write(answer(page=1, answer="first"))
+        assert "first" in stream.flushed[-1]  # streamed, not held until close
+        writer.write(failure(page=2))
+        writer.write(answer(source="b.png", page=None, answer="second"))
+    text = stream.getvalue()
+    assert "==> docs/a.pdf p.1 <==\nfirst\n" in text
+    assert "==> b.png <==\nsecond\n" in text
+    assert "can't render" not in text and "p.2" not in text
+    assert "What?" not in text
+
+
+def test_text_writer_names_the_question_when_asked_to():
+    stream = io.StringIO()
+    with make_writer("text", stream, multi=True, show_prompt=True) as writer:
+        writer.write(answer(prompt="Who signed?", answer="Ada"))
+        writer.write(answer(prompt="When?", answer="1843"))
+    assert "==> docs/a.pdf p.1: Who signed? <==\nAda\n" in stream.getvalue()
+    assert "==> docs/a.pdf p.1: When? <==\n1843\n" in stream.getvalue()
+
+
+def test_markdown_report_groups_by_document_and_page_and_marks_errors():
+    stream = io.StringIO()
+    ocr_text = "line one\n```code```"
+    read = answer(page=1, task="read", prompt="read", answer=ocr_text, answer_source="text_layer")
+    with make_writer("md", stream) as writer:
+        writer.write(answer(page=1, answer="forty-two"))
+        writer.write(answer(source="b.png", page=None, task="caption", prompt="caption", answer="A cat."))
+        writer.write(failure(page=2))
+        writer.write(read)
+    report = stream.getvalue()
+    assert report.count("## `docs/a.pdf`") == 1 and report.count("## `b.png`") == 1
+    # Page 1 keeps both of its records although page 2 arrived in between.
+    assert report.index("### Page 1") < report.index("forty-two") < report.index("line one")
+    assert report.index("line one") < report.index("### Page 2") < report.index("can't render")
+    assert "**Q:** What?" in report and "**A:** forty-two" in report
+    assert "**Caption:** A cat." in report
+    assert "**Error:** can't render" in report
+    assert "````text\nline one\n```code```\n````" in report  # fence longer than the text's backticks
+    assert "text layer" in report
+
+
+def test_unknown_format_is_a_usage_error():
+    with pytest.raises(UsageError, match="xml"):
+        make_writer("xml", io.StringIO())
+
+
+def test_output_module_imports_no_heavy_packages():
+    heavy = "{'torch', 'numpy', 'fitz', 'transformers', 'rich'}"
+    code = f"import sys, monkey_cli.output; print(sorted({heavy} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+# -------------------------------------------------------------------------------------- output paths
+
+
+def test_output_path_mirrors_the_input_tree_and_appends_the_extension(tmp_path):
+    root, out = tmp_path / "docs", tmp_path / "out"
+    source = root / "2024" / "q1" / "report.pdf"
+    assert output_path(out, source, "json", root) == out / "2024" / "q1" / "report.pdf.json"
+    assert output_path(out, str(root / "a.png"), "md", root) == out / "a.png.md"
+    extensions = {fmt: output_path(out, source, fmt, root).name for fmt in ("text", "json", "jsonl", "md")}
+    assert extensions == {
+        "text": "report.pdf.txt",
+        "json": "report.pdf.json",
+        "jsonl": "report.pdf.jsonl",
+        "md": "report.pdf.md",
+    }
+    # Same stem, different type: no collision.
+    assert output_path(out, root / "x.pdf", "json", root) != output_path(out, root / "x.png", "json", root)
+
+
+def test_output_path_defaults_to_the_current_folder_as_root(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert output_path("out", "sub/a.pdf", "json") == Path("out") / "sub" / "a.pdf.json"
+
+
+def test_sources_outside_the_root_and_stdin_get_flat_names_inside_out(tmp_path):
+    root, out = tmp_path / "docs", tmp_path / "out"
+    first = output_path(out, tmp_path / "elsewhere" / "a.pdf", "json", root)
+    second = output_path(out, tmp_path / "other" / "a.pdf", "json", root)
+    climbing = output_path(out, str(root / ".." / ".." / "a.pdf"), "json", root)
+    for path in (first, second, climbing):
+        assert path.parent == out and path.name.startswith("a.pdf.") and path.suffix == ".json"
+    assert first != second
+    assert output_path(out, "-", "jsonl", root) == out / "stdin.jsonl"
+
+
+def test_common_root_is_the_deepest_shared_folder(tmp_path):
+    sources = [tmp_path / "d" / "x" / "a.pdf", tmp_path / "d" / "b.pdf", "-"]
+    assert common_root(sources) == tmp_path / "d"
+    assert common_root([tmp_path / "d" / "a.pdf"]) == tmp_path / "d"
+
+
+def test_output_path_refuses_a_symlinked_folder_leading_outside(tmp_path):
+    root, out, outside = tmp_path / "docs", tmp_path / "out", tmp_path / "outside"
+    out.mkdir()
+    outside.mkdir()
+    (out / "sub").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(MonkeyError, match="outside the output folder"):
+        output_path(out, root / "sub" / "a.pdf", "json", root)
+
+
+def test_output_path_refuses_an_existing_symlink_as_the_file(tmp_path):
+    root, out = tmp_path / "docs", tmp_path / "out"
+    out.mkdir()
+    (out / "a.pdf.json").symlink_to(tmp_path / "victim.json")
+    with pytest.raises(MonkeyError):
+        output_path(out, root / "a.pdf", "json", root)
+
+
+@pytest.mark.parametrize("escape", ["../evil.json", "/etc/evil.json", "sub/../../evil.json"])
+def test_ensure_inside_refuses_escapes(tmp_path, escape):
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(MonkeyError):
+        output.ensure_inside(out, out / escape)
+
+
+# -------------------------------------------------------------------------------------- atomic files
+
+
+def test_write_document_writes_every_format_without_temp_files(tmp_path):
+    records = [answer(page=1), failure(page=2)]
+    for fmt in ("text", "json", "jsonl", "md"):
+        path = tmp_path / "out" / "nested" / f"a.pdf{output.extension_for(fmt)}"
+        write_document(path, records, fmt)
+        assert path.read_text(encoding="utf-8") == output.render(records, fmt)
+    assert json.loads((tmp_path / "out" / "nested" / "a.pdf.json").read_text())["records"][1]["error"]
+    assert [p.name for p in (tmp_path / "out" / "nested").iterdir() if ".tmp-" in p.name] == []
+
+
+def test_new_files_get_ordinary_permissions_not_0600(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        write_document(tmp_path / "a.json", [answer()], "json")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("interruption", [OSError("disk full"), KeyboardInterrupt()])
+def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch, interruption):
+    path = tmp_path / "a.pdf.json"
+    path.write_text("old results\n")
+
+    def fail_mid_write(fd: int) -> None:
+        # The temp file exists and holds the new bytes at this point.
+        assert [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+        raise interruption
+
+    monkeypatch.setattr(output.os, "fsync", fail_mid_write)
+    with pytest.raises(type(interruption)):
+        write_document(path, [answer()], "json")
+    assert path.read_text() == "old results\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pdf.json"]
+
+
+def test_a_rendering_failure_never_touches_the_file(tmp_path):
+    path = tmp_path / "a.pdf.json"
+    path.write_text("old\n")
+    unserialisable = answer(page=2, answer=object())  # json.dump fails halfway through the document
+    with pytest.raises(TypeError):
+        write_document(path, [answer(page=1), unserialisable], "json")
+    assert path.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pdf.json"]
+
+
+def test_stale_temps_are_removed_and_fresh_ones_and_outputs_kept(tmp_path):
+    nested = tmp_path / "sub"
+    nested.mkdir()
+    stale = nested / ".a.pdf.json.tmp-1a2b3c4d"
+    fresh = tmp_path / ".b.pdf.json.tmp-deadbeef"
+    keep = [tmp_path / "a.pdf.json", tmp_path / ".hidden", tmp_path / "x.tmp-1234.json"]
+    for path in (stale, fresh, *keep):
+        path.write_text("x")
+    an_hour_ago = time.time() - 3600
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+    assert cleanup_stale_temps(tmp_path) == [stale]
+    assert not stale.exists() and fresh.exists() and all(path.exists() for path in keep)
+    assert cleanup_stale_temps(tmp_path, min_age_s=0) == [fresh]
+    assert cleanup_stale_temps(tmp_path / "missing") == []
+
+
+# -------------------------------------------------------------------------------------------- resume
+
+SETTINGS = {
+    "model": "echo840/Monkey",
+    "quant": "4bit",
+    "dtype": "bfloat16",
+    "task": "ask",
+    "questions": ["What?"],
+    "pages": "1-3",
+    "max_new_tokens": 64,
+    "batch_size": 4,
+}
+
+
+def test_file_sha256_streams_in_chunks(tmp_path):
+    path = tmp_path / "doc.bin"
+    data = os.urandom(10_000)
+    path.write_bytes(data)
+    assert file_sha256(path, chunk_size=4096) == hashlib.sha256(data).hexdigest()
+    with pytest.raises(DocumentError, match="missing.pdf"):
+        file_sha256(tmp_path / "missing.pdf")
+
+
+def test_fingerprint_ignores_batch_size_order_and_none_but_not_answer_settings():
+    base = settings_fingerprint(SETTINGS)
+    assert settings_fingerprint({**SETTINGS, "batch_size": 32, "verbose": True}) == base
+    assert settings_fingerprint(dict(reversed(SETTINGS.items()))) == base
+    assert settings_fingerprint({**SETTINGS, "questions": ("What?",), "new_flag": None}) == base
+    changes = [("max_new_tokens", 128), ("quant", "none"), ("questions", ["Who?"]), ("force_ocr", True)]
+    for key, value in changes:
+        assert settings_fingerprint({**SETTINGS, key: value}) != base, key
+    assert settings_fingerprint(base) == base
+
+
+def _written(out: Path, name: str = "a.pdf.json") -> Path:
+    path = out / name
+    write_document(path, [answer()], "json")
+    return path
+
+
+def test_resume_index_matches_only_the_same_input_settings_and_existing_file(tmp_path):
+    out = tmp_path / "out"
+    path = _written(out)
+    index = ResumeIndex(out)
+    assert not index.is_done(path, "sha-1", SETTINGS)
+    index.mark_done(path, "sha-1", SETTINGS)
+    assert [p.name for p in out.iterdir()] and not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+    reloaded = ResumeIndex(out)  # a later run reads the manifest back
+    assert reloaded.warning is None
+    assert reloaded.is_done(path, "sha-1", SETTINGS)
+    assert reloaded.is_done(path, "sha-1", {**SETTINGS, "batch_size": 1})
+    assert not reloaded.is_done(path, "sha-2", SETTINGS)
+    assert not reloaded.is_done(path, "sha-1", {**SETTINGS, "max_new_tokens": 65})
+    assert not reloaded.is_done(out / "other.pdf.json", "sha-1", SETTINGS)
+    path.unlink()
+    assert not reloaded.is_done(path, "sha-1", SETTINGS)
+
+
+def test_update_marks_only_documents_without_errors(tmp_path):
+    out = tmp_path / "out"
+    path = _written(out)
+    index = ResumeIndex(out)
+    assert index.update(path, "sha-1", SETTINGS, [answer(page=1), answer(page=2)])
+    assert ResumeIndex(out).is_done(path, "sha-1", SETTINGS)
+    # Rerun with --overwrite that now fails on a page: the old "done" must not survive.
+    assert not index.update(path, "sha-1", SETTINGS, [answer(page=1), failure(page=2)])
+    assert not ResumeIndex(out).is_done(path, "sha-1", SETTINGS)
+
+
+def test_manifest_keeps_entries_written_by_another_run(tmp_path):
+    out = tmp_path / "out"
+    first, second = _written(out, "a.pdf.json"), _written(out, "b.pdf.json")
+    run_one, run_two = ResumeIndex(out), ResumeIndex(out)
+    run_one.mark_done(first, "sha-a", SETTINGS)
+    run_two.mark_done(second, "sha-b", SETTINGS)
+    after = ResumeIndex(out)
+    assert after.is_done(first, "sha-a", SETTINGS) and after.is_done(second, "sha-b", SETTINGS)
+
+
+def test_an_unreadable_manifest_means_redo_everything_with_a_warning(tmp_path):
+    out = tmp_path / "out"
+    path = _written(out)
+    (out / output.MANIFEST_NAME).write_text('{"schema_version": 1, "entries": {')
+    index = ResumeIndex(out)
+    assert index.warning and output.MANIFEST_NAME in index.warning
+    assert not index.is_done(path, "sha-1", SETTINGS)
+    index.mark_done(path, "sha-1", SETTINGS)  # rewrites a valid manifest
+    assert ResumeIndex(out).is_done(path, "sha-1", SETTINGS)
+
+
+def test_resume_index_refuses_paths_outside_its_folder(tmp_path):
+    index = ResumeIndex(tmp_path / "out")
+    with pytest.raises(MonkeyError):
+        index.mark_done(tmp_path / "elsewhere.json", "sha", SETTINGS)

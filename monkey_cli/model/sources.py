@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from monkey_cli.errors import MonkeyError, UsageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from monkey_cli.model.configuration import MonkeyConfig
 
 # Only data files are fetched from the hub: a checkpoint's .py files are never downloaded, let alone run.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.tiktoken"]
@@ -89,3 +93,23 @@ def warn_if_slow(device: str, parameters: int) -> None:
             SlowCPUWarning,
             stacklevel=3,
         )
+
+
+def peek_config(source: str | os.PathLike[str]) -> MonkeyConfig:
+    """The checkpoint's config without loading weights or touching the network.
+
+    A local folder's config.json, else the hub cache's copy; a hub id that is not cached yet is assumed to
+    have the released checkpoints' shape (both published Monkey models read 896x896 pages).
+    """
+    from monkey_cli.model.configuration import load_config, real_monkey_config
+
+    path = Path(str(source)).expanduser()
+    if path.is_dir():
+        return load_config(path)
+    if str(source).count("/") == 1 and not looks_like_path(str(source)):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(str(source), "config.json")
+        if isinstance(cached, str):
+            return load_config(cached)
+    return real_monkey_config()

@@ -1,0 +1,181 @@
+"""`monkey doctor`: report what this machine can run (versions, devices, quantization, cached models)."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from typing import Any
+
+import typer
+
+from monkey_cli.cli import app
+from monkey_cli.cli.common import user_errors
+
+
+class DoctorFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+@app.command()
+def doctor(
+    output_format: DoctorFormat = typer.Option(
+        DoctorFormat.text, "--format", help="text: tables for people; json: the same facts for programs."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", help="Show a traceback for unexpected errors."),
+) -> None:
+    """Check Python, torch, GPUs, bitsandbytes, transformers, the model cache, and which --quant fits."""
+    with user_errors(verbose):
+        from monkey_cli.doctor import collect
+
+        report = collect()
+        if output_format is DoctorFormat.json:
+            typer.echo(json.dumps(report, indent=2))
+        else:
+            _print_tables(report)
+
+
+# --- text rendering ------------------------------------------------------------------------------
+
+
+def _print_tables(report: dict[str, Any]) -> None:
+    from rich.console import Console
+
+    console = Console(highlight=False, soft_wrap=False)
+    console.print(_environment_table(report))
+    console.print(_devices_table(report))
+    console.print(_memory_table(report))
+    found = report["problems"]
+    if found:
+        console.print("Problems:", style="bold")
+        for line in found:
+            console.print(f"  - {line}", markup=False, soft_wrap=True)
+    else:
+        console.print("No problems found.")
+
+
+def _gb(n: int | None) -> str:
+    from monkey_cli.model.memory import format_bytes
+
+    return format_bytes(n)
+
+
+def _yes_no(value: Any) -> str:
+    return "unknown" if value is None else "yes" if value else "no"
+
+
+def _table(title: str, *columns: str) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", show_lines=False)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
+
+
+def _environment_table(report: dict[str, Any]) -> Any:
+    table = _table("Environment", "Component", "Status")
+    for name, value in _environment_rows(report):
+        table.add_row(name, value)
+    return table
+
+
+def _environment_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    def error_or(section: dict[str, Any], text: str) -> str:
+        return f"error: {section['error']}" if "error" in section else text
+
+    python, torch_info = report["python"], report["torch"]
+    bnb, transformers_info, hub = report["bitsandbytes"], report["transformers"], report["huggingface_hub"]
+    rows = [
+        ("monkey-cli", report["monkey_cli"]["version"]),
+        ("Python", error_or(python, f"{python.get('version')} ({python.get('executable')})")),
+        ("Platform", error_or(python, str(python.get("platform")))),
+        ("torch", error_or(torch_info, f"{torch_info.get('version')}, {torch_info.get('build')} build")),
+        ("CUDA", error_or(torch_info, _cuda_summary(torch_info))),
+        ("bitsandbytes", _bitsandbytes_summary(bnb)),
+        (
+            "transformers",
+            error_or(
+                transformers_info,
+                f"{transformers_info.get('version')} (tested range {transformers_info.get('tested_range')}: "
+                f"{'inside' if transformers_info.get('in_tested_range') else 'OUTSIDE'})",
+            ),
+        ),
+        ("Hugging Face cache", error_or(hub, str(hub.get("cache_dir")))),
+        ("HF_HUB_OFFLINE", error_or(hub, _yes_no(hub.get("offline")))),
+    ]
+    for repo, cached in hub.get("models", {}).items():
+        rows.append((repo, _cache_summary(cached)))
+    return rows
+
+
+def _cuda_summary(torch_info: dict[str, Any]) -> str:
+    if not torch_info.get("cuda_available"):
+        why = "torch is a CPU-only build" if torch_info.get("build") == "CPU" else "no GPU is visible"
+        return f"not available ({why}): monkey runs on the CPU"
+    count = torch_info.get("device_count", 0)
+    return f"available, {count} device{'s' if count != 1 else ''}"
+
+
+def _bitsandbytes_summary(bnb: dict[str, Any]) -> str:
+    if not bnb.get("imports"):
+        return f"{bnb.get('version') or 'not installed'}: {bnb.get('error', 'does not import')}"
+    checks = "; ".join(
+        f"{device}: " + ", ".join(f"{quant} {result}" for quant, result in results.items())
+        for device, results in bnb.get("usable", {}).items()
+    )
+    return f"{bnb.get('version')} ({bnb.get('native_backend')} backend); {checks}"
+
+
+def _cache_summary(cached: dict[str, Any]) -> str:
+    if "error" in cached:
+        return f"error: {cached['error']}"
+    if cached["status"] == "absent":
+        return "not cached"
+    if cached["status"] == "incomplete":
+        return f"incomplete at {cached['path']} (missing {', '.join(cached['missing'])})"
+    return f"cached at {cached['path']}"
+
+
+def _devices_table(report: dict[str, Any]) -> Any:
+    table = _table("Devices", "Device", "Name", "Total", "Free / available", "Compute", "bf16")
+    devices = report["devices"]
+    if "error" in devices:
+        table.add_row("?", f"error: {devices['error']}", "", "", "", "")
+        return table
+    cpu = devices["cpu"]
+    cores = f"{cpu['cores']} cores"
+    table.add_row("cpu", cores, _gb(cpu["total_bytes"]), _gb(cpu["available_bytes"]), "", "")
+    for gpu in devices["cuda"]:
+        if "error" in gpu:
+            table.add_row("cuda", f"error: {gpu['error']}", "", "", "", "")
+            continue
+        table.add_row(
+            gpu["device"],
+            gpu["name"],
+            _gb(gpu["total_bytes"]),
+            _gb(gpu["free_bytes"]),
+            gpu["compute_capability"],
+            _yes_no(gpu["bf16"]),
+        )
+    return table
+
+
+def _memory_table(report: dict[str, Any]) -> Any:
+    memory = report["memory"]
+    if "error" in memory:
+        table = _table("Memory plan", "Error")
+        table.add_row(memory["error"])
+        return table
+    plans = memory["plans"]
+    devices = list(dict.fromkeys((p["device"], p["dtype"]) for p in plans))
+    title = f"Memory needed by {memory['model']}, batch size {memory['batch_size']}"
+    table = _table(title, "Options", *(f"{device} ({dtype})" for device, dtype in devices))
+    for flags in dict.fromkeys(p["flags"] for p in plans):
+        cells = []
+        for device, _dtype in devices:
+            match = next(p for p in plans if p["flags"] == flags and p["device"] == device)
+            verdict = {True: "fits", False: "too big", None: "free memory unknown"}[match["fits"]]
+            cells.append(f"{_gb(match['total_bytes'])}, {verdict}")
+        table.add_row(flags, *cells)
+    return table

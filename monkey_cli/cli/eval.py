@@ -1,0 +1,257 @@
+"""`monkey eval`: run the paper's VQA benchmarks, score prediction files, list the registry.
+
+Thin commands: they parse, call `monkey_cli.evaluation`, and print. Only `eval run` loads the model (and
+therefore torch); `eval score` and `eval datasets` never do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from monkey_cli.cli import app
+from monkey_cli.cli.common import EXIT_SOME_FAILED, fail, user_errors, warn
+from monkey_cli.errors import UsageError
+
+if TYPE_CHECKING:  # the evaluation modules are imported by the commands that use them
+    from monkey_cli.evaluation.datasets import DatasetSpec, EvalTask
+    from monkey_cli.evaluation.runner import AnswerModel
+
+eval_app = typer.Typer(
+    help="Evaluate on the 14 VQA benchmarks of the Monkey paper, with the original's metrics.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(eval_app, name="eval")
+
+DEFAULT_MODEL = "echo840/Monkey"
+
+
+@eval_app.command("run")
+def run_command(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Checkpoint folder or Hugging Face hub id."),
+    data_root: Path | None = typer.Option(
+        None, "--data-root", help="Folder laid out as the original's data/ (see `monkey eval datasets`)."
+    ),
+    datasets: list[str] | None = typer.Option(
+        None, "--dataset", "-d", help="Registry dataset to run (repeatable), or 'all' (the default)."
+    ),
+    file: Path | None = typer.Option(None, "--file", help="Run one JSON-lines dataset file instead (needs --metric)."),
+    metric: str | None = typer.Option(
+        None, "--metric", help="Metric for --file: anls, relaxed_accuracy, accuracy, vqa_score."
+    ),
+    name: str | None = typer.Option(None, "--name", help="Name of the --file dataset in outputs (default: its stem)."),
+    gqa_postprocess: bool = typer.Option(False, "--gqa-postprocess", help="GQA answer clean-up (--file, accuracy)."),
+    annotations: Path | None = typer.Option(None, "--annotations", help="VQA annotation JSON (--file, vqa_score)."),
+    questions: Path | None = typer.Option(None, "--questions", help="VQA questions JSON (--file, vqa_score)."),
+    out: Path = typer.Option(Path("eval-results"), "--out", "-o", help="Folder for predictions and results."),
+    batch_size: int = typer.Option(1, "--batch-size", "-b", min=1, help="Questions per generate call."),
+    max_new_tokens: int | None = typer.Option(
+        None, "--max-new-tokens", min=1, help="Override the dataset's answer length."
+    ),
+    prompt: str | None = typer.Option(
+        None, "--prompt", help="Prompt template with <img>{image}</img> and {question} (overrides the registry's)."
+    ),
+    image_root: Path | None = typer.Option(
+        None, "--image-root", help="Resolve relative image paths against this folder only."
+    ),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N items of each dataset."),
+    device: str = typer.Option("auto", "--device", help="auto (a GPU if there is one), cpu, cuda, cuda:1, ..."),
+    dtype: str | None = typer.Option(None, "--dtype", help="bfloat16, float16 or float32 (default: the checkpoint's)."),
+    quant: str | None = typer.Option(
+        None, "--quant", help="none, 8bit or 4bit (default: 4bit on CUDA, none on CPU; the paper's numbers are bf16)."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", help="Show tracebacks for unexpected errors."),
+) -> None:
+    """Answer the questions of one or more datasets, save predictions as they come, and score them.
+
+    A rerun with the same --out resumes: question ids already answered are skipped.
+    Exit code 1 when some items could not be answered (see NAME.errors.jsonl).
+    """
+    with user_errors(verbose):
+        from monkey_cli.evaluation import runner
+
+        if file is not None:
+            tasks = [
+                _file_task(
+                    file,
+                    data_root,
+                    datasets,
+                    metric,
+                    name,
+                    gqa_postprocess,
+                    annotations,
+                    questions,
+                    prompt=prompt,
+                    max_new_tokens=max_new_tokens,
+                    image_root=image_root,
+                )
+            ]
+        else:
+            _reject_file_options(metric, name, gqa_postprocess, annotations, questions)
+            tasks = _registry_tasks(
+                data_root, datasets, prompt=prompt, max_new_tokens=max_new_tokens, image_root=image_root
+            )
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out} is a file; give a folder for predictions and results")
+        loaded = _load_model(model, device, dtype, quant)
+        runs = runner.run_tasks(
+            loaded,
+            tasks,
+            out,
+            batch_size=batch_size,
+            limit=limit,
+            model_name=model,
+            model_info={"device": device, "dtype": dtype, "quant": getattr(loaded, "quant", quant)},
+            report=warn,
+            show_progress=sys.stderr.isatty(),
+        )
+        runner.print_results_table(runs)
+        for run in runs:
+            score = "nan" if run.score is None else repr(run.score)
+            typer.echo(f"{run.task.name}\t{run.task.metric}\t{score}")
+        failed = sum(run.failed for run in runs)
+        if failed:
+            warn(f"{failed} item(s) failed; see the *.errors.jsonl files in {out}")
+            raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def _file_task(
+    file: Path,
+    data_root: Path | None,
+    datasets: list[str] | None,
+    metric: str | None,
+    name: str | None,
+    gqa_postprocess: bool,
+    annotations: Path | None,
+    questions: Path | None,
+    **options: Any,
+) -> EvalTask:
+    from monkey_cli.evaluation.datasets import file_task
+
+    if data_root is not None or datasets:
+        raise UsageError("use either --file or --data-root/--dataset, not both")
+    if metric is None:
+        raise UsageError("--file needs --metric (anls, relaxed_accuracy, accuracy or vqa_score)")
+    return file_task(
+        file,
+        metric,
+        name=name,
+        gqa_postprocess=gqa_postprocess,
+        annotations_file=annotations,
+        questions_file=questions,
+        **options,
+    )
+
+
+def _reject_file_options(
+    metric: str | None, name: str | None, gqa_postprocess: bool, annotations: Path | None, questions: Path | None
+) -> None:
+    given = {"--metric": metric, "--name": name, "--annotations": annotations, "--questions": questions}
+    given["--gqa-postprocess"] = True if gqa_postprocess else None
+    for option, value in given.items():
+        if value is not None:
+            raise UsageError(f"{option} only applies to --file (registry datasets have their own)")
+
+
+def _registry_tasks(data_root: Path | None, datasets: list[str] | None, **options: Any) -> list[EvalTask]:
+    """Tasks for registry datasets; 'all' (the default) means those present under the data root."""
+    from monkey_cli.evaluation.datasets import REGISTRY, check_data_root, get_spec, registry_task
+
+    if data_root is None:
+        raise UsageError("give --data-root (with --dataset NAME or all) or --file X.jsonl --metric M")
+    check_data_root(data_root)
+    names = list(datasets or ["all"])
+    if any(n.lower() == "all" for n in names):
+        if len(names) > 1:
+            raise UsageError("--dataset all cannot be combined with dataset names")
+        names = [spec.name for spec in REGISTRY.values() if _present(data_root, spec)]
+        missing = [spec.name for spec in REGISTRY.values() if spec.name not in names]
+        if not names:
+            raise UsageError(f"no dataset of the registry found under {data_root} (see `monkey eval datasets`)")
+        if missing:
+            warn(f"skipping datasets not found under {data_root}: {', '.join(missing)}")
+    canonical = dict.fromkeys(get_spec(n).name for n in names)  # in order, each once
+    return [registry_task(n, data_root, **options) for n in canonical]
+
+
+def _present(data_root: Path, spec: DatasetSpec) -> bool:
+    return all((data_root / relative).is_file() for relative in spec.files())
+
+
+def _load_model(model: str, device: str, dtype: str | None, quant: str | None) -> AnswerModel:
+    from monkey_cli import Monkey
+
+    return Monkey.load(model, device=device, dtype=dtype, quant=quant)
+
+
+@eval_app.command("score")
+def score_command(
+    predictions: Path = typer.Argument(..., help="Predictions: JSON lines (or one JSON array) with 'answer'."),
+    metric: str = typer.Option(..., "--metric", help="anls, relaxed_accuracy, accuracy or vqa_score."),
+    gqa_postprocess: bool = typer.Option(
+        False, "--gqa-postprocess", help="Apply the original's GQA answer clean-up before accuracy."
+    ),
+    annotations: Path | None = typer.Option(
+        None, "--annotations", help="Official VQA annotation JSON; answers are matched by question_id."
+    ),
+    questions: Path | None = typer.Option(None, "--questions", help="Official VQA questions JSON."),
+    output_format: str = typer.Option("text", "--format", help="text (one line) or json."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show tracebacks for unexpected errors."),
+) -> None:
+    """Score a predictions file without loading a model.
+
+    Each record needs 'answer' and 'annotation' (for vqa_score without --annotations: the human answers),
+    or a 'question_id' found in --annotations. Bad records are reported on stderr and exit code is 1.
+    """
+    with user_errors(verbose):
+        from monkey_cli.evaluation.scoring import score_predictions_file
+
+        if output_format not in ("text", "json"):
+            raise UsageError(f"--format must be text or json, not {output_format!r}")
+        report = score_predictions_file(
+            predictions,
+            metric,
+            gqa_postprocess=gqa_postprocess,
+            annotations_file=annotations,
+            questions_file=questions,
+        )
+        for error in report.errors:
+            warn(str(error))
+        result = report.result
+        if result.n == 0:
+            fail(f"{predictions}: no prediction could be scored", EXIT_SOME_FAILED)
+        if output_format == "json":
+            payload = {**result.to_dict(), "n_failed": len(report.errors), "predictions": str(predictions)}
+            typer.echo(json.dumps(payload, ensure_ascii=False))
+        else:
+            typer.echo(_score_line(result.metric, result.score, result.n, result.details))
+        if report.errors:
+            raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def _score_line(metric: str, score: float, n: int, details: dict[str, Any]) -> str:
+    extra = f" (unrounded {details['score_unrounded']!r})" if "score_unrounded" in details else ""
+    value = "nan" if math.isnan(score) else repr(score)
+    return f"{metric} {value}{extra} over {n} predictions"
+
+
+@eval_app.command("datasets")
+def datasets_command(
+    data_root: Path | None = typer.Option(None, "--data-root", help="Also say which datasets are present here."),
+) -> None:
+    """List the registry: metric, answer length and files (relative to the data root)."""
+    from monkey_cli.evaluation.datasets import REGISTRY
+
+    for spec in REGISTRY.values():
+        metric = spec.metric + (" (GQA post-processing)" if spec.gqa_postprocess else "")
+        files = ", ".join(spec.files())
+        status = ""
+        if data_root is not None:
+            status = "present\t" if _present(data_root, spec) else "missing\t"
+        typer.echo(f"{status}{spec.name}\t{metric}\t{spec.max_new_tokens}\t{files}")

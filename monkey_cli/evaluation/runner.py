@@ -1,0 +1,541 @@
+"""Run a model over VQA datasets: batched greedy answers, appended as they come, resumable, then scored.
+
+The runner needs only an object with
+
+    generate(images: list[PIL.Image | str | Path], prompts: list[str], max_new_tokens: int) -> list[str]
+
+(`monkey_cli.Monkey` has it), so its logic runs in tests with a small fake model.
+
+Files written in the output folder, per dataset NAME:
+  NAME.predictions.jsonl   one answer per line, appended and flushed after every batch; a rerun skips the
+                           question ids already in it (resume after an interruption or a crash)
+  NAME.errors.jsonl        the items that could not be answered in the LAST run (bad line, missing field,
+                           missing image, generation error); they are retried by the next run
+and for the whole run: results.json (merged with earlier runs' datasets) and results.md (a table).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+from monkey_cli.evaluation.datasets import (
+    EvalTask,
+    ItemError,
+    VQAAnnotation,
+    VQAItem,
+    format_prompt,
+    image_search_description,
+    iter_json_lines,
+    load_vqa_annotations,
+    read_items,
+    resolve_image,
+)
+from monkey_cli.evaluation.scoring import ScoreReport, record_question_id, score_records
+
+RESULTS_SCHEMA = "monkey-cli/eval-results/1"
+RESULTS_JSON = "results.json"
+RESULTS_MARKDOWN = "results.md"
+
+Reporter = Callable[[str], None]
+
+METRIC_LABELS = {
+    "anls": "ANLS",
+    "relaxed_accuracy": "Relaxed accuracy",
+    "accuracy": "Accuracy",
+    "vqa_score": "VQA score",
+}
+
+
+class AnswerModel(Protocol):
+    """What the runner needs from a model: greedy answers, one per (image, prompt) pair."""
+
+    def generate(self, images: list[Any], prompts: list[str], max_new_tokens: int) -> list[str]: ...
+
+
+def _stderr_line(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def predictions_path(out_dir: Path, name: str) -> Path:
+    return out_dir / f"{name}.predictions.jsonl"
+
+
+def errors_path(out_dir: Path, name: str) -> Path:
+    return out_dir / f"{name}.errors.jsonl"
+
+
+@dataclass
+class DatasetRun:
+    """The outcome of evaluating one dataset."""
+
+    task: EvalTask
+    items: int  # entries of the data file (after --limit), good or bad
+    generated: int  # answered by this run
+    resumed: int  # answered by an earlier run and skipped
+    failed: int  # could not be answered in this run (see the errors file)
+    report: ScoreReport
+    predictions_file: Path
+    errors_file: Path | None
+
+    @property
+    def score(self) -> float | None:
+        return self.report.result.score if self.report.result.n else None
+
+    def to_dict(self) -> dict[str, Any]:
+        result = self.report.result
+        scored = result.n > 0
+        return {
+            "dataset": self.task.name,
+            "metric": self.task.metric,
+            "gqa_postprocess": self.task.gqa_postprocess,
+            "score": result.score if scored else None,
+            "percent": result.percent if scored else None,
+            **(result.details if scored else {}),
+            "n_scored": result.n,
+            "n_items": self.items,
+            "n_failed": self.failed,
+            "n_generated": self.generated,
+            "n_resumed": self.resumed,
+            "complete": self.failed == 0 and result.n == self.items,
+            "max_new_tokens": self.task.max_new_tokens,
+            "prompt": self.task.prompt,
+            "data_file": str(self.task.data_file),
+            "annotations_file": str(self.task.annotations_file) if self.task.annotations_file else None,
+            "predictions": self.predictions_file.name,
+            "errors": self.errors_file.name if self.errors_file else None,
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# One dataset
+# --------------------------------------------------------------------------------------------------
+
+
+def run_task(
+    model: AnswerModel,
+    task: EvalTask,
+    out_dir: Path,
+    *,
+    batch_size: int = 1,
+    limit: int | None = None,
+    report: Reporter | None = None,
+    show_progress: bool = False,
+) -> DatasetRun:
+    """Answer every not-yet-answered item of `task`, appending to its predictions file, then score it.
+
+    Bad items are reported (one line each through `report`, stderr by default), recorded in the errors
+    file, and skipped. A KeyboardInterrupt propagates after the finished batches have been saved.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    report = report or _stderr_line
+    out_dir.mkdir(parents=True, exist_ok=True)
+    vqa_annotations = (
+        load_vqa_annotations(task.annotations_file, task.questions_file) if task.annotations_file else None
+    )
+    items, read_errors = _task_items(task, vqa_annotations, limit)
+    predictions_file = predictions_path(out_dir, task.name)
+    answered = _answered(predictions_file, report)
+    pending = [item for item in items if item.key not in answered]
+
+    errors = _ErrorLog(errors_path(out_dir, task.name), task.name, report)
+    try:
+        errors.add_all(read_errors)
+        with (
+            _PredictionWriter(predictions_file, task.name) as writer,
+            _progress(show_progress, task.name, len(pending)) as advance,
+        ):
+            for batch in _loaded_batches(pending, task, batch_size, errors, advance):
+                for item, answer, error in _answer_batch(model, batch, task):
+                    if error is None:
+                        writer.add(item, task, answer)
+                    else:
+                        errors.add(error)
+                writer.flush()
+                advance(len(batch))
+    finally:
+        errors.close()
+
+    score = _score_task(task, items, predictions_file, vqa_annotations)
+    return DatasetRun(
+        task=task,
+        items=len(items) + len(read_errors),
+        generated=writer.count,
+        resumed=len(items) - len(pending),
+        failed=errors.count,
+        report=score,
+        predictions_file=predictions_file,
+        errors_file=errors.path if errors.count else None,
+    )
+
+
+def _task_items(
+    task: EvalTask, vqa_annotations: dict[str, VQAAnnotation] | None, limit: int | None
+) -> tuple[list[VQAItem], list[ItemError]]:
+    """Valid items and the errors for bad entries, in file order, the first `limit` entries only."""
+    items: list[VQAItem] = []
+    errors: list[ItemError] = []
+    for entry in read_items(task.data_file, require_answer=vqa_annotations is None):
+        if limit is not None and len(items) + len(errors) >= limit:
+            break
+        if isinstance(entry, VQAItem) and vqa_annotations is not None and entry.key not in vqa_annotations:
+            entry = ItemError(
+                str(task.data_file),
+                entry.line,
+                "question_id not found in the VQA annotation/question files",
+                question_id=entry.question_id,
+                image=entry.image,
+            )
+        (items if isinstance(entry, VQAItem) else errors).append(entry)
+    return items, errors
+
+
+def _answered(predictions_file: Path, report: Reporter) -> dict[str, dict[str, Any]]:
+    """Question key -> first answered record of an existing predictions file (the resume state)."""
+    answered: dict[str, dict[str, Any]] = {}
+    if not predictions_file.exists():
+        return answered
+    for line, record in iter_json_lines(predictions_file):
+        if isinstance(record, ItemError):
+            # Only a line cut short by a kill is expected here; it is re-asked, not fatal.
+            report(f"{record}; line ignored")
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("answer"), str):
+            report(f"{predictions_file}:{line}: not a prediction record; line ignored")
+            continue
+        question_id = record_question_id(record)
+        if question_id is not None:
+            answered.setdefault(str(question_id), record)
+    return answered
+
+
+@dataclass
+class _Loaded:
+    item: VQAItem
+    image: Any  # a loaded PIL image
+
+
+def _loaded_batches(
+    pending: Sequence[VQAItem],
+    task: EvalTask,
+    batch_size: int,
+    errors: _ErrorLog,
+    advance: Callable[[int], None],
+) -> Iterator[list[_Loaded]]:
+    """Full batches of items whose image opened; items whose image did not are recorded and skipped."""
+    batch: list[_Loaded] = []
+    for item in pending:
+        image_or_error = _open_image(item, task)
+        if isinstance(image_or_error, ItemError):
+            errors.add(image_or_error)
+            advance(1)
+            continue
+        batch.append(_Loaded(item, image_or_error))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _open_image(item: VQAItem, task: EvalTask) -> Any:
+    from PIL import Image
+
+    def error(message: str) -> ItemError:
+        return ItemError(str(task.data_file), item.line, message, question_id=item.question_id, image=item.image)
+
+    path = resolve_image(item.image, task)
+    if path is None:
+        return error(f"image {item.image} not found (looked in: {image_search_description(task)})")
+    try:
+        image = Image.open(path)
+        image.load()  # decode now, so a truncated file fails here and not inside a batch
+    except Exception as exc:  # PIL raises OSError, ValueError, DecompressionBombError, ...
+        return error(f"cannot read image {path}: {_one_line(exc)}")
+    return image
+
+
+def _answer_batch(
+    model: AnswerModel, batch: list[_Loaded], task: EvalTask
+) -> list[tuple[VQAItem, str | None, ItemError | None]]:
+    """Answers for a batch; if the batch fails, each item is retried alone so one bad item costs only itself."""
+    try:
+        answers = _generate(model, batch, task)
+    except Exception as exc:
+        if len(batch) > 1:
+            return [result for entry in batch for result in _answer_batch(model, [entry], task)]
+        item = batch[0].item
+        error = ItemError(
+            str(task.data_file),
+            item.line,
+            f"generation failed: {_one_line(exc)}",
+            question_id=item.question_id,
+            image=item.image,
+        )
+        return [(item, None, error)]
+    return [(entry.item, answer, None) for entry, answer in zip(batch, answers, strict=True)]
+
+
+def _generate(model: AnswerModel, batch: list[_Loaded], task: EvalTask) -> list[str]:
+    prompts = [format_prompt(task.prompt, entry.item.image, entry.item.question) for entry in batch]
+    answers = model.generate([entry.image for entry in batch], prompts, max_new_tokens=task.max_new_tokens)
+    if not isinstance(answers, list) or len(answers) != len(batch) or not all(isinstance(a, str) for a in answers):
+        raise TypeError(f"the model must return {len(batch)} strings, got {_describe(answers)}")
+    return answers
+
+
+def _score_task(
+    task: EvalTask,
+    items: Sequence[VQAItem],
+    predictions_file: Path,
+    vqa_annotations: dict[str, VQAAnnotation] | None,
+) -> ScoreReport:
+    """Score the dataset's answered items, in dataset order, against the dataset's CURRENT annotations."""
+    answered = _answered(predictions_file, lambda _message: None)
+    records = []
+    for item in items:
+        prediction = answered.get(item.key)
+        if prediction is not None:
+            record = {"question_id": item.question_id, "answer": prediction["answer"], "annotation": item.annotations}
+            records.append((item.line, record))
+    return score_records(
+        records,
+        task.metric,
+        gqa_postprocess=task.gqa_postprocess,
+        vqa_annotations=vqa_annotations,
+        source=str(task.data_file),
+    )
+
+
+class _PredictionWriter:
+    """Appends prediction records; `flush()` after each batch makes them durable for a resume."""
+
+    def __init__(self, path: Path, dataset: str) -> None:
+        self.path = path
+        self.dataset = dataset
+        _end_with_newline(path)
+        self._handle = path.open("a", encoding="utf-8")
+        self.count = 0
+
+    def add(self, item: VQAItem, task: EvalTask, answer: str) -> None:
+        record = {
+            "dataset": self.dataset,
+            "question_id": item.question_id,
+            "image": item.image,
+            "question": item.question,
+            "prompt": format_prompt(task.prompt, item.image, item.question),
+            "answer": answer,
+            "annotation": item.annotations,
+        }
+        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.count += 1
+
+    def flush(self) -> None:
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def __enter__(self) -> _PredictionWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._handle.close()
+
+
+def _end_with_newline(path: Path) -> None:
+    """A kill can leave a partial last line; start appending on a fresh line so no record is glued to it."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with path.open("rb+") as handle:
+        handle.seek(-1, os.SEEK_END)
+        if handle.read(1) != b"\n":
+            handle.write(b"\n")
+
+
+class _ErrorLog:
+    """This run's item errors: one line each on stderr, one record each in the errors file.
+
+    The file is rewritten by every run (failed items are retried), and removed when a run has none.
+    """
+
+    def __init__(self, path: Path, dataset: str, report: Reporter) -> None:
+        self.path = path
+        self.dataset = dataset
+        self.report = report
+        self.count = 0
+        self._handle: Any = None
+
+    def add(self, error: ItemError) -> None:
+        if self._handle is None:
+            self._handle = self.path.open("w", encoding="utf-8")
+        self._handle.write(json.dumps(error.to_record(self.dataset), ensure_ascii=False) + "\n")
+        self._handle.flush()
+        self.count += 1
+        self.report(f"{self.dataset}: {error}")
+
+    def add_all(self, errors: Sequence[ItemError]) -> None:
+        for error in errors:
+            self.add(error)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+        elif self.path.exists():
+            self.path.unlink()  # a previous run's errors, all resolved now
+
+
+@contextmanager
+def _progress(enabled: bool, description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr when enabled (the CLI enables it only on a terminal)."""
+    if not enabled or total == 0:
+        yield lambda _count: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True)) as progress:
+        task_id = progress.add_task(description, total=total)
+        yield lambda count: progress.advance(task_id, count)
+
+
+# --------------------------------------------------------------------------------------------------
+# A suite of datasets and the results files
+# --------------------------------------------------------------------------------------------------
+
+
+def run_tasks(
+    model: AnswerModel,
+    tasks: Sequence[EvalTask],
+    out_dir: Path,
+    *,
+    batch_size: int = 1,
+    limit: int | None = None,
+    model_name: str | None = None,
+    model_info: dict[str, Any] | None = None,
+    report: Reporter | None = None,
+    show_progress: bool = False,
+) -> list[DatasetRun]:
+    """Run the tasks in order; results.json and results.md are updated after each dataset."""
+    runs: list[DatasetRun] = []
+    for task in tasks:
+        run = run_task(
+            model, task, out_dir, batch_size=batch_size, limit=limit, report=report, show_progress=show_progress
+        )
+        runs.append(run)
+        write_results(out_dir, runs, model_name=model_name, model_info=model_info)
+    return runs
+
+
+def write_results(
+    out_dir: Path,
+    runs: Sequence[DatasetRun],
+    *,
+    model_name: str | None = None,
+    model_info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Merge these runs into out_dir/results.json (other datasets are kept) and rewrite results.md."""
+    path = out_dir / RESULTS_JSON
+    results = _read_results(path)
+    results["schema"] = RESULTS_SCHEMA
+    if model_name is not None:
+        results["model"] = model_name
+    if model_info is not None:
+        results["model_settings"] = model_info  # how the model ran (device, dtype, quantization)
+    results["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for run in runs:
+        # Per dataset too: a later run with other settings may add datasets to the same folder.
+        results["datasets"][run.task.name] = {**run.to_dict(), "model": model_name, "model_settings": model_info}
+    _write_atomically(path, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    _write_atomically(out_dir / RESULTS_MARKDOWN, results_markdown(results))
+    return results
+
+
+def _read_results(path: Path) -> dict[str, Any]:
+    fresh: dict[str, Any] = {"schema": RESULTS_SCHEMA, "datasets": {}}
+    if not path.exists():
+        return fresh
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return fresh  # an unreadable earlier summary is rebuilt from this run
+    if not isinstance(results, dict) or not isinstance(results.get("datasets"), dict):
+        return fresh
+    return results
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def table_rows(entries: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """Dataset, metric, score in percent (2 decimals, as the paper), scored items, failed items."""
+    rows = []
+    for entry in entries:
+        label = METRIC_LABELS.get(entry["metric"], entry["metric"])
+        if entry.get("gqa_postprocess"):
+            label += " (GQA)"
+        percent = entry.get("percent")
+        rows.append(
+            [
+                entry["dataset"],
+                label,
+                f"{percent:.2f}" if percent is not None else "-",
+                f"{entry['n_scored']}/{entry['n_items']}",
+                str(entry["n_failed"]),
+            ]
+        )
+    return rows
+
+
+TABLE_HEADER = ["Dataset", "Metric", "Score (%)", "Scored", "Failed"]
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    lines = ["# Evaluation results", ""]
+    if results.get("model"):
+        lines += [f"Model: `{results['model']}`", ""]
+    lines.append("| " + " | ".join(TABLE_HEADER) + " |")
+    lines.append("|---|---|---:|---:|---:|")
+    for row in table_rows(list(results["datasets"].values())):
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
+    lines += [
+        "",
+        "Scores: ANLS, relaxed accuracy and accuracy as fractions x 100; VQA score as the VQA toolkit "
+        "reports it (percent, rounded to 2 decimals). Details per dataset: results.json.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def print_results_table(runs: Sequence[DatasetRun]) -> None:
+    """The runs' scores as a rich table on stderr (stdout is kept for results)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Evaluation results")
+    for index, header in enumerate(TABLE_HEADER):
+        table.add_column(header, justify="right" if index >= 2 else "left")
+    for row in table_rows([run.to_dict() for run in runs]):
+        table.add_row(*row)
+    Console(stderr=True).print(table)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, list):
+        return f"a list of {len(value)} ({', '.join(sorted({type(v).__name__ for v in value})) or 'empty'})"
+    return type(value).__name__

@@ -1,0 +1,198 @@
+"""The whole flow for a batch of inputs: inputs -> documents -> pages -> engine -> records -> outputs.
+
+`run()` is what `monkey ask|caption|read` call; it is plain Python, usable without the CLI. With an output
+folder, every document becomes one file written atomically, and a document whose input hash and settings
+match a finished earlier run is skipped (resume); without one, records go to the `on_record` callback only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from monkey_cli import documents, output
+from monkey_cli.engine import Engine, Job
+from monkey_cli.output import Record
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    source: str
+    device: str = "auto"
+    dtype: str | None = None
+    quant: str | None = None
+    quant_vision: bool = False
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    inputs: tuple[str, ...]
+    job: Job
+    model: ModelOptions
+    pages: str | None = None
+    password: str | None = None
+    out_dir: Path | None = None
+    fmt: str = "text"
+    overwrite: bool = False
+
+
+@dataclass
+class Summary:
+    documents: int = 0
+    pages: int = 0
+    failed: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    written: list[Path] = field(default_factory=list)
+
+    def line(self) -> str:
+        skipped = f", {self.skipped} already done" if self.skipped else ""
+        return (
+            f"{self.documents} documents, {self.pages} pages, {self.failed} failed{skipped}, {self.seconds:.1f} s"
+        )
+
+
+@dataclass
+class _Pending:
+    """A document to process: its source and, with an output folder, where it goes and its input hash."""
+
+    source: documents.Source
+    target: Path | None = None
+    sha256: str | None = None
+
+
+def run(
+    options: RunOptions,
+    *,
+    on_record: Callable[[Record], None] = lambda record: None,
+    on_document: Callable[[str], None] = lambda name: None,
+    stdin: IO[bytes] | bytes | None = None,
+    streamer_factory: Callable[[Any], Any] | None = None,
+    load_model: Callable[[], Any] | None = None,
+) -> Summary:
+    """Process every input; returns counts. KeyboardInterrupt propagates after finished documents are saved."""
+    started = time.perf_counter()
+    summary = Summary()
+    sources = documents.expand_inputs(list(options.inputs), stdin)
+    device, quant = _device_and_quant(options.model)
+    settings = _settings(options, quant)
+    pending = _pending_documents(sources, options, settings, summary)
+    engine = Engine(
+        options.job,
+        load_model=load_model or (lambda: _load(options.model, device, quant)),
+        model_name=options.model.source,
+        quant=quant,
+        streamer_factory=streamer_factory,
+    )
+    by_name = {item.source.name: item for item in pending}
+    pages = documents.prefetch(
+        documents.iter_pages(
+            [item.source for item in pending],
+            size=model_input_size(options.model.source),
+            pages=options.pages,
+            password=options.password,
+        )
+    )
+    index = output.ResumeIndex(options.out_dir) if options.out_dir else None
+    try:
+        for name, records in _per_document(engine.run(pages), on_record, summary):
+            on_document(name)
+            summary.documents += 1
+            item = by_name.get(name)
+            if index is not None and item is not None and item.target is not None:
+                output.write_document(item.target, records, options.fmt)
+                index.update(item.target, item.sha256, settings, records)
+                summary.written.append(item.target)
+    finally:
+        summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _per_document(
+    records: Iterator[Record], on_record: Callable[[Record], None], summary: Summary
+) -> Iterator[tuple[str, list[Record]]]:
+    """Group the (input-ordered) records by document, counting pages and failures on the way."""
+    current: str | None = None
+    group: list[Record] = []
+    seen_pages: set[tuple[str, int | None]] = set()
+    for record in records:
+        on_record(record)
+        if record.source != current and group:
+            yield current, group
+            group = []
+        current = record.source
+        group.append(record)
+        if record.page is not None and (record.source, record.page) not in seen_pages:
+            seen_pages.add((record.source, record.page))
+            summary.pages += 1
+        if record.error is not None:
+            summary.failed += 1
+    if group:
+        yield current, group
+
+
+def _pending_documents(
+    sources: list[documents.Source], options: RunOptions, settings: dict[str, Any], summary: Summary
+) -> list[_Pending]:
+    """Sources still to do: with an output folder, those whose output is missing or out of date."""
+    if options.out_dir is None:
+        return [_Pending(source) for source in sources]
+    output.cleanup_stale_temps(options.out_dir)
+    index = output.ResumeIndex(options.out_dir)
+    root = output.common_root([s.path for s in sources if s.path is not None])
+    pending = []
+    for source in sources:
+        if source.error is not None:
+            pending.append(_Pending(source))
+            continue
+        shown = output.STDIN if source.data is not None else str(source.path)
+        target = output.output_path(options.out_dir, shown, options.fmt, root)
+        sha = hashlib.sha256(source.data).hexdigest() if source.data is not None else output.file_sha256(source.path)
+        if not options.overwrite and index.is_done(target, sha, settings):
+            summary.skipped += 1
+            continue
+        pending.append(_Pending(source, target, sha))
+    return pending
+
+
+def _settings(options: RunOptions, quant: str) -> dict[str, Any]:
+    """Everything that changes an answer (the resume fingerprint); batch size and format do not."""
+    job = options.job
+    return {
+        "model": options.model.source,
+        "dtype": options.model.dtype,
+        "quant": quant,
+        "quant_vision": options.model.quant_vision,
+        "task": job.task,
+        "questions": list(job.questions),
+        "template": job.template,
+        "max_new_tokens": job.max_new_tokens,
+        "force_ocr": job.force_ocr,
+        "pages": options.pages,
+    }
+
+
+def _device_and_quant(model: ModelOptions) -> tuple[str, str]:
+    from monkey_cli.model.quantization import resolve_quant
+    from monkey_cli.model.sources import resolve_device
+
+    device = resolve_device(model.device)
+    return device, resolve_quant(model.quant, device)
+
+
+def _load(model: ModelOptions, device: str, quant: str) -> Any:
+    from monkey_cli.api import Monkey
+
+    return Monkey.load(model.source, device=device, dtype=model.dtype, quant=quant, quant_vision=model.quant_vision)
+
+
+def model_input_size(source: str) -> tuple[int, int]:
+    """The page size the model reads, from the checkpoint's config without loading (or downloading) weights."""
+    from monkey_cli.model.sources import peek_config
+
+    config = peek_config(source)
+    return config.vision.input_size

@@ -41,14 +41,21 @@ class Job:
         return [(prompt, prompt)]
 
 
+@dataclass(frozen=True)
+class DocumentEnd:
+    """Marks that every record of `source` has been yielded (so its output file can be written now)."""
+
+    source: str
+
+
 @dataclass
 class _Slot:
-    """One output record in input order; model work fills `record` when its batch runs."""
+    """One output item in input order; model work fills `record` when its batch runs."""
 
     page: Page | None
     shown_prompt: str
     model_prompt: str | None = None
-    record: Record | None = None
+    record: Record | DocumentEnd | None = None
 
 
 @dataclass
@@ -63,10 +70,16 @@ class Engine:
     model: Any = field(default=None, init=False)
     vision_passes: int = field(default=0, init=False)
 
-    def run(self, pages: Iterable[Page | PageError]) -> Iterator[Record]:
+    def run(self, pages: Iterable[Page | PageError]) -> Iterator[Record | DocumentEnd]:
+        """Records in input order, each document followed by its DocumentEnd as soon as it is complete."""
         pending: list[_Slot] = []
         model_pages = 0
+        current: str | None = None
         for item in pages:
+            if item.source != current and current is not None:
+                pending.append(_Slot(None, "", record=DocumentEnd(current)))
+                yield from _pop_ready(pending)
+            current = item.source
             slots = self._slots_for(item)
             pending.extend(slots)
             if any(slot.model_prompt is not None for slot in slots):
@@ -74,6 +87,10 @@ class Engine:
             if model_pages >= self.job.batch_size:
                 yield from self._flush(pending)
                 pending, model_pages = [], 0
+            else:
+                yield from _pop_ready(pending)
+        if current is not None:
+            pending.append(_Slot(None, "", record=DocumentEnd(current)))
         yield from self._flush(pending)
 
     # --- building slots -------------------------------------------------------------------------
@@ -95,7 +112,7 @@ class Engine:
             self.model = self.load_model()
         return self.model
 
-    def _flush(self, slots: list[_Slot]) -> Iterator[Record]:
+    def _flush(self, slots: list[_Slot]) -> Iterator[Record | DocumentEnd]:
         work = [slot for slot in slots if slot.record is None]
         if work:
             self._answer(work)
@@ -165,6 +182,12 @@ class Engine:
             quant=self.quant,
             seconds=0.0,
         )
+
+
+def _pop_ready(pending: list[_Slot]) -> Iterator[Record | DocumentEnd]:
+    """Yield (and remove) the leading items that need no more work, keeping input order."""
+    while pending and pending[0].record is not None:
+        yield pending.pop(0).record
 
 
 def _unique_pages(work: Sequence[_Slot]) -> list[Page]:

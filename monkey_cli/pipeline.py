@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from monkey_cli import documents, output
-from monkey_cli.engine import Engine, Job
+from monkey_cli.engine import DocumentEnd, Engine, Job
 from monkey_cli.output import Record
 
 
@@ -113,26 +113,21 @@ def run(
 
 
 def _per_document(
-    records: Iterator[Record], on_record: Callable[[Record], None], summary: Summary
+    events: Iterator[Record | DocumentEnd], on_record: Callable[[Record], None], summary: Summary
 ) -> Iterator[tuple[str, list[Record]]]:
     """Group the (input-ordered) records by document, counting pages and failures on the way."""
-    current: str | None = None
-    group: list[Record] = []
-    seen_pages: set[tuple[str, int | None]] = set()
-    for record in records:
-        on_record(record)
-        if record.source != current and group:
-            yield current, group
-            group = []
-        current = record.source
-        group.append(record)
-        if record.page is not None and (record.source, record.page) not in seen_pages:
-            seen_pages.add((record.source, record.page))
+    groups: dict[str, list[Record]] = {}
+    for event in events:
+        if isinstance(event, DocumentEnd):
+            yield event.source, groups.pop(event.source, [])
+            continue
+        on_record(event)
+        group = groups.setdefault(event.source, [])
+        if event.page is not None and all(r.page != event.page for r in group):
             summary.pages += 1
-        if record.error is not None:
+        if event.error is not None:
             summary.failed += 1
-    if group:
-        yield current, group
+        group.append(event)
 
 
 def _pending_documents(

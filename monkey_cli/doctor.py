@@ -1,0 +1,344 @@
+"""`monkey doctor`: what this machine can run, found out without loading a model.
+
+`collect()` returns a JSON-ready dict of independent probes (Python, torch and its devices,
+bitsandbytes, transformers, the Hugging Face cache, and which --quant fits where). A probe that fails
+records {"error": "..."} in its section; it never stops the others, so the report is most useful
+exactly when something is broken.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from monkey_cli import __version__
+
+DEFAULT_MODEL = "echo840/Monkey-Chat"
+KNOWN_MODELS = (DEFAULT_MODEL, "echo840/Monkey")
+# The transformers range the test suite runs against (pyproject.toml pins the same).
+TESTED_TRANSFORMERS = ">=5.23,<5.24"
+# The plans doctor shows: every --quant, and the two quantizations with --quant-vision as well.
+PLAN_OPTIONS: tuple[tuple[str, bool], ...] = (
+    ("none", False),
+    ("8bit", False),
+    ("8bit", True),
+    ("4bit", False),
+    ("4bit", True),
+)
+# Files a cached checkpoint needs besides its weights.
+_CHECKPOINT_FILES = ("config.json", "qwen.tiktoken")
+_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_WEIGHT_SINGLES = ("model.safetensors", "pytorch_model.bin")
+
+
+def collect() -> dict[str, Any]:
+    """Everything `monkey doctor` reports, as plain JSON-serialisable data."""
+    report: dict[str, Any] = {
+        "monkey_cli": {"version": __version__},
+        "python": _probe(_python),
+        "torch": _probe(_torch),
+        "devices": _probe(_devices),
+        "bitsandbytes": _probe(_bitsandbytes),
+        "transformers": _probe(_transformers),
+        "huggingface_hub": _probe(_huggingface_hub),
+    }
+    report["memory"] = _probe(lambda: _memory(report["devices"]))
+    report["problems"] = problems(report)
+    return report
+
+
+def _probe(function: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return function()
+    except Exception as exc:  # a probe must never take doctor down; the error is the finding
+        return {"error": _one_line(exc)}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+# --- probes --------------------------------------------------------------------------------------
+
+
+def _python() -> dict[str, Any]:
+    return {
+        "version": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "executable": sys.executable,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+    }
+
+
+def _torch() -> dict[str, Any]:
+    import torch
+
+    cuda, hip = torch.version.cuda, getattr(torch.version, "hip", None)
+    build = f"CUDA {cuda}" if cuda else f"ROCm {hip}" if hip else "CPU"
+    mps = getattr(torch.backends, "mps", None)
+    return {
+        "version": torch.__version__,
+        "build": build,
+        "cuda_available": torch.cuda.is_available(),
+        "device_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "mps_available": bool(mps is not None and mps.is_available()),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _devices() -> dict[str, Any]:
+    from monkey_cli.model.memory import available_ram, total_ram
+
+    devices: dict[str, Any] = {
+        "cpu": {"cores": os.cpu_count(), "total_bytes": total_ram(), "available_bytes": available_ram()},
+        "cuda": [],
+    }
+    import torch
+
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        devices["cuda"] = [_probe(lambda i=i: _cuda_device(torch, i)) for i in range(count)]
+    return devices
+
+
+def _cuda_device(torch: Any, index: int) -> dict[str, Any]:
+    props = torch.cuda.get_device_properties(index)
+    free, total = torch.cuda.mem_get_info(index)
+    return {
+        "device": f"cuda:{index}",
+        "name": props.name,
+        "total_bytes": int(total),
+        "free_bytes": int(free),
+        "compute_capability": f"{props.major}.{props.minor}",
+        # bfloat16 arithmetic needs compute capability 8.0 (Ampere) or newer.
+        "bf16": props.major >= 8,
+    }
+
+
+@contextmanager
+def _captured_logs(name: str, into: list[str]) -> Iterator[None]:
+    """Keep a library's import-time warnings in the report instead of on the user's stderr."""
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            into.append(record.getMessage().strip().splitlines()[0])
+
+    logger = logging.getLogger(name)
+    handler, propagate = _Collect(logging.WARNING), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+def _bitsandbytes() -> dict[str, Any]:
+    info: dict[str, Any] = {"version": _version("bitsandbytes"), "imports": False, "warnings": []}
+    if info["version"] is None:
+        info["error"] = "not installed (pip install bitsandbytes): --quant 8bit and 4bit are unavailable"
+        return info
+    with _captured_logs("bitsandbytes", info["warnings"]):
+        try:
+            import bitsandbytes  # noqa: F401
+            from bitsandbytes import cextension
+        except Exception as exc:
+            info["error"] = _one_line(exc)
+            return info
+    info["imports"] = True
+    info["native_backend"] = getattr(cextension, "BNB_BACKEND", None)
+    mock = getattr(cextension, "ErrorHandlerMockBNBNativeLibrary", None)
+    info["native_library"] = not (mock is not None and isinstance(getattr(cextension, "lib", None), mock))
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    targets = ["cpu", *(f"cuda:{i}" for i in range(gpus))]
+    with _captured_logs("bitsandbytes", info["warnings"]):
+        info["usable"] = {device: _bitsandbytes_roundtrip(device) for device in targets}
+    return info
+
+
+def _bitsandbytes_roundtrip(device: str) -> dict[str, str]:
+    """Quantize a small Linear at 4 and 8 bits on `device` and run it: 'ok' or the error."""
+    import torch
+    from bitsandbytes.nn import Int8Params, Linear4bit, Linear8bitLt, Params4bit
+
+    torch.manual_seed(0)
+    weight = torch.randn(64, 128, dtype=torch.bfloat16)
+    x = torch.randn(3, 128, dtype=torch.bfloat16, device=device)
+    results = {}
+    for quant in ("4bit", "8bit"):
+        try:
+            if quant == "4bit":
+                layer = Linear4bit(128, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+                layer.weight = Params4bit(weight.clone(), requires_grad=False, quant_type="nf4")
+            else:
+                layer = Linear8bitLt(128, 64, bias=False, has_fp16_weights=False)
+                layer.weight = Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False)
+            layer = layer.to(device)  # moving the layer is what quantizes its weight
+            if layer.weight.dtype not in (torch.uint8, torch.int8):
+                results[quant] = f"weight stayed {layer.weight.dtype} (not quantized)"
+                continue
+            with torch.no_grad():
+                out = layer(x).float()
+            expected = x.float() @ weight.to(device).float().t()
+            # 4-bit and int8 are lossy: only a roughly right answer is asked for.
+            error = ((out - expected).norm() / expected.norm()).item()
+            results[quant] = "ok" if error < 0.25 else f"wrong result (relative error {error:.2f})"
+        except Exception as exc:
+            results[quant] = _one_line(exc)
+    return results
+
+
+def _transformers() -> dict[str, Any]:
+    from packaging.specifiers import SpecifierSet
+
+    version = _version("transformers")
+    return {
+        "version": version,
+        "tested_range": TESTED_TRANSFORMERS,
+        "in_tested_range": version is not None and version in SpecifierSet(TESTED_TRANSFORMERS),
+    }
+
+
+def _huggingface_hub() -> dict[str, Any]:
+    from huggingface_hub import constants
+
+    # The constants are read from the environment when huggingface_hub is first imported, which is
+    # exactly what the loader will use in this process.
+    cache = Path(constants.HF_HUB_CACHE)
+    return {
+        "version": _version("huggingface_hub"),
+        "cache_dir": str(cache),
+        "offline": bool(constants.HF_HUB_OFFLINE),
+        "models": {repo: _probe(lambda repo=repo: cached_model(repo, cache)) for repo in KNOWN_MODELS},
+    }
+
+
+def cached_model(repo_id: str, cache_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Whether `repo_id`'s main revision is complete in the cache: status complete / incomplete / absent."""
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir)
+    if not isinstance(config, str):
+        return {"status": "absent", "path": None}
+    snapshot = Path(config).parent
+    missing = [name for name in _CHECKPOINT_FILES if not (snapshot / name).is_file()]
+    missing += _missing_weights(snapshot)
+    status = "incomplete" if missing else "complete"
+    return {"status": status, "path": str(snapshot), "missing": missing}
+
+
+def _missing_weights(snapshot: Path) -> list[str]:
+    import json
+
+    for index_name in _WEIGHT_INDEXES:
+        index = snapshot / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            return [shard for shard in shards if not (snapshot / shard).is_file()]
+    if any((snapshot / name).is_file() for name in _WEIGHT_SINGLES):
+        return []
+    return ["weights (" + " / ".join(_WEIGHT_SINGLES + _WEIGHT_INDEXES) + ")"]
+
+
+def default_dtype(device: str, bf16: bool = True) -> str:
+    """The compute dtype the loader picks with --dtype auto: float32 on CPU, else bfloat16 / float16."""
+    if device.startswith("cuda"):
+        return "bfloat16" if bf16 else "float16"
+    return "float32"
+
+
+def _memory(devices: dict[str, Any]) -> dict[str, Any]:
+    """Which --quant fits on which device for the released model, batch size 1, default lengths."""
+    from monkey_cli.model.configuration import real_monkey_config
+    from monkey_cli.model.memory import plan
+
+    config = real_monkey_config()
+    targets: list[tuple[str, int | None, str]] = []
+    for cuda in devices.get("cuda", []):
+        if "device" in cuda:
+            targets.append((cuda["device"], cuda["free_bytes"], default_dtype(cuda["device"], cuda["bf16"])))
+    targets.append(("cpu", devices.get("cpu", {}).get("available_bytes"), default_dtype("cpu")))
+    plans = []
+    for device, budget, dtype in targets:
+        for quant, quant_vision in PLAN_OPTIONS:
+            p = plan(config, quant, dtype, quant_vision=quant_vision, budget_bytes=budget)
+            plans.append(
+                {
+                    "device": device,
+                    "dtype": dtype,
+                    "quant": quant,
+                    "quant_vision": quant_vision,
+                    "flags": p.flags,
+                    "total_bytes": p.total_bytes,
+                    "weight_bytes": p.weight_bytes,
+                    "budget_bytes": budget,
+                    "fits": p.fits,
+                }
+            )
+    return {"model": DEFAULT_MODEL, "batch_size": 1, "plans": plans}
+
+
+# --- findings ------------------------------------------------------------------------------------
+
+
+def problems(report: dict[str, Any]) -> list[str]:
+    """One line per thing that limits what monkey can do here, most important first."""
+    # bitsandbytes' failure is reported below with its consequence.
+    found = [
+        f"{section}: {data['error']}"
+        for section, data in report.items()
+        if isinstance(data, dict) and "error" in data and section != "bitsandbytes"
+    ]
+    torch_info = report.get("torch", {})
+    if "error" not in torch_info and not torch_info.get("cuda_available"):
+        found.append("no CUDA device: the model runs on the CPU, slowly")
+    bnb = report.get("bitsandbytes", {})
+    usable = [d for d, result in bnb.get("usable", {}).items() if "ok" in result.values()]
+    if not usable:
+        why = bnb.get("error", "no device passed its quantization check")
+        found.append(f"bitsandbytes is not usable ({why}): only --quant none works")
+    transformers_info = report.get("transformers", {})
+    if transformers_info.get("in_tested_range") is False:
+        found.append(
+            f"transformers {transformers_info.get('version')} is outside the tested range "
+            f"{transformers_info.get('tested_range')}"
+        )
+    hub = report.get("huggingface_hub", {})
+    default = hub.get("models", {}).get(DEFAULT_MODEL, {})
+    if default.get("status") != "complete" and "error" not in hub:
+        if hub.get("offline"):
+            found.append(f"{DEFAULT_MODEL} is not cached and HF_HUB_OFFLINE is set: it cannot be downloaded")
+        else:
+            found.append(f"{DEFAULT_MODEL} is not cached: the first run downloads it ({_download_size()})")
+    plans = report.get("memory", {}).get("plans", [])
+    if plans and not any(p["fits"] for p in plans):
+        found.append("no --quant option fits in any device's free memory")
+    return found
+
+
+def _download_size() -> str:
+    from monkey_cli.model.configuration import real_monkey_config
+    from monkey_cli.model.memory import DTYPE_BYTES, format_bytes, parameter_counts
+
+    config = real_monkey_config()
+    parameters = sum(parameter_counts(config).values())
+    return "about " + format_bytes(parameters * DTYPE_BYTES[config.checkpoint_dtype])

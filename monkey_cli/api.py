@@ -21,6 +21,7 @@ from monkey_cli import tasks
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from monkey_cli.model.memory import MemoryPlan
     from monkey_cli.model.modeling import MonkeyForCausalLM
     from monkey_cli.model.processor import MonkeyImageProcessor
     from monkey_cli.model.tokenizer import QWenTokenizer
@@ -66,6 +67,7 @@ class Monkey:
         folder = resolve_source(source)
         device = resolve_device(device)
         quant = resolve_quant(quant, device)
+        _refuse_if_too_big(folder, device, dtype, quant, quant_vision)
         overrides = {"seq_length": seq_length} if seq_length else None
         model = load_model(
             folder, device=device, dtype=dtype, quant=quant, quant_vision=quant_vision, config_overrides=overrides
@@ -81,6 +83,32 @@ class Monkey:
             name=str(source),
             quant=quant,
             caption_as_question=card.caption_as_question if card else False,
+        )
+
+    @staticmethod
+    def plan(
+        source: str | Path = tasks.DEFAULT_MODEL,
+        *,
+        device: str = "auto",
+        dtype: str | None = None,
+        quant_vision: bool = False,
+        batch_size: int = 1,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    ) -> list[MemoryPlan]:
+        """Memory estimates for --quant none, 8bit and 4bit on `device`, from the config alone (no weights)."""
+        from monkey_cli.model.loading import resolve_dtype
+        from monkey_cli.model.memory import device_budget, plan_all
+        from monkey_cli.model.sources import peek_config, resolve_device
+
+        device = resolve_device(device)
+        config = peek_config(source)
+        return plan_all(
+            config,
+            device_budget(device),
+            dtype=resolve_dtype(dtype, config, device),
+            quant_vision=quant_vision,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
         )
 
     # --- tasks --------------------------------------------------------------------------------------
@@ -159,6 +187,23 @@ class Monkey:
             )
         new_tokens = output[:, input_ids.shape[1] :].tolist()
         return [_until_eos(row, self.tokenizer.eod_id) for row in new_tokens]
+
+
+def _refuse_if_too_big(folder: Path, device: str, dtype: str | None, quant: str, quant_vision: bool) -> None:
+    """Fail before loading, with the quant that would fit, when the device cannot hold the model."""
+    from monkey_cli.model.configuration import load_config
+    from monkey_cli.model.loading import resolve_dtype
+    from monkey_cli.model.memory import check_fits, device_budget
+
+    config = load_config(folder)
+    check_fits(
+        config,
+        quant,
+        device_budget(device),
+        device=device,
+        dtype=resolve_dtype(dtype, config, device),
+        quant_vision=quant_vision,
+    )
 
 
 def _empty_image_span(prompt: str) -> str:

@@ -38,7 +38,8 @@ class Job:
         if self.template is not None:
             return [(self.template, tasks.custom_prompt(self.template))]
         prompt = tasks.task_prompt(self.task, caption_as_question=caption_as_question)
-        return [(prompt, prompt)]
+        shown = tasks.READ_QUESTION if self.task == "read" else tasks.CAPTION_QUESTION
+        return [(shown, prompt)]
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ class Engine:
         if isinstance(item, PageError):
             return [_Slot(None, self._error_prompt(), record=self._failure(item.source, item.page, item.pages, item))]
         if self.job.task == "read" and item.has_text_layer and not self.job.force_ocr and self.job.template is None:
-            record = self._record(item, tasks.task_prompt("read"), item.text.strip(), "text_layer", 0.0)
+            record = self._record(item, tasks.READ_QUESTION, item.text.strip(), "text_layer", 0.0)
             return [_Slot(item, record.prompt, record=record)]
         caption_as_question = self._model().caption_as_question if self.job.task == "caption" else False
         return [_Slot(item, shown, prompt) for shown, prompt in self.job.prompts(caption_as_question)]

@@ -10,6 +10,7 @@ checkpoint can never run code, and its own `.py` files are never imported.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -161,6 +162,9 @@ def load_model(
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": device}
+    if quant == "8bit":
+        # LLM.int8 logs "inputs will be cast ... to float16" on every matmul call: thousands of stderr lines.
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     hf_logging.disable_progress_bar()  # our own progress goes to stderr; keep transformers' bars off it
     try:
         model = MonkeyForCausalLM.from_pretrained(str(folder), **kwargs)

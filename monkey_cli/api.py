@@ -26,7 +26,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from monkey_cli.model.processor import MonkeyImageProcessor
     from monkey_cli.model.tokenizer import QWenTokenizer
 
-ImageInput = "Image.Image | str | Path"
 _IMAGE_SPAN = re.compile(r"<img>.*?</img>", re.DOTALL)
 DEFAULT_MAX_NEW_TOKENS = 512
 
@@ -105,7 +104,7 @@ class Monkey:
         return plan_all(
             config,
             device_budget(device),
-            dtype=resolve_dtype(dtype, config, device),
+            dtype=resolve_dtype(dtype, device),
             quant_vision=quant_vision,
             batch_size=batch_size,
             max_new_tokens=max_new_tokens,
@@ -201,7 +200,7 @@ def _refuse_if_too_big(folder: Path, device: str, dtype: str | None, quant: str,
         quant,
         device_budget(device),
         device=device,
-        dtype=resolve_dtype(dtype, config, device),
+        dtype=resolve_dtype(dtype, device),
         quant_vision=quant_vision,
     )
 

@@ -18,10 +18,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from monkey_cli import __version__
+from monkey_cli import __version__, tasks
+from monkey_cli.tasks import DEFAULT_MODEL
 
-DEFAULT_MODEL = "echo840/Monkey-Chat"
-KNOWN_MODELS = (DEFAULT_MODEL, "echo840/Monkey")
+KNOWN_MODELS = tuple(tasks.KNOWN_MODELS)  # the published checkpoints, default first
 # The transformers range the test suite runs against (pyproject.toml pins the same).
 TESTED_TRANSFORMERS = ">=5.23,<5.24"
 # The plans doctor shows: every --quant, and the two quantizations with --quant-vision as well.

@@ -51,9 +51,7 @@ class Summary:
 
     def line(self) -> str:
         skipped = f", {self.skipped} already done" if self.skipped else ""
-        return (
-            f"{self.documents} documents, {self.pages} pages, {self.failed} failed{skipped}, {self.seconds:.1f} s"
-        )
+        return f"{self.documents} documents, {self.pages} pages, {self.failed} failed{skipped}, {self.seconds:.1f} s"
 
 
 @dataclass
@@ -80,7 +78,8 @@ def run(
     sources = documents.expand_inputs(list(options.inputs), stdin)
     device, quant = _device_and_quant(options.model)
     settings = _settings(options, quant)
-    pending = _pending_documents(sources, options, settings, summary)
+    index = output.ResumeIndex(options.out_dir) if options.out_dir else None
+    pending = _pending_documents(sources, options, settings, summary, index)
     engine = Engine(
         options.job,
         load_model=load_model or (lambda: _load(options.model, device, quant)),
@@ -97,7 +96,6 @@ def run(
             password=options.password,
         )
     )
-    index = output.ResumeIndex(options.out_dir) if options.out_dir else None
     try:
         for name, records in _per_document(engine.run(pages), on_record, summary):
             on_document(name)
@@ -131,13 +129,16 @@ def _per_document(
 
 
 def _pending_documents(
-    sources: list[documents.Source], options: RunOptions, settings: dict[str, Any], summary: Summary
+    sources: list[documents.Source],
+    options: RunOptions,
+    settings: dict[str, Any],
+    summary: Summary,
+    index: output.ResumeIndex | None,
 ) -> list[_Pending]:
     """Sources still to do: with an output folder, those whose output is missing or out of date."""
-    if options.out_dir is None:
+    if index is None:
         return [_Pending(source) for source in sources]
     output.cleanup_stale_temps(options.out_dir)
-    index = output.ResumeIndex(options.out_dir)
     root = output.common_root([s.path for s in sources if s.path is not None])
     pending = []
     for source in sources:

@@ -6,7 +6,6 @@ stdout carries results only (text, json, jsonl or md); errors, progress and the 
 from __future__ import annotations
 
 import sys
-import traceback
 from pathlib import Path
 
 import typer
@@ -20,9 +19,7 @@ FORMATS = ("text", "json", "jsonl", "md")
 # --- options every command shares (typer has no option groups: these are reused as defaults) -------------
 INPUTS = typer.Argument(..., help="Files, folders, globs, or '-' for paths (or one document's bytes) on stdin.")
 PAGES = typer.Option(None, "--pages", help="Pages to use, e.g. '1-3,7,-1' (1-based; -1 is the last page).")
-MODEL = typer.Option(
-    DEFAULT_MODEL, "--model", envvar="MONKEY_MODEL", help="Checkpoint folder or Hugging Face hub id."
-)
+MODEL = typer.Option(DEFAULT_MODEL, "--model", envvar="MONKEY_MODEL", help="Checkpoint folder or Hugging Face hub id.")
 QUANT = typer.Option(
     "auto", "--quant", envvar="MONKEY_QUANT", help="auto (4bit on CUDA, none on CPU), none, 8bit or 4bit."
 )
@@ -158,10 +155,10 @@ def _run(task: str, args: dict, questions: list[str] | None = None, force_ocr: b
         fmt=fmt,
         overwrite=args["overwrite"],
     )
-    _execute(options, verbose=args["verbose"])
+    _execute(options)
 
 
-def _execute(options, verbose: bool) -> None:
+def _execute(options) -> None:
     from monkey_cli.cli.progress import Progress
     from monkey_cli.output import make_writer
     from monkey_cli.pipeline import run
@@ -202,10 +199,6 @@ def _execute(options, verbose: bool) -> None:
     except BrokenPipeError:  # `monkey ... | head`: the reader left; not an error worth a traceback
         sys.stderr.close()
         raise typer.Exit(EXIT_OK) from None
-    except Exception:
-        if verbose:
-            traceback.print_exc()
-        raise
     writer.close()
     warn(summary.line())
     if failed:

@@ -121,7 +121,7 @@ def check_weights(config: MonkeyConfig, weights: WeightFiles) -> None:
             )
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, config: MonkeyConfig, device: str) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     """None/'auto' -> float32 on CPU, bfloat16 on a GPU that has it, else float16."""
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -156,7 +156,7 @@ def load_model(
         setattr(config, field, value)
     weights = find_weight_files(folder)
     check_weights(config, weights)
-    torch_dtype = resolve_dtype(dtype, config, device)
+    torch_dtype = resolve_dtype(dtype, device)
     kwargs: dict[str, Any] = {"config": config, "dtype": torch_dtype, "use_safetensors": weights.is_safetensors}
     quantization_config = bitsandbytes_config(config, quant, torch_dtype, quant_vision)
     if quantization_config is not None:

@@ -24,8 +24,9 @@ class SlowCPUWarning(UserWarning):
     """Running the full-size model on a CPU takes minutes per page."""
 
 
-def looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or os.sep in source.rstrip(os.sep) and source.count("/") != 1
+def is_hub_id(source: str) -> bool:
+    """`owner/name` that is not a local path (a hub id never starts with '.', '/' or '~')."""
+    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and not Path(source).exists()
 
 
 def resolve_source(source: str | os.PathLike[str]) -> Path:
@@ -36,7 +37,7 @@ def resolve_source(source: str | os.PathLike[str]) -> Path:
         if not (path / "config.json").is_file():
             raise ModelSourceError(f"{path}: not a Monkey checkpoint folder (no config.json)")
         return path
-    if looks_like_path(text) or path.exists() or text.count("/") != 1:
+    if not is_hub_id(text):
         raise ModelSourceError(
             f"{text}: model folder not found (give a checkpoint folder or a hub id like echo840/Monkey)"
         )
@@ -106,7 +107,7 @@ def peek_config(source: str | os.PathLike[str]) -> MonkeyConfig:
     path = Path(str(source)).expanduser()
     if path.is_dir():
         return load_config(path)
-    if str(source).count("/") == 1 and not looks_like_path(str(source)):
+    if is_hub_id(str(source)):
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(str(source), "config.json")

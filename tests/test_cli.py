@@ -283,3 +283,13 @@ def test_help_is_fast_to_import() -> None:
     code += "print(sorted(m for m in ('torch','transformers','pymupdf','fitz','numpy') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_text_format_headers_only_when_there_are_several_pages(tiny: str) -> None:
+    single = _cli("read", str(SAMPLES_DIR / "invoice.pdf"), "--model", tiny, *FAST)
+    assert single.exit_code == 0 and "==>" not in single.stdout and single.stdout.strip()
+    several = _cli("read", str(SAMPLES_DIR / "report.pdf"), "--model", tiny, *FAST)
+    assert several.exit_code == 0
+    assert [line for line in several.stdout.splitlines() if line.startswith("==>")] == [
+        f"==> {SAMPLES_DIR / 'report.pdf'} p.{n} <==" for n in (1, 2, 3)
+    ]

@@ -216,7 +216,15 @@ def _single_page(options) -> bool:
     if options.pages is not None and options.pages.strip().lstrip("-").isdigit():
         return True
     with path.open("rb") as handle:
-        return not handle.read(1024).lstrip().startswith(b"%PDF")
+        if not handle.read(1024).lstrip().startswith(b"%PDF"):
+            return True
+    import pymupdf
+
+    try:
+        with pymupdf.open(path) as pdf:
+            return pdf.page_count == 1
+    except Exception:  # a damaged PDF: documents.py reports it; here it only means "not known to be one page"
+        return False
 
 
 def _stdout_streamer(tokenizer):

@@ -40,3 +40,14 @@ def tiny_monkey_dir(parity_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sharp_dir(parity_dir: Path) -> Path:
     return require_parity("tiny-monkey-sharp")
+
+
+# Greedy divergences that the bfloat16 parity tests excused as near-ties, reported at the end of the run.
+NEAR_TIES: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 - pytest's hook signature
+    if NEAR_TIES:
+        terminalreporter.section("bfloat16 near-ties (greedy divergence within the logits error)")
+        for line in sorted(set(NEAR_TIES)):
+            terminalreporter.write_line(line)

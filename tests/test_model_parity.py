@@ -7,77 +7,46 @@ stored top-1/top-2 margin at that step is below our logits error there).
 
 from __future__ import annotations
 
-import json
-from functools import cache
-from pathlib import Path
-
 import pytest
 import torch
 from conftest import require_parity
+from parity_cases import FP32_LOGITS_ATOL, FP32_SETS, cases, model, pixel_values, teacher_forced_eager, tokenizer
 from safetensors.torch import load_file
 
-from monkey_cli.model.loading import load_model
-from monkey_cli.model.processor import MonkeyImageProcessor
-from monkey_cli.model.tokenizer import QWenTokenizer
-
-LOGITS_ATOL = {"tiny-monkey": 1e-5, "tiny-monkey-sharp": 1e-4}
 EMBEDS_ATOL = 1e-5
 
 
-def _cases(index_dir: str) -> list[dict]:
-    index = json.loads((require_parity(f"tiny_cases/{index_dir}") / "index.json").read_text())
-    return index["cases"]
-
-
 def _case_params() -> list:
-    """(checkpoint, index dir, case id) for every stored case; ids are read lazily so collection never fails."""
-    params = []
-    for checkpoint, index_dir, count in (("tiny-monkey", "", 18), ("tiny-monkey-sharp", "sharp", 6)):
-        for i in range(count):
-            params.append(pytest.param(checkpoint, index_dir, i, id=f"{checkpoint}-{i}"))
-    return params
-
-
-@cache
-def _model(checkpoint: str, seq_length: int):
-    torch.manual_seed(0)
-    return load_model(require_parity(checkpoint), dtype="float32", config_overrides={"seq_length": seq_length})
-
-
-@cache
-def _tokenizer(checkpoint: str) -> QWenTokenizer:
-    return QWenTokenizer.from_dir(require_parity(checkpoint))
-
-
-def _pixel_values(model, image_path: Path) -> torch.Tensor:
-    # The original drops alpha (image c); compare with the processor's option that does the same.
-    batch = MonkeyImageProcessor(model.config.vision)([image_path], drop_alpha=True)
-    return torch.cat([batch.windows, batch.global_view[:, None]], dim=1)
+    """(checkpoint, index dir, case number) for every stored case; read lazily so collection never fails."""
+    return [
+        pytest.param(checkpoint, index_dir, i, id=f"{checkpoint}-{i}")
+        for checkpoint, index_dir, count in FP32_SETS
+        for i in range(count)
+    ]
 
 
 @pytest.mark.parametrize(("checkpoint", "index_dir", "number"), _case_params())
 def test_case_matches_reference(checkpoint: str, index_dir: str, number: int) -> None:
-    case = _cases(index_dir)[number]
+    case = cases(index_dir)[number]
     root = require_parity(f"tiny_cases/{index_dir}")
     ref = load_file(root / case["file"])
-    model = _model(checkpoint, case["seq_length"])
-    atol = LOGITS_ATOL[checkpoint]
+    fp32 = model(checkpoint, "float32", case["seq_length"])
+    atol = FP32_LOGITS_ATOL[checkpoint]
 
     # Input ids: identical with the path in the span, and identical outside it with an empty span.
-    tokenizer = _tokenizer(checkpoint)
-    ids = tokenizer.encode(case["prompt"])
+    ids = tokenizer(checkpoint).encode(case["prompt"])
     assert ids == case["input_ids"] == ref["input_ids"][0].tolist()
     start, end = case["image_span"]
-    empty = tokenizer.encode(case["prompt"].replace(case["image_path"], ""))
+    empty = tokenizer(checkpoint).encode(case["prompt"].replace(case["image_path"], ""))
     assert empty[:start] == ids[:start] and empty[end:] == ids[end:]
-    assert set(empty[start:end]) == {tokenizer.img_pad_id}
+    assert set(empty[start:end]) == {tokenizer(checkpoint).img_pad_id}
 
     input_ids = torch.tensor([empty])  # the model must not care what the span holds
-    pixel_values = _pixel_values(model, require_parity("tiny_cases") / case["image_path"])
+    pixels = pixel_values(fp32, require_parity("tiny_cases") / case["image_path"])
 
     # Prefill: logits at every position outside the image span, and logsumexp over all positions.
     with torch.inference_mode():
-        prefill = model(input_ids=input_ids, pixel_values=pixel_values, use_cache=False).logits[0]
+        prefill = fp32(input_ids=input_ids, pixel_values=pixels, use_cache=False).logits[0]
     positions = ref["prefill_positions"]
     prefill_err = (prefill[positions] - ref["prefill_logits"]).abs().max().item()
     assert prefill_err <= atol, f"prefill logits differ by {prefill_err:.2e}"
@@ -85,16 +54,16 @@ def test_case_matches_reference(checkpoint: str, index_dir: str, number: int) ->
     assert lse_err <= atol, f"prefill logsumexp differs by {lse_err:.2e}"
 
     # Every decode step, teacher-forced with the reference's tokens so steps stay comparable.
-    step_logits = _teacher_forced_steps(model, input_ids, pixel_values, ref["generated_ids"])
+    step_logits = teacher_forced_eager(fp32, input_ids, pixels, ref["generated_ids"])
     step_err = (step_logits - ref["step_logits"]).abs().amax(-1)
     assert step_err.max().item() <= atol, f"step logits differ by {step_err.max().item():.2e} at {step_err.argmax()}"
 
     # Greedy decoding through transformers' generate() gives the reference's tokens.
     with torch.inference_mode():
-        out = model.generate(
+        out = fp32.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
-            pixel_values=pixel_values,
+            pixel_values=pixels,
             max_new_tokens=24,
             min_new_tokens=1,
         )
@@ -109,37 +78,23 @@ def test_case_matches_reference(checkpoint: str, index_dir: str, number: int) ->
         )
 
 
-def _teacher_forced_steps(model, input_ids, pixel_values, reference_ids: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        out = model(input_ids=input_ids, pixel_values=pixel_values, use_cache=True, logits_to_keep=1)
-        steps = [out.logits[0, -1]]
-        cache = out.past_key_values
-        mask = torch.ones_like(input_ids)
-        for token in reference_ids[:-1].tolist():
-            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-            out = model(input_ids=torch.tensor([[token]]), attention_mask=mask, past_key_values=cache, use_cache=True)
-            steps.append(out.logits[0, -1])
-    return torch.stack(steps)
-
-
 @pytest.mark.parametrize("image", ["a", "b", "c"])
 def test_spliced_image_embeddings(image: str) -> None:
     """What reaches the first decoder layer: <img>, 1280 image vectors (windows then global), </img>."""
-    cases = [c for c in _cases("") if c["id"] == f"{image}_title_s2048"]
-    case = cases[0]
-    model = _model("tiny-monkey", case["seq_length"])
+    case = next(c for c in cases("") if c["id"] == f"{image}_title_s2048")
+    fp32 = model("tiny-monkey", "float32", case["seq_length"])
     vision = load_file(require_parity("tiny_cases") / f"vision_{image}.safetensors")
     captured = {}
 
     def capture(_module, args):
         captured["x"] = args[0]
 
-    hook = model.transformer.h[0].register_forward_pre_hook(capture)
+    hook = fp32.transformer.h[0].register_forward_pre_hook(capture)
     try:
         with torch.inference_mode():
-            model(
+            fp32(
                 input_ids=torch.tensor([case["input_ids"]]),
-                pixel_values=_pixel_values(model, require_parity("tiny_cases") / case["image_path"]),
+                pixel_values=pixel_values(fp32, require_parity("tiny_cases") / case["image_path"]),
                 use_cache=False,
             )
     finally:
@@ -149,6 +104,6 @@ def test_spliced_image_embeddings(image: str) -> None:
     err = (spliced - vision["image_embeds"][0]).abs().max().item()
     assert err <= EMBEDS_ATOL, f"spliced image embeddings differ by {err:.2e}"
     # The tags keep their word embeddings.
-    words = model.transformer.wte.weight
-    assert torch.equal(captured["x"][0, start - 1], words[model.config.image_start_id])
-    assert torch.equal(captured["x"][0, end], words[model.config.image_end_id])
+    words = fp32.transformer.wte.weight
+    assert torch.equal(captured["x"][0, start - 1], words[fp32.config.image_start_id])
+    assert torch.equal(captured["x"][0, end], words[fp32.config.image_end_id])

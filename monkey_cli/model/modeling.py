@@ -99,8 +99,12 @@ class MonkeyModel(MonkeyPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        ntk_alphas: list[float] | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        """`ntk_alphas` fixes each sample's NTK alpha (a prefix computed for a longer prompt must be rotated as
+        that prompt would be); by default it is chosen from each prompt's length at prefill and kept while
+        decoding."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -124,28 +128,42 @@ class MonkeyModel(MonkeyPreTrainedModel):
             attention_mask = torch.ones(batch, past_length + seq, dtype=torch.long, device=inputs_embeds.device)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, seq)
-        alphas = self._ntk_alphas(attention_mask, past_key_values, prefill)
+        alphas = ntk_alphas if ntk_alphas is not None else self._ntk_alphas(attention_mask, past_key_values, prefill)
+        if past_key_values is not None:
+            setattr(past_key_values, _NTK_ALPHAS, alphas)
         rotary = self.rotary(position_ids, alphas)
         query_scale = logn_scale(position_ids, self.config.seq_length) if self.config.use_logn_attn else None
-        bias = attention_bias(attention_mask, seq)
-
-        hidden_states = inputs_embeds
-        for block in self.h:
-            hidden_states = block(hidden_states, rotary, query_scale, bias, past_key_values)
-        hidden_states = self.ln_f(hidden_states)
+        bias = attention_bias(attention_mask, seq, inputs_embeds.dtype)
+        hidden_states = self.decode_layers(inputs_embeds, rotary, query_scale, bias, past_key_values)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+
+    def decode_layers(
+        self,
+        hidden_states: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        query_scale: torch.Tensor | None,
+        bias: torch.Tensor,
+        cache: Cache | None,
+    ) -> torch.Tensor:
+        """The decoder stack and the final norm: [batch, seq, hidden] -> [batch, seq, hidden].
+
+        Shared by `forward` and the engine's static decode step, so both run the very same blocks.
+        """
+        for block in self.h:
+            hidden_states = block(hidden_states, rotary, query_scale, bias, cache)
+        return self.ln_f(hidden_states)
+
+    def ntk_alpha_for(self, prompt_length: int) -> float:
+        """The NTK alpha the original picks at prefill for a prompt of `prompt_length` tokens."""
+        if not self.config.use_dynamic_ntk:
+            return 1.0
+        return float(ntk_alpha(prompt_length, self.config.seq_length))
 
     def _ntk_alphas(self, attention_mask: torch.Tensor, cache: Cache | None, prefill: bool) -> list[float]:
         """Per-sample NTK alpha: chosen from each prompt's real length at prefill, then kept while decoding."""
-        if not self.config.use_dynamic_ntk:
-            return [1.0] * attention_mask.shape[0]
         if not prefill and cache is not None and hasattr(cache, _NTK_ALPHAS):
             return getattr(cache, _NTK_ALPHAS)
-        lengths = attention_mask.sum(-1).tolist()
-        alphas = [float(ntk_alpha(int(n), self.config.seq_length)) for n in lengths]
-        if cache is not None:
-            setattr(cache, _NTK_ALPHAS, alphas)
-        return alphas
+        return [self.ntk_alpha_for(int(n)) for n in attention_mask.sum(-1).tolist()]
 
 
 class MonkeyForCausalLM(MonkeyPreTrainedModel, GenerationMixin):
@@ -177,6 +195,7 @@ class MonkeyForCausalLM(MonkeyPreTrainedModel, GenerationMixin):
         image_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        ntk_alphas: list[float] | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         outputs = self.transformer(
@@ -188,6 +207,7 @@ class MonkeyForCausalLM(MonkeyPreTrainedModel, GenerationMixin):
             pixel_values=pixel_values,
             image_embeds=image_embeds,
             use_cache=use_cache,
+            ntk_alphas=ntk_alphas,
         )
         hidden_states = outputs.last_hidden_state
         if logits_to_keep:

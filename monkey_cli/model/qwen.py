@@ -58,9 +58,14 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, alphas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [batch, seq] -> cos, sin: [batch, 1, seq, head_dim]
         inv_freq = torch.stack([self.inv_freq(alpha, positions.device) for alpha in alphas])  # [b, d/2]
-        freqs = positions.float()[:, :, None] * inv_freq[:, None, :]  # [b, s, d/2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-        return emb.cos(), emb.sin()
+        return rotary_tables(positions, inv_freq)
+
+
+def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [batch, 1, seq, head_dim] for positions [batch, seq] and per-sample inv_freq [batch, head_dim/2]."""
+    freqs = positions.float()[:, :, None] * inv_freq[:, None, :]  # [b, s, d/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos(), emb.sin()
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -74,10 +79,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x_float * cos + rotate_half(x_float) * sin).type_as(x)
 
 
-def logn_scale(positions: torch.Tensor, seq_length: int) -> torch.Tensor:
-    """log_{seq_length}(p + 1) for positions past the trained length, else 1: [batch, 1, seq, 1]."""
+def logn_scale(positions: torch.Tensor, seq_length: int | torch.Tensor) -> torch.Tensor:
+    """log_{seq_length}(p + 1) for positions past the trained length, else 1: [batch, 1, seq, 1].
+
+    `seq_length` is the config's int, or a per-sample tensor [batch] (the static decode step takes it as data so
+    that no Python number is baked into the compiled graph).
+    """
     lengths = (positions + 1).double()
-    scale = torch.where(lengths > seq_length, torch.log(lengths) / math.log(seq_length), torch.ones_like(lengths))
+    if isinstance(seq_length, torch.Tensor):
+        trained = seq_length.double()[:, None]  # [b, 1]
+        log_trained = torch.log(trained)
+    else:
+        trained, log_trained = seq_length, math.log(seq_length)
+    scale = torch.where(lengths > trained, torch.log(lengths) / log_trained, torch.ones_like(lengths))
     return scale.float()[:, None, :, None]
 
 
@@ -111,7 +125,7 @@ class QWenAttention(nn.Module):
             key, value = past_key_values.update(key, value, self.layer_idx)
         if query_scale is not None:
             query = query * query_scale.to(query.dtype)
-        context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_bias.to(query.dtype))
+        context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_bias)
         context = context.transpose(1, 2).reshape(batch, seq, self.hidden_size)
         return self.c_proj(context)
 
@@ -152,17 +166,30 @@ class QWenBlock(nn.Module):
 
 
 def attention_bias(attention_mask: torch.Tensor, query_length: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Additive causal + padding mask [batch, 1, query, key] from a 2D mask over all key positions.
+    """Additive causal + padding mask [batch, 1, query, key] in `dtype`, from a 2D mask over all key positions.
 
-    Masked scores get finfo.min (not -inf) as the original does, so a padding row never turns into NaN.
+    Masked scores get `dtype`'s own finite minimum (as the original does), never -inf, and every query may always
+    see its own key: a left-pad row whose every other key is masked can then never become a fully masked row,
+    which some low-precision kernels turn into NaN. Real tokens' rows are unchanged (their own key is allowed
+    anyway); pad rows only feed pad positions, which no real token attends to.
     """
     key_length = attention_mask.shape[-1]
     past = key_length - query_length
     query_pos = torch.arange(query_length, device=attention_mask.device)[:, None] + past
     key_pos = torch.arange(key_length, device=attention_mask.device)[None, :]
     allowed = (key_pos <= query_pos)[None, None] & attention_mask[:, None, None, :].bool()
+    allowed = allowed | (key_pos == query_pos)[None, None]
     bias = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
     return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def decode_bias(positions: torch.Tensor, key_length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [batch, 1, 1, key_length] for one new token per sequence in a static cache whose sequence
+    b occupies keys [0, positions[b]]: later keys (free space or stale entries) get `dtype`'s finite minimum."""
+    key_pos = torch.arange(key_length, device=positions.device)
+    allowed = key_pos[None, :] <= positions[:, None]  # key 0 is always allowed: never a fully masked row
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=positions.device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None, None, :]
 
 
 def positions_from_mask(attention_mask: torch.Tensor, query_length: int) -> torch.Tensor:

@@ -1,0 +1,73 @@
+"""The decode step: one new token for every slot of a `SlotCache`, eager or captured whole by torch.compile.
+
+Everything the step depends on is a tensor read from the cache (tokens, positions, per-slot rotary
+frequencies, the trained length for logn scaling), so one compiled graph serves every sequence: nothing in it
+is a Python number that would be baked in, nothing syncs the host, and the KV tensors are written in place at
+fixed addresses. Batch sizes are bucketed (1, 2, 4, ... up to the slot count) so a batch of 3 runs the graph
+of 4 instead of compiling a new one. On CUDA the graph is replayed as a CUDA graph ("reduce-overhead"):
+one launch per step instead of hundreds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from monkey_cli.engine.cache import SlotCache
+from monkey_cli.model.qwen import decode_bias, logn_scale, rotary_tables
+
+# Each bucket (and each cache or model an engine is built for) is one compiled graph of the same function;
+# dynamo's default limit of 8 graphs per function would silently fall back to eager past it.
+RECOMPILE_LIMIT = 64
+
+
+def buckets(slots: int) -> list[int]:
+    """Batch sizes the step is compiled for: powers of two below `slots`, then `slots` itself."""
+    sizes, size = [], 1
+    while size < slots:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, slots]
+
+
+def bucket_for(batch: int, slots: int) -> int:
+    return next(size for size in buckets(slots) if size >= batch)
+
+
+class DecodeStep:
+    """`step(batch)` -> next-token logits [batch, vocab] (float32) for slots [0, batch) of the cache."""
+
+    def __init__(self, model: torch.nn.Module, cache: SlotCache, compile: bool = False) -> None:
+        self.model = model
+        self.cache = cache
+        self.compiled = compile
+        self._forward: Callable[..., torch.Tensor] = self._eager
+        if compile:
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+            on_cuda = cache.tokens.device.type == "cuda"
+            self._forward = torch.compile(
+                self._eager, fullgraph=True, dynamic=False, mode="reduce-overhead" if on_cuda else None
+            )
+
+    def __call__(self, batch: int) -> torch.Tensor:
+        cache = self.cache
+        if self.compiled and cache.tokens.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been consumed
+        return self._forward(
+            cache.tokens[:batch], cache.positions[:batch], cache.inv_freq[:batch], cache.trained_length[:batch]
+        )
+
+    def _eager(
+        self, tokens: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, trained_length: torch.Tensor
+    ) -> torch.Tensor:
+        # tokens, positions: [b]; inv_freq: [b, head_dim/2]; trained_length: [b]
+        transformer = self.model.transformer
+        hidden = transformer.wte(tokens[:, None])  # [b, 1, hidden]
+        rotary = rotary_tables(positions[:, None], inv_freq)
+        query_scale = logn_scale(positions[:, None], trained_length) if self.model.config.use_logn_attn else None
+        bias = decode_bias(positions, self.cache.max_length, hidden.dtype)
+        view = self.cache.decode_view(tokens.shape[0], positions)
+        hidden = transformer.decode_layers(hidden, rotary, query_scale, bias, view)
+        lm_head = self.model.lm_head
+        return lm_head(hidden[:, -1].to(lm_head.weight.dtype)).float()  # [b, vocab]

@@ -172,6 +172,13 @@ class Scheduler:
             self.step()
         return [handle.wait() for handle in handles]
 
+    def reserve(self, length: int) -> None:
+        """Allocate the cache for sequences (prompt + answer) of up to `length` tokens now, while no request
+        runs; a longer request later still grows it."""
+        if self._active:
+            raise RuntimeError("reserve() needs an idle scheduler")
+        self._allocate(length)
+
     @property
     def idle(self) -> bool:
         return not (self._inbox or self._waiting or self._active)
@@ -230,12 +237,15 @@ class Scheduler:
             return True
         if self._active:
             return False
-        longest = max(len(h.request.prompt_ids) + h.request.params.max_new_tokens for h in self._waiting)
-        self._cache = None  # free the old one before allocating its successor
-        self._cache = SlotCache(self.model.config, self.slots, round_up_length(longest), dtype, self._weights.device)
-        self._step = DecodeStep(self.model, self._cache, compile=self.compile)
-        self._prefixes.clear()
+        self._allocate(max(len(h.request.prompt_ids) + h.request.params.max_new_tokens for h in self._waiting))
         return True
+
+    def _allocate(self, length: int) -> None:
+        self._cache = self._step = None  # free the old cache before allocating its successor
+        self._prefixes.clear()
+        weights = self._weights
+        self._cache = SlotCache(self.model.config, self.slots, round_up_length(length), weights.dtype, weights.device)
+        self._step = DecodeStep(self.model, self._cache, compile=self.compile)
 
     def _prefill(self, request: GenerationRequest, slot: int) -> torch.Tensor:
         """Prefill `request` into `slot`; returns the logits [vocab] for its first new token."""

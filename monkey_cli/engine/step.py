@@ -3,9 +3,10 @@
 Everything the step depends on is a tensor read from the cache (tokens, positions, per-slot rotary
 frequencies, the trained length for logn scaling), so one compiled graph serves every sequence: nothing in it
 is a Python number that would be baked in, nothing syncs the host, and the KV tensors are written in place at
-fixed addresses. Batch sizes are bucketed (1, 2, 4, ... up to the slot count) so a batch of 3 runs the graph
-of 4 instead of compiling a new one. On CUDA the graph is replayed as a CUDA graph ("reduce-overhead"):
-one launch per step instead of hundreds.
+fixed addresses. The batch dimension is compiled as a symbolic size (one graph for every batch of two or more, one
+specialised for a single sequence), and batch sizes are bucketed (1, 2, 4, ... up to the slot count) so that a
+batch of 3 replays the recording of 4: on CUDA each bucket is captured once as a CUDA graph
+("reduce-overhead"), one launch per step instead of hundreds.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import torch
 from monkey_cli.engine.cache import SlotCache
 from monkey_cli.model.qwen import decode_bias, logn_scale, rotary_tables
 
-# Each bucket (and each cache or model an engine is built for) is one compiled graph of the same function;
-# dynamo's default limit of 8 graphs per function would silently fall back to eager past it.
+# Every engine (cache, model) compiles its own graphs of the same function; dynamo's default limit of 8 graphs
+# per function would silently fall back to eager past it.
 RECOMPILE_LIMIT = 64
 
 
@@ -46,17 +47,18 @@ class DecodeStep:
         if compile:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
             on_cuda = cache.tokens.device.type == "cuda"
-            self._forward = torch.compile(
-                self._eager, fullgraph=True, dynamic=False, mode="reduce-overhead" if on_cuda else None
-            )
+            self._forward = torch.compile(self._eager, fullgraph=True, mode="reduce-overhead" if on_cuda else None)
 
     def __call__(self, batch: int) -> torch.Tensor:
         cache = self.cache
-        if self.compiled and cache.tokens.device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been consumed
-        return self._forward(
-            cache.tokens[:batch], cache.positions[:batch], cache.inv_freq[:batch], cache.trained_length[:batch]
-        )
+        inputs = (cache.tokens[:batch], cache.positions[:batch], cache.inv_freq[:batch], cache.trained_length[:batch])
+        if self.compiled:
+            if batch > 1:  # a size of 1 is always specialised by dynamo; every other batch shares one graph
+                for tensor in inputs:
+                    torch._dynamo.mark_dynamic(tensor, 0)
+            if cache.tokens.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been consumed
+        return self._forward(*inputs)
 
     def _eager(
         self, tokens: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, trained_length: torch.Tensor

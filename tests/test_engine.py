@@ -415,3 +415,39 @@ def test_min_new_tokens_forbids_an_empty_answer() -> None:
     assert len(result.token_ids) == 1 and result.finish_reason == FINISH_STOP
     zero = GenerationRequest(request.prompt_ids, image=request.image, params=SamplingParams(8, min_new_tokens=0))
     assert _scheduler(stopping, slots=1).run([zero])[0].token_ids == []
+
+
+def test_engine_loop_serves_requests_from_many_threads() -> None:
+    """Eight threads submit at once through the background loop: every answer equals its solo run, the
+    decode steps batched several sequences together, and closing fails what is left instead of hanging."""
+    import threading
+
+    from monkey_cli.engine.loop import EngineLoop
+
+    sharp = model("tiny-monkey-sharp", "float32")
+    questions = ["Title?", "Author?", "Date?", "Colour?", "Shapes?", "Rows?", "Total?", "Name?"]
+    requests = [
+        GenerationRequest(_prompt_ids(q), image=_image(name), image_key=name, params=SamplingParams(6))
+        for q, name in zip(questions, IMAGES * 3, strict=False)
+    ]
+    scheduler = _scheduler(sharp, slots=4)
+    loop = EngineLoop(scheduler)
+    results: dict[int, list[int]] = {}
+    start = threading.Barrier(len(requests))
+
+    def client(i: int) -> None:
+        start.wait()
+        results[i] = loop.submit(requests[i]).wait(timeout=120).token_ids
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=180)
+    assert [results[i] for i in range(len(requests))] == [_alone(sharp, r) for r in requests]
+    assert scheduler.stats.busiest_step > 1
+    assert loop.pending == 0
+    slow = loop.submit(GenerationRequest(_prompt_ids("Title?"), image=_image(IMAGES[0]), params=SamplingParams(500)))
+    loop.close()
+    with pytest.raises((RuntimeError, TimeoutError)):
+        slow.wait(timeout=5)

@@ -106,6 +106,7 @@ class SchedulerStats:
     prefix_reuses: int = 0  # requests that started from a stored prefix
     decode_steps: int = 0
     decoded_tokens: int = 0
+    busiest_step: int = 0  # the most sequences one decode step advanced together
 
 
 @dataclass
@@ -380,6 +381,7 @@ class Scheduler:
                 finished.append(handle)
             return
         self.stats.decode_steps += 1
+        self.stats.busiest_step = max(self.stats.busiest_step, len(slots))
         notices = [self._accept(slot, token, finished) for slot, token in zip(slots, tokens, strict=True)]
         _notify_all(notices)
 

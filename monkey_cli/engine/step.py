@@ -11,6 +11,7 @@ batch of 3 replays the recording of 4: on CUDA each bucket is captured once as a
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -52,13 +53,21 @@ class DecodeStep:
     def __call__(self, batch: int) -> torch.Tensor:
         cache = self.cache
         inputs = (cache.tokens[:batch], cache.positions[:batch], cache.inv_freq[:batch], cache.trained_length[:batch])
-        if self.compiled:
-            if batch > 1:  # a size of 1 is always specialised by dynamo; every other batch shares one graph
-                for tensor in inputs:
-                    torch._dynamo.mark_dynamic(tensor, 0)
-            if cache.tokens.device.type == "cuda":
-                torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been consumed
-        return self._forward(*inputs)
+        if not self.compiled:
+            return self._eager(*inputs)
+        if batch > 1:  # a size of 1 is always specialised by dynamo; every other batch shares one graph
+            for tensor in inputs:
+                torch._dynamo.mark_dynamic(tensor, 0)
+        if cache.tokens.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been consumed
+        try:
+            return self._forward(*inputs)
+        except torch._dynamo.exc.TorchDynamoException as exc:
+            # A model this torch cannot compile (e.g. a kernel library without compile support) still runs.
+            reason = _first_line(exc)
+            warnings.warn(f"the decode step could not be compiled, running it eagerly ({reason})", stacklevel=2)
+            self.compiled = False
+            return self._eager(*inputs)
 
     def _eager(
         self, tokens: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, trained_length: torch.Tensor
@@ -73,3 +82,8 @@ class DecodeStep:
         hidden = transformer.decode_layers(hidden, rotary, query_scale, bias, view)
         lm_head = self.model.lm_head
         return lm_head(hidden[:, -1].to(lm_head.weight.dtype)).float()  # [b, vocab]
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

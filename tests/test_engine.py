@@ -451,3 +451,18 @@ def test_engine_loop_serves_requests_from_many_threads() -> None:
     loop.close()
     with pytest.raises((RuntimeError, TimeoutError)):
         slow.wait(timeout=5)
+
+
+def test_incremental_decoder_never_splits_a_character() -> None:
+    """Token by token, the pieces join to the whole text and none holds a broken character."""
+    from monkey_cli.engine.streaming import IncrementalDecoder
+    from monkey_cli.model.tokenizer import QWenTokenizer
+
+    tokenizer = QWenTokenizer.from_dir(require_parity("tiny-monkey"))  # 2000 ranks: multi-byte text splits
+    text = "  Total: 42 €, 合计 ¥ 300 👍🏽 — done."
+    ids = tokenizer.encode(text)
+    decoder = IncrementalDecoder(tokenizer)
+    pieces = [decoder.push(token) for token in ids]
+    assert "".join(pieces) == text.lstrip()
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert sum(piece == "" for piece in pieces) > 0, "some tokens end inside a character: the test must see one"

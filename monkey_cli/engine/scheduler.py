@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import heapq
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +70,9 @@ class RequestHandle:
         self.result: GenerationResult | None = None
         self.error: BaseException | None = None
         self.cancelled = False
+        self.submitted_at = time.perf_counter()
+        self.started_at: float | None = None  # when its prefill began
+        self.finished_at: float | None = None
         self._done = threading.Event()
 
     def cancel(self) -> None:
@@ -86,12 +90,21 @@ class RequestHandle:
         assert self.result is not None
         return self.result
 
+    @property
+    def seconds(self) -> float:
+        """Time from its prefill to its last token (while other requests shared the device), 0 if it never ran."""
+        if self.started_at is None or self.finished_at is None:
+            return 0.0
+        return self.finished_at - self.started_at
+
     def _finish(self, reason: str) -> None:
         self.result = GenerationResult(list(self.tokens), reason, len(self.request.prompt_ids))
+        self.finished_at = time.perf_counter()
         self._done.set()
 
     def _fail(self, error: BaseException) -> None:
         self.error = error
+        self.finished_at = time.perf_counter()
         self._done.set()
 
 
@@ -218,6 +231,7 @@ class Scheduler:
                 return  # it needs a longer cache: wait until the busy slots drain, then grow it
             self._waiting.popleft()
             slot = heapq.heappop(self._free)
+            handle.started_at = time.perf_counter()
             try:
                 logits = self._prefill(handle.request, slot)
                 active = _Active(handle, handle.request.params.generator(logits.device))

@@ -210,33 +210,28 @@ def _device_and_quant(model: ModelOptions, job: Job) -> tuple[str, str]:
     if model.quant not in (None, "auto"):
         return device, model.quant
     try:
-        choice = Monkey.choose(
-            model.source,
-            device=device,
-            dtype=model.dtype,
-            quant_vision=model.quant_vision,
-            batch_size=job.batch_size,
-            max_new_tokens=job.max_new_tokens,
-        )
+        return device, Monkey.choose(model.source, **_plan_options(model, job, device)).plan.quant
     except MemoryBudgetError:
         return device, "auto"
-    return device, choice.plan.quant
 
 
 def _load(model: ModelOptions, job: Job, device: str) -> Any:
     from monkey_cli.api import Monkey
 
-    return Monkey.load(
-        model.source,
-        device=device,
-        dtype=model.dtype,
-        quant=model.quant,
-        quant_vision=model.quant_vision,
-        prompt_style=model.prompt_style,
-        batch_size=job.batch_size,
-        max_new_tokens=job.max_new_tokens,
-        prompts=[prompt for _shown, prompt, error in job.prompts(chat=True) if error is None],
-    )
+    prompts = [prompt for _shown, prompt, error in job.prompts(chat=True) if error is None]
+    options = _plan_options(model, job, device)
+    return Monkey.load(model.source, quant=model.quant, prompt_style=model.prompt_style, prompts=prompts, **options)
+
+
+def _plan_options(model: ModelOptions, job: Job, device: str) -> dict[str, Any]:
+    """What the memory plan of a run depends on, besides the quantization."""
+    return {
+        "device": device,
+        "dtype": model.dtype,
+        "quant_vision": model.quant_vision,
+        "batch_size": job.batch_size,
+        "max_new_tokens": job.max_new_tokens,
+    }
 
 
 def model_input_size(source: str) -> tuple[int, int]:

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
 from monkey_cli.cli import app
 from monkey_cli.cli.common import Command, user_errors
-from monkey_cli.cli.options import OUTPUT, Verbose, choice
+from monkey_cli.cli.options import OUTPUT, Verbose, choice_option
 
 
 @app.command(cls=Command)
 def doctor(
-    output_format: str = typer.Option(
-        "text", "--format", "-f", metavar="text|json", parser=choice(("text", "json")), rich_help_panel=OUTPUT,
-        help="text: tables for people; json: the same facts for programs.",
-    ),
+    output_format: Annotated[
+        str,
+        choice_option("--format", "-f", choices=("text", "json"), panel=OUTPUT,
+                      help="text: tables for people; json: the same facts for programs."),
+    ] = "text",
     verbose: Verbose = False,
 ) -> None:
     """Check Python, torch, GPUs, bitsandbytes, transformers, the model cache, and which --quant fits."""

@@ -25,8 +25,8 @@ from monkey_cli.cli.options import (
     Model,
     Quant,
     Verbose,
-    choice,
-    out_folder,
+    choice_option,
+    out_option,
     positive_int,
 )
 from monkey_cli.errors import UsageError
@@ -44,11 +44,7 @@ app.add_typer(eval_app, name="eval")
 
 DEFAULT_MODEL = "echo840/Monkey"
 METRICS = "anls|relaxed_accuracy|accuracy|vqa_score"
-EvalOut = Annotated[
-    Path,
-    typer.Option("--out", "-o", metavar="DIR", parser=out_folder, rich_help_panel=OUTPUT,
-                 help="Folder for predictions and results."),
-]  # fmt: skip
+EvalOut = Annotated[Path, out_option("Folder for predictions and results.")]
 
 
 @eval_app.command("run", cls=Command)
@@ -230,10 +226,9 @@ def score_command(
         None, "--annotations", metavar="FILE", help="Official VQA annotation JSON; answers are matched by question_id."
     ),
     questions: Path | None = typer.Option(None, "--questions", metavar="FILE", help="Official VQA questions JSON."),
-    output_format: str = typer.Option(
-        "text", "--format", "-f", metavar="text|json", parser=choice(("text", "json")), rich_help_panel=OUTPUT,
-        help="One line, or JSON.",
-    ),
+    output_format: Annotated[
+        str, choice_option("--format", "-f", choices=("text", "json"), panel=OUTPUT, help="One line, or JSON.")
+    ] = "text",
     verbose: Verbose = False,
 ) -> None:
     """Score a predictions file without loading a model.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -87,6 +87,19 @@ def out_folder(value: str) -> Path:
 
 # --- the options ---------------------------------------------------------------------------------------------
 
+
+def choice_option(*flags: str, choices: tuple[str, ...], panel: str, help: str, envvar: str | None = None) -> Any:
+    """An option taking one of `choices`, shown as `a|b|c` and checked while parsing."""
+    return typer.Option(
+        *flags, envvar=envvar, metavar="|".join(choices), parser=choice(choices), rich_help_panel=panel, help=help
+    )
+
+
+def out_option(help: str) -> Any:
+    """--out/-o: a folder (an existing file is a usage error)."""
+    return typer.Option("--out", "-o", metavar="DIR", parser=out_folder, rich_help_panel=OUTPUT, help=help)
+
+
 Inputs = Annotated[
     list[str],
     typer.Argument(
@@ -107,8 +120,8 @@ Size = Annotated[
     str | None,
     typer.Option(
         "--size", metavar="HxW", parser=size, rich_help_panel=INPUT,
-        help="Page size the model reads, height x width in pixels, multiples of 448 "
-        "(default: the checkpoint's, 896x896 for Monkey).",
+        help="Size pages are rendered at, height x width in pixels, multiples of 448 (default: the "
+        "checkpoint's input size, 896x896 for Monkey; the model resizes other sizes to its own).",
     ),
 ]  # fmt: skip
 Password = Annotated[
@@ -140,9 +153,8 @@ Prompt = Annotated[
 ]  # fmt: skip
 PromptStyle = Annotated[
     str,
-    typer.Option(
-        "--prompt-style", envvar="MONKEY_PROMPT_STYLE", metavar="|".join(PROMPT_STYLES),
-        parser=choice(PROMPT_STYLES), rich_help_panel=PROMPT,
+    choice_option(
+        "--prompt-style", envvar="MONKEY_PROMPT_STYLE", choices=PROMPT_STYLES, panel=PROMPT,
         help="Monkey-Chat's prompt forms or base Monkey's (they differ for captions); auto: chat when the "
         "checkpoint's name or path contains 'Monkey-Chat', as the original decides.",
     ),
@@ -158,8 +170,8 @@ Model = Annotated[
 ]  # fmt: skip
 Quant = Annotated[
     str,
-    typer.Option(
-        "--quant", envvar="MONKEY_QUANT", metavar="|".join(QUANTS), parser=choice(QUANTS), rich_help_panel=MODEL,
+    choice_option(
+        "--quant", envvar="MONKEY_QUANT", choices=QUANTS, panel=MODEL,
         help="auto: the most faithful option that fits in memory (none, then 8bit, then 4bit, then also "
         "--quant-vision), said on stderr; none; 8bit (LLM.int8); 4bit (NF4).",
     ),
@@ -180,8 +192,8 @@ Device = Annotated[
 ]  # fmt: skip
 Dtype = Annotated[
     str,
-    typer.Option(
-        "--dtype", envvar="MONKEY_DTYPE", metavar="|".join(DTYPES), parser=choice(DTYPES), rich_help_panel=MODEL,
+    choice_option(
+        "--dtype", envvar="MONKEY_DTYPE", choices=DTYPES, panel=MODEL,
         help="auto: the checkpoint's own precision (config.json's bf16/fp16/fp32 flag: bfloat16 for the "
         "released Monkeys), float16 on a GPU without bfloat16, float32 for a float16 checkpoint on the CPU.",
     ),
@@ -201,17 +213,16 @@ BatchSize = Annotated[
 
 Format = Annotated[
     str,
-    typer.Option("--format", "-f", metavar="|".join(FORMATS), parser=choice(FORMATS), rich_help_panel=OUTPUT,
-                 help="Results as text, one JSON document, JSON lines, or a Markdown report."),
+    choice_option("--format", "-f", choices=FORMATS, panel=OUTPUT,
+                  help="Results as text, one JSON document, JSON lines, or a Markdown report."),
 ]  # fmt: skip
 Out = Annotated[
     Path | None,
-    typer.Option(
-        "--out", "-o", metavar="DIR", parser=out_folder, rich_help_panel=OUTPUT,
-        help="Write one file per input document here (mirrors the input tree; a rerun resumes); "
-        "nothing is printed on stdout then.",
+    out_option(
+        "Write one file per input document here (mirrors the input tree; a rerun resumes); "
+        "nothing is printed on stdout then."
     ),
-]  # fmt: skip
+]
 Overwrite = Annotated[
     bool,
     typer.Option("--overwrite", rich_help_panel=OUTPUT, help="Redo documents whose output is already up to date."),

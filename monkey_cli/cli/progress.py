@@ -150,52 +150,50 @@ class Progress:
         with self._lock:
             if self._suspended or not self.enabled:
                 return
-            stream = self._target()
             width = max(shutil.get_terminal_size((80, 24)).columns - 1, 10)
             line = f"{_SPINNER[self._tick % len(_SPINNER)]} {self.text()}"[:width]
-            try:
-                stream.write(_CLEAR_LINE + line)
-                stream.flush()
-            except (OSError, ValueError):  # the terminal went away; results matter more than the bar
-                self.enabled = False
-                return
-            self._shown = True
+            self._shown = self._write(_CLEAR_LINE + line)
 
     def _clear(self) -> None:
         if self._shown:
-            try:
-                stream = self._target()
-                stream.write(_CLEAR_LINE)
-                stream.flush()
-            except (OSError, ValueError):
-                pass
+            self._write(_CLEAR_LINE)
             self._shown = False
 
-    def _target(self) -> TextIO:
-        return self._stream if self._stream is not None else sys.stderr
+    def _write(self, text: str) -> bool:
+        try:
+            stream = self._stream if self._stream is not None else sys.stderr
+            stream.write(text)
+            stream.flush()
+            return True
+        except (OSError, ValueError):  # the terminal went away; results matter more than the status
+            self.enabled = False
+            return False
 
 
 class _Guarded:
-    """A text stream that keeps the status line off while a result line is being written."""
+    """A text stream that keeps the status line off from a result's first character until the writer
+    flushes it with its last line complete."""
 
     def __init__(self, stream: TextIO, progress: Progress) -> None:
         self._stream = stream
         self._progress = progress
-        self._open_line = False
+        self._suspended = False
+        self._line_open = False
 
     def write(self, text: str) -> int:
-        if text and not self._open_line:
+        if text and not self._suspended:
             self._progress.suspend()
-            self._open_line = True
-        written = self._stream.write(text)
-        if text.endswith("\n"):
-            self._stream.flush()
-            self._open_line = False
-            self._progress.resume()
-        return written
+            self._suspended = True
+        if text:
+            self._line_open = not text.endswith("\n")
+        return self._stream.write(text)
 
     def flush(self) -> None:
+        """Writers flush once a record is out: the status line comes back if the last line is complete."""
         self._stream.flush()
+        if self._suspended and not self._line_open:
+            self._suspended = False
+            self._progress.resume()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)

@@ -9,16 +9,10 @@ import typer
 
 from monkey_cli.cli import app
 from monkey_cli.cli.common import EXIT_SOME_FAILED, Command, user_errors, warn
-from monkey_cli.cli.options import INPUT, OUTPUT, Inputs, Pages, Password, Size, Verbose, out_folder, positive_int
+from monkey_cli.cli.options import INPUT, Inputs, Pages, Password, Size, Verbose, out_option, positive_int
 from monkey_cli.documents import DEFAULT_MAX_PIXELS  # the documents module imports nothing heavy
 
-RenderOut = Annotated[
-    Path,
-    typer.Option(
-        "--out", "-o", metavar="DIR", parser=out_folder, rich_help_panel=OUTPUT,
-        help="Folder to write into; nothing is written outside it.",
-    ),
-]  # fmt: skip
+RenderOut = Annotated[Path, out_option("Folder to write into; nothing is written outside it.")]
 MaxPixels = Annotated[
     int,
     typer.Option(

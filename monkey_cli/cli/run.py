@@ -5,15 +5,18 @@ stdout carries results only (text, json, jsonl or md); errors, progress and the 
 
 from __future__ import annotations
 
+import inspect
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
 from monkey_cli.cli import app
 from monkey_cli.cli.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, Command, user_errors, warn
 from monkey_cli.cli.options import (
+    INPUT,
     BatchSize,
     Device,
     Dtype,
@@ -41,12 +44,13 @@ from monkey_cli.tasks import DEFAULT_MODEL
 MAX_QUESTION_BYTES = 64 * 1024
 MAX_QUESTIONS_FILE_BYTES = 16 * 2**20
 
+ForceOcr = Annotated[
+    bool,
+    typer.Option("--force-ocr", rich_help_panel=INPUT, help="Use the model even where a PDF has a text layer."),
+]
 
-@app.command(cls=Command)
-def ask(
-    inputs: Inputs,
-    question: Questions = None,
-    questions_file: QuestionsFile = None,
+
+def _document_options(
     pages: Pages = None,
     size: Size = None,
     password: Password = None,
@@ -64,63 +68,41 @@ def ask(
     overwrite: Overwrite = False,
     verbose: Verbose = False,
 ) -> None:
+    """The options ask, caption and read share: only its signature is used (see `_with_document_options`)."""
+
+
+def _with_document_options(command: Callable[..., None]) -> Callable[..., None]:
+    """`command(its own parameters, **options)` gets `_document_options`' parameters as its own (typer reads
+    the signature), so the three commands declare the shared options once."""
+    own = inspect.signature(command, eval_str=True).parameters.values()
+    shared = inspect.signature(_document_options, eval_str=True).parameters.values()
+    command.__signature__ = inspect.Signature([p for p in own if p.kind is not p.VAR_KEYWORD] + list(shared))
+    return command
+
+
+@app.command(cls=Command)
+@_with_document_options
+def ask(inputs: Inputs, question: Questions = None, questions_file: QuestionsFile = None, **options: Any) -> None:
     """Answer questions about each page: monkey ask invoice.pdf -q "What is the total?"."""
-    with user_errors(verbose):
+    with user_errors(options["verbose"]):
         questions = _questions(question or [], questions_file)
-        _run("ask", locals(), questions=questions)
+        _run("ask", inputs, options, questions=questions)
 
 
 @app.command(cls=Command)
-def caption(
-    inputs: Inputs,
-    pages: Pages = None,
-    size: Size = None,
-    password: Password = None,
-    prompt: Prompt = None,
-    prompt_style: PromptStyle = "auto",
-    model: Model = DEFAULT_MODEL,
-    quant: Quant = "auto",
-    quant_vision: QuantVision = False,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    max_new_tokens: MaxNewTokens = 512,
-    batch_size: BatchSize = 4,
-    fmt: Format = "text",
-    out: Out = None,
-    overwrite: Overwrite = False,
-    verbose: Verbose = False,
-) -> None:
+@_with_document_options
+def caption(inputs: Inputs, **options: Any) -> None:
     """Describe each page or photo in detail (in the form the checkpoint was trained on)."""
-    with user_errors(verbose):
-        _run("caption", locals())
+    with user_errors(options["verbose"]):
+        _run("caption", inputs, options)
 
 
 @app.command(cls=Command)
-def read(
-    inputs: Inputs,
-    force_ocr: bool = typer.Option(
-        False, "--force-ocr", rich_help_panel="Input", help="Use the model even where a PDF has a text layer."
-    ),
-    pages: Pages = None,
-    size: Size = None,
-    password: Password = None,
-    prompt: Prompt = None,
-    prompt_style: PromptStyle = "auto",
-    model: Model = DEFAULT_MODEL,
-    quant: Quant = "auto",
-    quant_vision: QuantVision = False,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-    max_new_tokens: MaxNewTokens = 512,
-    batch_size: BatchSize = 4,
-    fmt: Format = "text",
-    out: Out = None,
-    overwrite: Overwrite = False,
-    verbose: Verbose = False,
-) -> None:
+@_with_document_options
+def read(inputs: Inputs, force_ocr: ForceOcr = False, **options: Any) -> None:
     """Extract the text of each page (a PDF's own text layer when it has one, unless --force-ocr)."""
-    with user_errors(verbose):
-        _run("read", locals(), force_ocr=force_ocr)
+    with user_errors(options["verbose"]):
+        _run("read", inputs, options, force_ocr=force_ocr)
 
 
 def _questions(flags: list[str], questions_file: Path | None) -> list[Any]:
@@ -179,7 +161,9 @@ def _bounded_lines(handle: Any) -> Any:
         yield line.rstrip(b"\r\n")
 
 
-def _run(task: str, args: dict[str, Any], questions: list[Any] | None = None, force_ocr: bool = False) -> None:
+def _run(
+    task: str, inputs: list[str], args: dict[str, Any], questions: list[Any] | None = None, force_ocr: bool = False
+) -> None:
     from monkey_cli.engine import Job
     from monkey_cli.errors import UsageError
     from monkey_cli.pipeline import ModelOptions, RunOptions
@@ -187,7 +171,7 @@ def _run(task: str, args: dict[str, Any], questions: list[Any] | None = None, fo
     if args["quant_vision"] and args["quant"] == "none":
         raise UsageError("--quant-vision needs --quant auto, 8bit or 4bit")
     options = RunOptions(
-        inputs=tuple(args["inputs"]),
+        inputs=tuple(inputs),
         job=Job(
             task=task,
             questions=tuple(questions or ()),
@@ -231,13 +215,16 @@ def _execute(options: Any) -> None:
         multi, show_prompt = not single, len(options.job.questions) > 1
         writer = make_writer(options.fmt, progress.guard(stdout), multi=multi, show_prompt=show_prompt)
     failed = 0
+    pages_seen: set[tuple[str, int]] = set()
 
     def on_record(record: Any) -> None:
         nonlocal failed
         if record.error is not None:
             failed += 1
             warn(f"error: {record.location}: {record.error}")
-        progress.page_done(record.pages)
+        if record.page is not None and (record.source, record.page) not in pages_seen:
+            pages_seen.add((record.source, record.page))
+            progress.page_done(record.pages)
         if writer is not None and not (streaming and record.answer_source == "model"):
             writer.write(record)
 

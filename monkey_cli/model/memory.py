@@ -567,15 +567,20 @@ def choose(
     chosen = next((p for p in plans if p.fits is not False), None)
     if chosen is None:
         raise MemoryBudgetError(_nothing_fits(plans[-1], budget_bytes, device, available))
-    note = f"--quant auto: using {chosen.flags} in {chosen.dtype} ({format_bytes(chosen.total_bytes)}"
+    note = f"--quant auto: using {chosen.flags} in {chosen.dtype}"
+    skipped = plans[: plans.index(chosen)]
     if budget_bytes is None:
-        note += f"; the free memory of {device} is unknown)"
+        note += f"; the free memory of {device} is unknown"
+    elif skipped:
+        note += (
+            f": {skipped[0].flags} would need {format_bytes(skipped[0].total_bytes)} and {device} has "
+            f"{format_bytes(budget_bytes)} {_free_word(device)} (this needs {format_bytes(chosen.total_bytes)})"
+        )
     else:
-        note += f" of the {format_bytes(budget_bytes)} {_free_word(device)} on {device}"
-        skipped = plans[: plans.index(chosen)]
-        if skipped:
-            note += f"; {skipped[0].flags} would need {format_bytes(skipped[0].total_bytes)}"
-        note += ")"
+        note += (
+            f": it needs {format_bytes(chosen.total_bytes)} and {device} has "
+            f"{format_bytes(budget_bytes)} {_free_word(device)}"
+        )
     return _with_batch(config, chosen, batch_size, budget_bytes, device, options, note=note)
 
 
@@ -602,8 +607,8 @@ def _with_batch(
             low, high = (middle, high) if at(middle).fits else (low, middle)
         best = at(low)
         lowered = (
-            f"--batch-size {batch_size} lowered to {low}: that is what fits in the "
-            f"{format_bytes(budget)} {_free_word(device)} on {device} with {fitting.flags}"
+            f"--batch-size {batch_size} lowered to {low}, what fits with {fitting.flags} in the "
+            f"{format_bytes(budget)} {_free_word(device)} on {device}"
         )
         note = f"{note}; {lowered}" if note else lowered
     return Choice(best, note)

@@ -41,7 +41,7 @@ def resolve_source(source: str | os.PathLike[str]) -> Path:
     text = str(source)
     path = Path(text).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not os.path.lexists(path / "config.json"):  # what else is wrong with it, load_config says
             raise ModelSourceError(f"{path}: not a Monkey checkpoint folder (no config.json)")
         return path
     if not is_hub_id(text):

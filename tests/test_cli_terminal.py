@@ -319,3 +319,31 @@ def test_a_streamed_answer_takes_the_terminal_cleanly(tiny: str) -> None:
     screen = [line for line in _screen(raw) if line.strip()]
     assert not [line for line in screen if "loading the model" in line or "answering" in line], screen
     assert screen[-1].startswith("1 document, 1 page, 0 failed")
+
+
+def test_quant_auto_on_the_command_line_with_a_fake_budget(tiny: str, monkeypatch) -> None:
+    from monkey_cli import tasks
+    from monkey_cli.model.configuration import load_config
+    from monkey_cli.model.memory import format_bytes, plan
+    from monkey_cli.model.tokenizer import QWenTokenizer
+
+    config = load_config(tiny)
+    prompt = tasks.caption_prompt(chat=False)
+    length = len(QWenTokenizer.from_dir(tiny).encode_prompt(prompt.before, prompt.after))  # what the plan uses
+    none, four = (plan(config, q, "float32", prompt_tokens=length, max_new_tokens=2).total_bytes
+                  for q in ("none", "4bit"))  # fmt: skip
+    assert four < none  # on the tiny model 8bit's workspace outweighs its savings: auto skips it too
+    budget = (none + four) // 2
+    monkeypatch.setattr("monkey_cli.model.memory.device_budget", lambda device: budget)
+    result = _cli("caption", CHART, "--model", tiny, "--max-new-tokens", "2", "-f", "json", "-b", "1")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["records"][0]["quant"] == "4bit"
+    notes = [line for line in result.stderr.splitlines() if line.startswith("--quant auto")]
+    assert notes == [
+        f"--quant auto: using --quant 4bit in float32: --quant none would need {format_bytes(none)} and cpu has "
+        f"{format_bytes(budget)} available (this needs {format_bytes(four)})"
+    ]
+    monkeypatch.setattr("monkey_cli.model.memory.device_budget", lambda device: four // 4)
+    refused = _cli("caption", CHART, "--model", tiny, "--max-new-tokens", "2")
+    assert refused.exit_code == 2
+    assert "error: the model does not fit: even --quant 4bit --quant-vision needs" in refused.stderr

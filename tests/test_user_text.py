@@ -133,3 +133,22 @@ def test_special_strings_in_templates_are_answered(tiny: Monkey, prompt_ids, com
     assert record["error"] is None and record["answer_source"] == "model"
     (ids,) = prompt_ids
     _only_the_template_span(tiny.tokenizer, ids)
+
+
+def test_plain_text_path_matches_the_original_on_every_parity_case(parity_dir: Path) -> None:
+    """On the real vocabulary, for every recorded string without special-token text, a prompt built from it
+    as user text has exactly the ids the original tokenizer gives the same prompt; with special-token text,
+    it has no special id at all."""
+    tokenizer = QWenTokenizer(parity_dir / "qwen.tiktoken")
+    cases = [json.loads(line) for line in (parity_dir / "tokenizer_cases.jsonl").read_text("utf-8").splitlines()]
+    plain = special = 0
+    for case in cases:
+        text = case["text"]
+        ids = tokenizer.encode_prompt("", f" {text} Answer: ")
+        if any(name in text for name in SPECIAL_TOKEN_NAMES):
+            _only_the_template_span(tokenizer, ids)
+            special += 1
+        else:
+            assert ids == tokenizer.encode(f"<img></img> {text} Answer: "), case["id"]
+            plain += 1
+    assert plain > 100 and special > 10

@@ -1,92 +1,135 @@
 """The Python API: `from monkey_cli import Monkey`.
 
     m = Monkey.load("path/to/checkpoint", device="cpu")
-    m.ask("invoice.png", "What is the total?")
-    m.caption(pil_image)
-    m.generate([img1, img2], ["<img></img> What is the title? Answer: ", ...])   # batched
+    m.ask("invoice.pdf", "What is the total?")              # a one-page document: one answer
+    m.ask("report.pdf", "Who wrote it?", page=1)           # one page of a longer one
+    m.caption("scan.tiff")                                  # several pages: one answer per page, in a list
+    m.generate([img1, img2], ["<img></img> What is the title? Answer: "] * 2)   # batched
 
 Everything the CLI does goes through this class; it holds the model, the tokenizer and the image processor.
 """
 
 from __future__ import annotations
 
-import re
+import logging
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from monkey_cli import tasks
+from monkey_cli.errors import MonkeyError
+from monkey_cli.tasks import Prompt
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from monkey_cli.model.memory import MemoryPlan
+    from monkey_cli.documents import Page
+    from monkey_cli.model.configuration import MonkeyConfig
+    from monkey_cli.model.memory import Choice, MemoryPlan
     from monkey_cli.model.modeling import MonkeyForCausalLM
     from monkey_cli.model.processor import MonkeyImageProcessor
     from monkey_cli.model.tokenizer import QWenTokenizer
 
-_IMAGE_SPAN = re.compile(r"<img>.*?</img>", re.DOTALL)
 DEFAULT_MAX_NEW_TOKENS = 512
+# Where the library says what it decided for the user (an automatic --quant, a lowered batch size).
+log = logging.getLogger("monkey_cli")
+
+
+class PromptTooLongError(MonkeyError):
+    """A prompt and its answer would not fit in the model's context."""
 
 
 @dataclass
 class Monkey:
-    """A loaded Monkey model ready to answer questions about images."""
+    """A loaded Monkey model ready to answer questions about documents and images.
+
+    `chat` says whether the checkpoint is Monkey-Chat (its caption prompt differs); `batch_size` is the
+    most pages the memory plan allows in one batch; `sampling` holds the checkpoint's sampling defaults
+    (from its generation_config.json), used when a caller passes `do_sample=True`.
+    """
 
     model: MonkeyForCausalLM
     tokenizer: QWenTokenizer
     processor: MonkeyImageProcessor
     name: str = "monkey"
     quant: str = "none"
-    caption_as_question: bool = False
+    chat: bool = False
+    batch_size: int = 1
+    sampling: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(
         cls,
-        source: str | Path = tasks.DEFAULT_MODEL,
+        source: str | os.PathLike[str] = tasks.DEFAULT_MODEL,
         *,
         device: str = "auto",
         dtype: str | None = None,
         quant: str | None = None,
         quant_vision: bool = False,
         seq_length: int | None = None,
+        prompt_style: str = "auto",
+        batch_size: int = 1,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        prompts: Sequence[Prompt | str] = (),
     ) -> Monkey:
         """Load a checkpoint from a local folder or a Hugging Face hub id (downloaded into the HF cache).
 
         device: "auto" (the GPU with the most free memory, else CPU), "cpu", "cuda" or "cuda:N".
-        dtype: "auto"/None, "bfloat16", "float16" or "float32". quant: None/"auto", "none", "8bit", "4bit".
+        dtype: "auto"/None (the checkpoint's own precision where the device runs it, see `resolve_dtype`),
+        "bfloat16", "float16" or "float32".
+        quant: "auto"/None picks, from the memory plan, the most faithful option that fits the device
+        (none, then 8bit, then 4bit, then also the vision tower), and logs what and why; or "none", "8bit",
+        "4bit". The plan is made for `batch_size` pages of the longest of `prompts` (those that fit the
+        context) with answers of `max_new_tokens`; `batch_size` is lowered to what fits (logged too).
+        prompt_style: "auto" (Monkey-Chat when its name or path says "Monkey-Chat", as the original
+        decides), "chat" or "base".
         """
-        from monkey_cli.model.loading import load_model
+        from monkey_cli.model.configuration import load_config
+        from monkey_cli.model.loading import load_model, sampling_defaults
         from monkey_cli.model.processor import MonkeyImageProcessor
-        from monkey_cli.model.quantization import resolve_quant
         from monkey_cli.model.sources import resolve_device, resolve_source, warn_if_slow
         from monkey_cli.model.tokenizer import QWenTokenizer
 
+        tasks.is_chat_checkpoint(style=prompt_style)  # a bad style fails before any work
         folder = resolve_source(source)
         device = resolve_device(device)
-        quant = resolve_quant(quant, device)
-        _refuse_if_too_big(folder, device, dtype, quant, quant_vision)
-        overrides = {"seq_length": seq_length} if seq_length else None
+        overrides = {"seq_length": _positive(seq_length, "seq_length")} if seq_length is not None else None
+        config = load_config(folder)
+        config.update(overrides or {})
+        tokenizer = QWenTokenizer.from_dir(folder, image_token_span=config.tokens_per_image)
+        _check_tokenizer(tokenizer, config, folder)
+        lengths = [len(_encode(tokenizer, p)) for p in prompts]
+        fitting = [n for n in lengths if n + max_new_tokens <= config.max_position_embeddings]
+        choice = _choose(
+            config, device, dtype, quant, quant_vision, batch_size, max_new_tokens, max(fitting, default=None)
+        )
+        if choice.note:
+            log.warning(choice.note)
         model = load_model(
-            folder, device=device, dtype=dtype, quant=quant, quant_vision=quant_vision, config_overrides=overrides
+            folder,
+            device=device,
+            dtype=dtype,
+            quant=choice.plan.quant,
+            quant_vision=choice.plan.quant_vision,
+            config_overrides=overrides,
         )
         warn_if_slow(device, model.num_parameters())
-        config = model.config
-        tokenizer = QWenTokenizer.from_dir(folder, image_token_span=config.tokens_per_image)
-        card = tasks.KNOWN_MODELS.get(str(source))
         return cls(
             model=model,
             tokenizer=tokenizer,
             processor=MonkeyImageProcessor(config.vision),
             name=str(source),
-            quant=quant,
-            caption_as_question=card.caption_as_question if card else False,
+            quant=choice.plan.quant,
+            chat=tasks.is_chat_checkpoint(source, folder, style=prompt_style),
+            batch_size=choice.batch_size,
+            sampling=sampling_defaults(folder),
         )
 
     @staticmethod
     def plan(
-        source: str | Path = tasks.DEFAULT_MODEL,
+        source: str | os.PathLike[str] = tasks.DEFAULT_MODEL,
         *,
         device: str = "auto",
         dtype: str | None = None,
@@ -104,25 +147,84 @@ class Monkey:
         return plan_all(
             config,
             device_budget(device),
-            dtype=resolve_dtype(dtype, device),
+            dtype=resolve_dtype(dtype, device, config),
             quant_vision=quant_vision,
             batch_size=batch_size,
             max_new_tokens=max_new_tokens,
         )
 
+    @staticmethod
+    def choose(
+        source: str | os.PathLike[str] = tasks.DEFAULT_MODEL,
+        *,
+        device: str = "auto",
+        dtype: str | None = None,
+        quant: str | None = None,
+        quant_vision: bool = False,
+        batch_size: int = 1,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    ) -> Choice:
+        """What `load` would pick for quant and batch size, from the config alone (no weights, no prompts:
+        a short question is assumed). Raises MemoryBudgetError when nothing fits."""
+        from monkey_cli.model.sources import peek_config, resolve_device
+
+        device = resolve_device(device)
+        return _choose(peek_config(source), device, dtype, quant, quant_vision, batch_size, max_new_tokens, None)
+
     # --- tasks --------------------------------------------------------------------------------------
-    def ask(self, image: Any, question: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, **kwargs: Any) -> str:
-        """Answer one question about one image."""
-        return self.generate([image], [tasks.vqa_prompt(question)], max_new_tokens=max_new_tokens, **kwargs)[0]
+    # A document is a PIL image, a `Page`, or the path of an image, a PDF or a multi-page TIFF. The answer
+    # is one string for one page (an image, a Page, a one-page file, or `page=N`) and a list with one
+    # answer per page for a document of several pages.
 
-    def caption(self, image: Any, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, **kwargs: Any) -> str:
-        """A detailed caption, in the form the loaded checkpoint was trained on."""
-        prompt = tasks.caption_prompt(self.caption_as_question)
-        return self.generate([image], [prompt], max_new_tokens=max_new_tokens, **kwargs)[0]
+    def ask(
+        self,
+        document: Any,
+        question: str,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        *,
+        page: int | None = None,
+        **kwargs: Any,
+    ) -> str | list[str]:
+        """Answer one question about a document (one answer per page, see above)."""
+        return self._per_page(document, page, tasks.vqa_prompt(question), max_new_tokens, kwargs)
 
-    def read(self, image: Any, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, **kwargs: Any) -> str:
-        """Dense text extraction ("Read all the text in the image.")."""
-        return self.generate([image], [tasks.task_prompt("read")], max_new_tokens=max_new_tokens, **kwargs)[0]
+    def caption(
+        self, document: Any, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, *, page: int | None = None, **kwargs: Any
+    ) -> str | list[str]:
+        """A detailed caption, in the form the loaded checkpoint was trained on (Monkey-Chat or base)."""
+        return self._per_page(document, page, tasks.caption_prompt(self.chat), max_new_tokens, kwargs)
+
+    def read(
+        self, document: Any, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, *, page: int | None = None, **kwargs: Any
+    ) -> str | list[str]:
+        """Dense text extraction by the model ("Read all the text in the image."), also for born-digital PDFs."""
+        return self._per_page(document, page, tasks.task_prompt("read"), max_new_tokens, kwargs)
+
+    def _per_page(
+        self, document: Any, page: int | None, prompt: Prompt, max_new_tokens: int, kwargs: dict[str, Any]
+    ) -> str | list[str]:
+        images, one = self._images_of(document, page)
+        answers: list[str] = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            answers += self.generate(chunk, [prompt] * len(chunk), max_new_tokens=max_new_tokens, **kwargs)
+        return answers[0] if one else answers
+
+    def _images_of(self, document: Any, page: int | None) -> tuple[list[Any], bool]:
+        """The page images of `document` and whether it counts as one page."""
+        from PIL import Image
+
+        from monkey_cli.documents import Page, load_documents
+
+        if isinstance(document, (Image.Image, Page)):
+            if page not in (None, 1):
+                raise ValueError(f"page={page}: an image or Page has only page 1")
+            return [document.image if isinstance(document, Page) else document], True
+        if not isinstance(document, (str, os.PathLike)):
+            raise TypeError(f"expected a PIL image, a Page or a path, got {type(document).__name__}")
+        size = self.processor.input_size
+        pages: list[Page] = load_documents([document], size=size, pages=None if page is None else [page])
+        return [p.image for p in pages], page is not None or len(pages) == 1
 
     # --- batched generation -------------------------------------------------------------------------
     def encode_images(self, images: Sequence[Any]) -> torch.Tensor:
@@ -135,20 +237,41 @@ class Monkey:
         with torch.inference_mode():
             return self.model.encode_images(pixel_values.to(device))
 
+    @property
+    def context_tokens(self) -> int:
+        """The longest sequence (prompt, image span included, plus answer) the model takes."""
+        return self.model.config.max_position_embeddings
+
+    def check_prompt(self, prompt: Prompt | str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> list[int]:
+        """The prompt's ids, or PromptTooLongError when the prompt and an answer of `max_new_tokens` would not
+        fit in the model's context. Nothing runs: call it before the model does."""
+        ids = _encode(self.tokenizer, prompt)
+        if len(ids) + max_new_tokens > self.context_tokens:
+            image = self.tokenizer.image_token_span + 2
+            raise PromptTooLongError(
+                f"the prompt is {len(ids):,} tokens ({image:,} of them the image) and the answer may take "
+                f"{max_new_tokens:,} more, over the model's context of {self.context_tokens:,} tokens: "
+                "shorten the question (or lower --max-new-tokens)"
+            )
+        return ids
+
     def generate(
         self,
         images: Sequence[Any] | None,
-        prompts: Sequence[str],
+        prompts: Sequence[Prompt | str],
         *,
         image_embeds: torch.Tensor | None = None,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         **generate_kwargs: Any,
     ) -> list[str]:
-        """One answer per (image, prompt), greedy by default; each prompt holds one `<img>...</img>` span.
+        """One answer per (image, prompt), greedy by default.
 
-        Pass `image_embeds` (from `encode_images`, one row per prompt) instead of images to reuse vision
-        features, e.g. for several questions about one page. Extra keyword arguments go to transformers'
-        `generate()` (do_sample, temperature, streamer, stopping_criteria, ...).
+        A prompt is a `tasks.Prompt` (text before and after the image) or a string whose first
+        `<img>...</img>` marks the image; all other text is plain text to the model, special-token
+        look-alikes included. Pass `image_embeds` (from `encode_images`, one row per prompt) instead of
+        images to reuse vision features, e.g. for several questions about one page. Extra keyword arguments
+        go to transformers' `generate()` (do_sample, temperature, streamer, stopping_criteria, ...);
+        `do_sample=True` samples with the checkpoint's own settings (`sampling`) unless overridden.
         """
         ids = self.generate_ids(
             images, prompts, image_embeds=image_embeds, max_new_tokens=max_new_tokens, **generate_kwargs
@@ -158,23 +281,30 @@ class Monkey:
     def generate_ids(
         self,
         images: Sequence[Any] | None,
-        prompts: Sequence[str],
+        prompts: Sequence[Prompt | str],
         *,
         image_embeds: torch.Tensor | None = None,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         **generate_kwargs: Any,
     ) -> list[list[int]]:
-        """Like `generate`, but returns the new token ids of each answer (without padding or <|endoftext|>)."""
+        """Like `generate`, but returns the new token ids of each answer (without padding or <|endoftext|>).
+
+        At least one token is generated (min_new_tokens=1, as every call site of the original) unless the
+        caller passes another min_new_tokens.
+        """
         import torch
 
-        prompts = [_empty_image_span(p) for p in prompts]
+        rows = [self.check_prompt(prompt, max_new_tokens) for prompt in prompts]
         if image_embeds is None:
             if images is None or len(images) != len(prompts):
                 raise ValueError("give one image per prompt")
             image_embeds = self.encode_images(images)
         elif image_embeds.shape[0] != len(prompts):
             raise ValueError("give one row of image_embeds per prompt")
-        input_ids, attention_mask = self.tokenizer.batch_encode(prompts)
+        generate_kwargs.setdefault("min_new_tokens", 1)
+        if generate_kwargs.get("do_sample"):
+            generate_kwargs = {**self.sampling, **generate_kwargs}
+        input_ids, attention_mask = self.tokenizer.pad_left(rows)
         device = self.model.transformer.wte.weight.device
         with torch.inference_mode():
             output = self.model.generate(
@@ -188,29 +318,66 @@ class Monkey:
         return [_until_eos(row, self.tokenizer.eod_id) for row in new_tokens]
 
 
-def _refuse_if_too_big(folder: Path, device: str, dtype: str | None, quant: str, quant_vision: bool) -> None:
-    """Fail before loading, with the quant that would fit, when the device cannot hold the model."""
-    from monkey_cli.model.configuration import load_config
+def _choose(
+    config: MonkeyConfig,
+    device: str,
+    dtype: str | None,
+    quant: str | None,
+    quant_vision: bool,
+    batch_size: int,
+    max_new_tokens: int,
+    prompt_tokens: int | None,
+) -> Choice:
     from monkey_cli.model.loading import resolve_dtype
-    from monkey_cli.model.memory import check_fits, device_budget
+    from monkey_cli.model.memory import choose, device_budget
 
-    config = load_config(folder)
-    check_fits(
+    return choose(
         config,
-        quant,
         device_budget(device),
-        device=device,
-        dtype=resolve_dtype(dtype, device),
+        quant=quant or "auto",
         quant_vision=quant_vision,
+        batch_size=_positive(batch_size, "batch_size"),
+        device=device,
+        available=_available_quants(),
+        dtype=resolve_dtype(dtype, device, config),
+        max_new_tokens=max_new_tokens,
+        prompt_tokens=prompt_tokens,
     )
 
 
-def _empty_image_span(prompt: str) -> str:
-    """The text between the tags is only a placeholder: drop it (a long path would overflow the span)."""
-    spans = _IMAGE_SPAN.findall(prompt)
-    if len(spans) != 1:
-        raise ValueError(f"a prompt must hold exactly one <img>...</img> span, found {len(spans)}: {prompt[:60]!r}")
-    return _IMAGE_SPAN.sub("<img></img>", prompt)
+def _encode(tokenizer: QWenTokenizer, prompt: Prompt | str) -> list[int]:
+    prompt = prompt if isinstance(prompt, Prompt) else Prompt.parse(prompt)
+    return tokenizer.encode_prompt(prompt.before, prompt.after)
+
+
+def _check_tokenizer(tokenizer: QWenTokenizer, config: MonkeyConfig, folder: Path) -> None:
+    """The vocabulary and config.json must agree on the image tags and fit in the embedding table."""
+    from monkey_cli.errors import TokenizerError
+
+    if tokenizer.img_start_id != config.image_start_id:
+        raise TokenizerError(
+            f"{folder}: qwen.tiktoken puts <img> at id {tokenizer.img_start_id} but config.json says "
+            f"visual.image_start_id {config.image_start_id}: the vocabulary is not this checkpoint's"
+        )
+    if len(tokenizer) > config.vocab_size:
+        raise TokenizerError(
+            f"{folder}: qwen.tiktoken has {len(tokenizer)} ids but the model's vocab_size is {config.vocab_size}"
+        )
+
+
+def _available_quants() -> tuple[str, ...]:
+    """--quant choices this installation can load (bitsandbytes is found without importing it)."""
+    import importlib.util
+
+    return ("none", "8bit", "4bit") if importlib.util.find_spec("bitsandbytes") else ("none",)
+
+
+def _positive(value: Any, name: str) -> int:
+    from monkey_cli.errors import UsageError
+
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{name} must be a positive integer, got {value!r}")
+    return value
 
 
 def _until_eos(tokens: list[int], eos: int) -> list[int]:

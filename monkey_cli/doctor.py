@@ -24,14 +24,7 @@ from monkey_cli.tasks import DEFAULT_MODEL
 KNOWN_MODELS = tuple(tasks.KNOWN_MODELS)  # the published checkpoints, default first
 # The transformers range the test suite runs against (pyproject.toml pins the same).
 TESTED_TRANSFORMERS = ">=5.23,<5.24"
-# The plans doctor shows: every --quant, and the two quantizations with --quant-vision as well.
-PLAN_OPTIONS: tuple[tuple[str, bool], ...] = (
-    ("none", False),
-    ("8bit", False),
-    ("8bit", True),
-    ("4bit", False),
-    ("4bit", True),
-)
+
 # Files a cached checkpoint needs besides its weights.
 _CHECKPOINT_FILES = ("config.json", "qwen.tiktoken")
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -260,16 +253,17 @@ def _missing_weights(snapshot: Path) -> list[str]:
 
 
 def default_dtype(device: str, bf16: bool = True) -> str:
-    """The compute dtype the loader picks with --dtype auto: float32 on CPU, else bfloat16 / float16."""
+    """The compute dtype --dtype auto gives the released (bfloat16) checkpoints: bfloat16 on the CPU and on
+    GPUs that have it (`bf16`), float16 on older GPUs."""
     if device.startswith("cuda"):
         return "bfloat16" if bf16 else "float16"
-    return "float32"
+    return "bfloat16"
 
 
 def _memory(devices: dict[str, Any]) -> dict[str, Any]:
     """Which --quant fits on which device for the released model, batch size 1, default lengths."""
     from monkey_cli.model.configuration import real_monkey_config
-    from monkey_cli.model.memory import plan
+    from monkey_cli.model.memory import AUTO_OPTIONS, plan
 
     config = real_monkey_config()
     targets: list[tuple[str, int | None, str]] = []
@@ -279,8 +273,11 @@ def _memory(devices: dict[str, Any]) -> dict[str, Any]:
     targets.append(("cpu", devices.get("cpu", {}).get("available_bytes"), default_dtype("cpu")))
     plans = []
     for device, budget, dtype in targets:
-        for quant, quant_vision in PLAN_OPTIONS:
+        auto_found = False
+        for quant, quant_vision in AUTO_OPTIONS:  # from the most faithful, as --quant auto tries them
             p = plan(config, quant, dtype, quant_vision=quant_vision, budget_bytes=budget)
+            auto = p.fits is not False and not auto_found
+            auto_found = auto_found or auto
             plans.append(
                 {
                     "device": device,
@@ -292,6 +289,7 @@ def _memory(devices: dict[str, Any]) -> dict[str, Any]:
                     "weight_bytes": p.weight_bytes,
                     "budget_bytes": budget,
                     "fits": p.fits,
+                    "auto": auto,
                 }
             )
     return {"model": DEFAULT_MODEL, "batch_size": 1, "plans": plans}

@@ -55,6 +55,8 @@ ANSWER_SOURCES = ("model", "text_layer")
 FORMATS = ("text", "json", "jsonl", "md")
 EXTENSIONS = {"text": ".txt", "json": ".json", "jsonl": ".jsonl", "md": ".md"}
 
+EMPTY_ANSWER = "(empty answer)"  # what text and Markdown show for an answer with no text
+
 STDIN = "-"
 STDIN_STEM = "stdin"
 
@@ -102,7 +104,9 @@ class Record:
 
     `page` and `pages` are 1-based page number and page count; None for inputs without pages (images).
     `answer_source` says where the answer came from: the model, or a PDF's text layer (`read` on a page
-    that already has text).
+    that already has text); `model` and `quant` are None when no model took part (the text layer).
+    `seconds` is the model's time for the record: its batch's time shared equally by the batch's records
+    (0 without a model).
     """
 
     source: str
@@ -112,8 +116,8 @@ class Record:
     prompt: str
     answer: str | None = None
     answer_source: str | None = None
-    model: str
-    quant: str
+    model: str | None
+    quant: str | None
     seconds: float = 0.0
     error: str | None = None
 
@@ -217,7 +221,8 @@ class TextWriter(Writer):
             if self.show_prompt and record.task == "ask":
                 label = f"{label}: {one_line(record.prompt)}"
             self.stream.write(f"==> {label} <==\n")
-        self.stream.write((record.answer or "").rstrip("\n") + "\n")
+        answer = record.answer if record.answer and record.answer.strip() else EMPTY_ANSWER
+        self.stream.write(answer.rstrip("\n") + "\n")
         self.stream.flush()
         self._written += 1
 
@@ -335,9 +340,14 @@ def render_markdown(records: Sequence[Record]) -> str:
 
 
 def _markdown_document(source: str, pages: dict[int | None, list[Record]]) -> list[str]:
-    first = next(iter(pages.values()))[0]
+    records = [record for page_records in pages.values() for record in page_records]
+    first = records[0]
     details = [f"{first.pages} page(s)"] if first.pages is not None else []
-    details.append(f"model {_code_span(first.model)} ({first.quant})")
+    by_model = next((record for record in records if record.model is not None), None)
+    if by_model is not None:
+        details.append(f"model {_code_span(by_model.model)} ({by_model.quant})")
+    if any(record.answer_source == "text_layer" for record in records):
+        details.append("text from the PDF's text layer" + (" on some pages" if by_model is not None else ""))
     lines = [f"## {_code_span(source)}", "", " · ".join(details), ""]
     for page, records in pages.items():
         if page is not None:
@@ -354,11 +364,13 @@ def _markdown_record(record: Record) -> list[str]:
     if not record.ok:
         return lines + [f"> **Error:** {record.error}", ""]
     answer = (record.answer or "").strip("\n")
-    if record.task == "read":
+    label = {"ask": "**A:**", "caption": "**Caption:**", "read": "**Text:**"}[record.task]
+    if not answer.strip():
+        lines.append(f"{label} _{EMPTY_ANSWER}_")
+    elif record.task == "read":
         # OCR text keeps its line layout, and its characters are not Markdown syntax.
-        lines += ["**Text:**", "", _fenced(answer)]
+        lines += [label, "", _fenced(answer)]
     else:
-        label = "**A:**" if record.task == "ask" else "**Caption:**"
         lines.append(f"{label} {answer}")
     lines.append("")
     if record.answer_source == "text_layer":

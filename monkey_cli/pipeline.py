@@ -26,6 +26,7 @@ class ModelOptions:
     dtype: str | None = None
     quant: str | None = None
     quant_vision: bool = False
+    prompt_style: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class RunOptions:
     model: ModelOptions
     pages: str | None = None
     password: str | None = None
+    size: str | None = None  # pages are rendered at this size (default: the model's input size)
     out_dir: Path | None = None
     fmt: str = "text"
     overwrite: bool = False
@@ -51,7 +53,12 @@ class Summary:
 
     def line(self) -> str:
         skipped = f", {self.skipped} already done" if self.skipped else ""
-        return f"{self.documents} documents, {self.pages} pages, {self.failed} failed{skipped}, {self.seconds:.1f} s"
+        counts = f"{_count(self.documents, 'document')}, {_count(self.pages, 'page')}, {self.failed} failed"
+        return f"{counts}{skipped}, {self.seconds:.1f} s"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 @dataclass
@@ -68,21 +75,36 @@ def run(
     *,
     on_record: Callable[[Record], None] = lambda record: None,
     on_document: Callable[[str], None] = lambda name: None,
+    on_start: Callable[[int], None] = lambda documents: None,
+    on_stage: Callable[[str], None] = lambda stage: None,
     stdin: IO[bytes] | bytes | None = None,
     streamer_factory: Callable[[Any], Any] | None = None,
     load_model: Callable[[], Any] | None = None,
 ) -> Summary:
-    """Process every input; returns counts. KeyboardInterrupt propagates after finished documents are saved."""
+    """Process every input; returns counts. KeyboardInterrupt propagates after finished documents are saved.
+
+    `on_start` gets the number of documents to do (after resume), `on_stage` each stage as it begins
+    ("rendering", "loading the model", "answering"), `on_record` and `on_document` the results.
+    """
     started = time.perf_counter()
     summary = Summary()
     sources = documents.expand_inputs(list(options.inputs), stdin)
-    device, quant = _device_and_quant(options.model)
+    device, quant = _device_and_quant(options.model, options.job)
     settings = _settings(options, quant)
     index = output.ResumeIndex(options.out_dir) if options.out_dir else None
     pending = _pending_documents(sources, options, settings, summary, index)
+    on_start(len(pending))
+    on_stage("rendering")
+
+    def load() -> Any:
+        on_stage("loading the model")
+        model = (load_model or (lambda: _load(options.model, options.job, device)))()
+        on_stage("answering")
+        return model
+
     engine = Engine(
         options.job,
-        load_model=load_model or (lambda: _load(options.model, device, quant)),
+        load_model=load,
         model_name=options.model.source,
         quant=quant,
         streamer_factory=streamer_factory,
@@ -91,7 +113,7 @@ def run(
     pages = documents.prefetch(
         documents.iter_pages(
             [item.source for item in pending],
-            size=model_input_size(options.model.source),
+            size=options.size or model_input_size(options.model.source),
             pages=options.pages,
             password=options.password,
         )
@@ -163,27 +185,53 @@ def _settings(options: RunOptions, quant: str) -> dict[str, Any]:
         "dtype": options.model.dtype,
         "quant": quant,
         "quant_vision": options.model.quant_vision,
+        "prompt_style": options.model.prompt_style,
         "task": job.task,
-        "questions": list(job.questions),
+        "questions": [str(question) for question in job.questions],
         "template": job.template,
         "max_new_tokens": job.max_new_tokens,
         "force_ocr": job.force_ocr,
         "pages": options.pages,
+        "size": options.size,
     }
 
 
-def _device_and_quant(model: ModelOptions) -> tuple[str, str]:
-    from monkey_cli.model.quantization import resolve_quant
+def _device_and_quant(model: ModelOptions, job: Job) -> tuple[str, str]:
+    """The device, and the quantization loading will use (what resume fingerprints and records name).
+
+    For --quant auto that is the memory plan's choice, made here from the config alone; when nothing fits
+    the answer stays "auto" and loading, if a page needs the model, says what would fit.
+    """
+    from monkey_cli.api import Monkey
+    from monkey_cli.model.memory import MemoryBudgetError
     from monkey_cli.model.sources import resolve_device
 
     device = resolve_device(model.device)
-    return device, resolve_quant(model.quant, device)
+    if model.quant not in (None, "auto"):
+        return device, model.quant
+    try:
+        return device, Monkey.choose(model.source, **_plan_options(model, job, device)).plan.quant
+    except MemoryBudgetError:
+        return device, "auto"
 
 
-def _load(model: ModelOptions, device: str, quant: str) -> Any:
+def _load(model: ModelOptions, job: Job, device: str) -> Any:
     from monkey_cli.api import Monkey
 
-    return Monkey.load(model.source, device=device, dtype=model.dtype, quant=quant, quant_vision=model.quant_vision)
+    prompts = [prompt for _shown, prompt, error in job.prompts(chat=True) if error is None]
+    options = _plan_options(model, job, device)
+    return Monkey.load(model.source, quant=model.quant, prompt_style=model.prompt_style, prompts=prompts, **options)
+
+
+def _plan_options(model: ModelOptions, job: Job, device: str) -> dict[str, Any]:
+    """What the memory plan of a run depends on, besides the quantization."""
+    return {
+        "device": device,
+        "dtype": model.dtype,
+        "quant_vision": model.quant_vision,
+        "batch_size": job.batch_size,
+        "max_new_tokens": job.max_new_tokens,
+    }
 
 
 def model_input_size(source: str) -> tuple[int, int]:

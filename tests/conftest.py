@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,45 @@ def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001 - pytest'
         terminalreporter.section("bfloat16 near-ties (greedy divergence within the logits error)")
         for line in sorted(set(NEAR_TIES)):
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def eager_eos_dir(tmp_path_factory) -> Path:
+    """A copy of tiny-monkey whose lm_head row for <|endoftext|> points along the final hidden states,
+    scaled up: <|endoftext|> wins every step by a wide margin, so only min_new_tokens=1 keeps an answer
+    from being empty, and every answer is exactly one token (fast end-to-end runs)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from monkey_cli import Monkey, tasks
+
+    src = require_parity("tiny-monkey")
+    monkey = Monkey.load(src, device="cpu")
+    hidden = []
+    hook = monkey.model.transformer.ln_f.register_forward_hook(lambda _m, _i, out: hidden.append(out.flatten(0, 1)))
+    images = [SAMPLES_DIR / "chart.png", SAMPLES_DIR / "scan.png"]
+    monkey.generate_ids(images, [tasks.vqa_prompt("What?")] * 2, max_new_tokens=3)
+    hook.remove()
+    direction = torch.cat(hidden).mean(0)
+    dst = tmp_path_factory.mktemp("checkpoints") / "eager-eos"
+    shutil.copytree(src, dst)
+    state = load_file(dst / "model.safetensors")
+    state["lm_head.weight"][monkey.tokenizer.eod_id] = 1000 * direction / direction.norm()
+    save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture()
+def prompt_ids(monkeypatch) -> list[list[int]]:
+    """Every prompt the model is given, as token ids, in order (QWenTokenizer.pad_left sees them all)."""
+    from monkey_cli.model.tokenizer import QWenTokenizer
+
+    seen: list[list[int]] = []
+    real = QWenTokenizer.pad_left
+
+    def spy(self, rows):
+        seen.extend(list(row) for row in rows)
+        return real(self, rows)
+
+    monkeypatch.setattr(QWenTokenizer, "pad_left", spy)
+    return seen

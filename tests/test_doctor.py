@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 import monkey_cli.cli.doctor  # noqa: F401  (registers the command on `app`)
 from monkey_cli import __version__, doctor
 from monkey_cli.cli import app
+from monkey_cli.model.memory import AUTO_OPTIONS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {
@@ -51,7 +52,7 @@ def test_json_report_plans_every_quant_for_every_device(json_report: dict) -> No
     plans = json_report["memory"]["plans"]
     devices = {p["device"] for p in plans}
     assert "cpu" in devices
-    assert len(plans) == len(devices) * len(doctor.PLAN_OPTIONS)
+    assert len(plans) == len(devices) * len(AUTO_OPTIONS)
     for p in plans:
         if p["budget_bytes"] is not None:
             assert p["fits"] is (p["total_bytes"] <= p["budget_bytes"])
@@ -158,6 +159,6 @@ def test_tested_range_matches_pyproject() -> None:
 
 
 def test_default_dtype() -> None:
-    assert doctor.default_dtype("cpu") == "float32"
+    assert doctor.default_dtype("cpu") == "bfloat16"  # the released checkpoints' precision runs on a CPU
     assert doctor.default_dtype("cuda:0", bf16=True) == "bfloat16"
     assert doctor.default_dtype("cuda:1", bf16=False) == "float16"

@@ -38,7 +38,8 @@ class SizeModel:
         self.interrupt_on_call = interrupt_on_call
         self.explode_alone = explode_alone
 
-    def generate(self, images, prompts, max_new_tokens):
+    def generate(self, images, prompts, max_new_tokens, min_new_tokens):
+        assert min_new_tokens == 1, "the eval must never accept an empty answer (as the original)"
         self.calls.append({"prompts": list(prompts), "max_new_tokens": max_new_tokens})
         if self.interrupt_on_call == len(self.calls):
             raise KeyboardInterrupt
@@ -333,7 +334,7 @@ def test_cli_run_on_registry_datasets(tmp_path, fake_monkey):
     result = CliRunner().invoke(app, [*args, "--model", "some/model", "--quant", "none"])
 
     assert result.exit_code == 0, result.output
-    assert fake_monkey.loads == [("some/model", "auto", None, "none")]
+    assert fake_monkey.loads == [("some/model", "auto", "auto", "none")]  # --dtype auto: the checkpoint's
     assert result.stdout.splitlines() == ["docvqa\tanls\t1.0", "vizwiz\tvqa_score\t100.0"]
     assert "Evaluation results" in result.stderr  # the rich table goes to stderr
     assert fake_monkey.model.asked[-1] == VIZWIZ_PROMPT.format(
@@ -344,7 +345,7 @@ def test_cli_run_on_registry_datasets(tmp_path, fake_monkey):
     )
     results = json.loads((out / "results.json").read_text())
     assert results["datasets"]["vizwiz"]["score"] == 100.0 and results["datasets"]["docvqa"]["n_scored"] == 3
-    assert results["datasets"]["docvqa"]["model_settings"] == {"device": "auto", "dtype": None, "quant": "none"}
+    assert results["datasets"]["docvqa"]["model_settings"] == {"device": "auto", "dtype": "auto", "quant": "none"}
     assert (out / "results.md").exists() and (out / "docvqa.predictions.jsonl").exists()
 
 
@@ -513,7 +514,7 @@ class InterruptAfterFirstBatch:
         self.model = model
         self.calls = 0
 
-    def generate(self, images, prompts, max_new_tokens):
+    def generate(self, images, prompts, max_new_tokens, min_new_tokens=1):
         self.calls += 1
         if self.calls > 1:
             raise KeyboardInterrupt
@@ -525,7 +526,7 @@ class Recording:
         self.model = model
         self.prompts: list[str] = []
 
-    def generate(self, images, prompts, max_new_tokens):
+    def generate(self, images, prompts, max_new_tokens, min_new_tokens=1):
         self.prompts += prompts
         return self.model.generate(images, prompts, max_new_tokens=max_new_tokens)
 

@@ -16,10 +16,12 @@ from monkey_cli.errors import MonkeyError, UsageError
 from monkey_cli.model import memory
 from monkey_cli.model.configuration import load_config, real_monkey_config
 from monkey_cli.model.memory import (
+    AUTO_OPTIONS,
     COMPONENTS,
     MemoryBudgetError,
     available_ram,
     check_fits,
+    choose,
     device_budget,
     format_bytes,
     parameter_counts,
@@ -314,6 +316,99 @@ def test_refusal_when_nothing_fits_says_so() -> None:
     assert "cpu has 2.0 GB available" in message
     assert "nothing fits: even --quant 4bit --quant-vision needs" in message
     assert "and fits" not in message
+
+
+# --- --quant auto and the batch cap (fake budgets) ------------------------------------------------------
+
+
+def _auto_plans(config, **options) -> dict[tuple[str, bool], memory.MemoryPlan]:
+    return {(q, qv): plan(config, q, "bfloat16", quant_vision=qv, **options) for q, qv in AUTO_OPTIONS}
+
+
+@pytest.mark.parametrize(
+    ("fits", "expected"),
+    [
+        (("none", False), ("none", False)),  # room for the released bf16: nothing is quantized
+        (("8bit", False), ("8bit", False)),
+        (("4bit", False), ("4bit", False)),
+        (("4bit", True), ("4bit", True)),  # the vision tower is quantized only as the last resort
+    ],
+)
+def test_quant_auto_picks_the_most_faithful_option_that_fits(fits, expected) -> None:
+    config = real_monkey_config()
+    plans = _auto_plans(config)
+    budget = plans[fits].total_bytes + 1
+    choice = choose(config, budget, device="cuda:0", dtype="bfloat16")
+    assert (choice.plan.quant, choice.plan.quant_vision) == expected and choice.batch_size == 1
+    # Everything more faithful in the order would not have fitted.
+    earlier = AUTO_OPTIONS[: AUTO_OPTIONS.index(expected)]
+    assert all(plans[option].total_bytes > budget for option in earlier)
+    assert choice.note.startswith(f"--quant auto: using {choice.plan.flags} in bfloat16: ")
+    assert f"cuda:0 has {format_bytes(budget)} free" in choice.note
+    if earlier:
+        assert f"--quant none would need {format_bytes(plans[('none', False)].total_bytes)}" in choice.note
+        assert f"(this needs {format_bytes(plans[expected].total_bytes)})" in choice.note
+    else:
+        assert f": it needs {format_bytes(plans[expected].total_bytes)} and" in choice.note
+
+
+def test_quant_auto_on_a_24_gb_cpu_machine_is_not_refused() -> None:
+    """The issue's case: 24 GB of RAM, the released model, no GPU: auto must choose something that fits."""
+    choice = choose(real_monkey_config(), 20 * 10**9, device="cpu", dtype="bfloat16", batch_size=4)
+    assert choice.plan.fits and choice.plan.quant == "8bit"
+    assert "available on cpu" in choice.note
+
+
+def test_quant_auto_without_bitsandbytes_offers_only_none() -> None:
+    config = real_monkey_config()
+    budget = _auto_plans(config)[("4bit", False)].total_bytes + 1
+    with pytest.raises(MemoryBudgetError) as caught:
+        choose(config, budget, device="cuda:0", dtype="bfloat16", available=("none",))
+    message = str(caught.value)
+    assert message.startswith("the model does not fit: even --quant none needs")
+    assert "pip install bitsandbytes" in message
+
+
+def test_quant_auto_with_quant_vision_keeps_it() -> None:
+    config = real_monkey_config()
+    choice = choose(config, 10**12, device="cuda:0", dtype="bfloat16", quant_vision=True)
+    assert (choice.plan.quant, choice.plan.quant_vision) == ("8bit", True)
+
+
+def test_quant_auto_refusal_names_the_smallest_need() -> None:
+    config = real_monkey_config()
+    smallest = _auto_plans(config)[("4bit", True)]
+    with pytest.raises(MemoryBudgetError) as caught:
+        choose(config, 2 * 10**9, device="cpu", dtype="bfloat16")
+    assert str(caught.value) == (
+        f"the model does not fit: even --quant 4bit --quant-vision needs {format_bytes(smallest.total_bytes)} "
+        "but cpu has 2.0 GB available"
+    )
+
+
+def test_unknown_budget_takes_the_most_faithful() -> None:
+    choice = choose(real_monkey_config(), None, device="mps", dtype="bfloat16", batch_size=4)
+    assert choice.plan.quant == "none" and choice.batch_size == 4 and "unknown" in choice.note
+
+
+@pytest.mark.parametrize("quant", ["auto", "8bit"])
+def test_batch_size_is_lowered_to_the_largest_that_fits(quant: str) -> None:
+    config = real_monkey_config()
+    budget = plan(config, "8bit", "bfloat16", batch_size=5).total_bytes + 1
+    assert plan(config, "none", "bfloat16").total_bytes > budget  # auto takes 8bit here
+    choice = choose(config, budget, quant=quant, device="cuda:0", dtype="bfloat16", batch_size=64)
+    assert (choice.plan.quant, choice.batch_size) == ("8bit", 5)
+    assert plan(config, "8bit", "bfloat16", batch_size=6).total_bytes > budget
+    assert "--batch-size 64 lowered to 5, what fits with --quant 8bit in the" in choice.note
+    untouched = choose(config, budget, quant="8bit", device="cuda:0", dtype="bfloat16", batch_size=5)
+    assert untouched.batch_size == 5 and untouched.note is None
+
+
+def test_explicit_quant_that_does_not_fit_names_what_would() -> None:
+    config = real_monkey_config()
+    budget = plan(config, "4bit", "bfloat16").total_bytes + 1
+    with pytest.raises(MemoryBudgetError, match=r"with --quant none .*; --quant 4bit needs .* and fits$"):
+        choose(config, budget, quant="none", device="cuda:0", dtype="bfloat16", batch_size=4)
 
 
 # --- device budgets and formatting ---------------------------------------------------------------

@@ -46,13 +46,6 @@ def _register_commands() -> None:
 _COMMAND_MODULES: list[str] = ["run", "render", "doctor", "eval"]
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:  # noqa: ANN001
-    return f"warning: {message}\n"
-
-
 def main() -> None:
-    import warnings
-
-    warnings.formatwarning = _one_line_warning  # library warnings (e.g. the slow-CPU one) as one stderr line
     _register_commands()
     app()

@@ -1,26 +1,53 @@
-"""What every command shares: one-line errors, exit codes, and stderr-only chatter."""
+"""What every command shares: one-line errors, exit codes, stderr-only chatter, help in panels.
+
+Every command is a `Command`: its help groups options in panels (Input, Prompt, Model, Output) and names
+values by what they mean (`RANGE`, `auto|none|8bit|4bit`), never by Python types; a bad option value, from
+the command line or an environment variable, is one line (`error: --dtype must be one of ...; got 'fp8'`)
+and exit code 2, found while the arguments are parsed, before any command code (or heavy import) runs.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 import traceback
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import typer
+from typer._click.exceptions import NoArgsIsHelpError
+from typer._click.exceptions import UsageError as ClickUsageError
+from typer.core import TyperCommand
 
-from monkey_cli.errors import MonkeyError, UsageError
+from monkey_cli.errors import MonkeyError
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
+# Loggers whose warnings are monkey-cli's own; everything else (bitsandbytes, transformers, torch, ...) is
+# third-party noise, shown only with --verbose.
+OWN_LOGGER = "monkey_cli"
+
+
+# The progress status line while one is shown (see progress.py): cleared before any message is printed.
+status_line: Any = None
+
 
 def warn(message: str) -> None:
-    """One line on stderr (stdout carries results only)."""
-    print(message, file=sys.stderr, flush=True)
+    """One line on stderr (stdout carries results only), never glued onto a progress line."""
+    status = status_line
+    if status is not None:
+        status.suspend()
+    try:
+        print(message, file=sys.stderr, flush=True)
+    finally:
+        if status is not None:
+            status.resume()
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -30,7 +57,12 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
 
 @contextmanager
 def user_errors(verbose: bool = False) -> Iterator[None]:
-    """Turn user-caused errors into one line on stderr and an exit code; tracebacks only with --verbose."""
+    """Turn user-caused errors into one line on stderr and an exit code; tracebacks only with --verbose.
+
+    Also decides what reaches stderr from libraries for the command's duration: monkey-cli's own notes
+    always, third-party warnings and log lines only with --verbose.
+    """
+    route_library_output(verbose)
     try:
         yield
     except typer.Exit:
@@ -38,11 +70,7 @@ def user_errors(verbose: bool = False) -> Iterator[None]:
     except KeyboardInterrupt:
         warn("interrupted")
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    except UsageError as exc:
-        if verbose:
-            traceback.print_exc()
-        fail(str(exc), EXIT_USAGE)
-    except MonkeyError as exc:
+    except MonkeyError as exc:  # UsageError included: both are the user's to fix (exit 2)
         if verbose:
             traceback.print_exc()
         fail(str(exc), EXIT_USAGE)
@@ -50,3 +78,134 @@ def user_errors(verbose: bool = False) -> Iterator[None]:
         if verbose:
             traceback.print_exc()
         fail(f"unexpected {type(exc).__name__}: {exc} (run with --verbose for the traceback)", EXIT_SOME_FAILED)
+
+
+# --- what libraries may print ------------------------------------------------------------------------------
+
+
+class _StderrLines(logging.Handler):
+    """Log records as one stderr line each (`sys.stderr` looked up per line, so progress bars and test
+    runners that swap it see them); other libraries' records only when `verbose`."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.verbose = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        own = record.name == OWN_LOGGER or record.name.startswith(OWN_LOGGER + ".")
+        if not own and not (self.verbose and record.levelno >= logging.WARNING):
+            return
+        message = record.getMessage().strip().splitlines()
+        prefix = "" if own and record.levelno < logging.ERROR else f"{record.levelname.lower()}: "
+        warn(prefix + (message[0] if message else record.name))
+
+
+_HANDLER = _StderrLines()
+
+
+def route_library_output(verbose: bool) -> None:
+    """monkey-cli's notes (`logging.getLogger("monkey_cli")`, its warning categories) always reach stderr as
+    one line; bitsandbytes' "Failed to load CPU gemm_4bit_forward ...", transformers' advice and the like
+    only with --verbose."""
+    _HANDLER.verbose = verbose
+    root = logging.getLogger()
+    if _HANDLER not in root.handlers:
+        root.addHandler(_HANDLER)
+    logging.getLogger(OWN_LOGGER).setLevel(logging.INFO)
+    if not verbose:
+        # transformers and huggingface_hub print through handlers of their own, configured from these
+        # variables when they are first imported (which happens later, inside the commands).
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.showwarning = _show_warning if not verbose else _show_every_warning
+
+
+def _is_own_warning(category: type[Warning], filename: str) -> bool:
+    own_folder = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return category.__module__.startswith(OWN_LOGGER) or os.path.abspath(filename).startswith(own_folder)
+
+
+def _show_warning(message: Any, category: type[Warning], filename: str, lineno: int, file=None, line=None) -> None:  # noqa: ANN001
+    if _is_own_warning(category, filename):
+        warn(f"warning: {message}")
+
+
+def _show_every_warning(
+    message: Any, category: type[Warning], filename: str, lineno: int, file=None, line=None  # noqa: ANN001
+) -> None:
+    warn(f"warning: {message}" if _is_own_warning(category, filename) else f"warning: {message} ({filename}:{lineno})")
+
+
+# --- the command class -------------------------------------------------------------------------------------
+
+
+class _OneLineUsageError(typer.BadParameter):
+    """A usage error shown as `error: ...` on one line (exit code 2), like every other error of the CLI."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def format_message(self) -> str:
+        return self.text
+
+    def show(self, file: Any = None) -> None:
+        warn(f"error: {self.text}")
+
+
+class Command(TyperCommand):
+    """A typer command whose help reads well and whose usage errors are one line."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except NoArgsIsHelpError:
+            raise
+        except typer.BadParameter as exc:
+            raise _OneLineUsageError(_bad_value(exc, ctx)) from None
+        except ClickUsageError as exc:
+            raise _OneLineUsageError(f"{exc.format_message()} (see {ctx.command_path} --help)") from None
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = _argument_name(param)
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        panels: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            name, help_text = record
+            if param.param_type_name == "argument":
+                name = _argument_name(param)
+            panel = getattr(param, "rich_help_panel", None) or "Options"
+            panels.setdefault(panel, []).append((name, help_text))
+        for panel in sorted(panels, key=lambda name: PANEL_ORDER.index(name) if name in PANEL_ORDER else 99):
+            with formatter.section(panel):
+                formatter.write_dl(panels[panel])
+
+
+PANEL_ORDER = ("Input", "Prompt", "Model", "Output")
+
+
+def _argument_name(param: Any) -> str:
+    name = param.metavar or param.name.upper()
+    return name if param.nargs == 1 or name.endswith("...") else f"{name}..."
+
+
+def _bad_value(exc: Any, ctx: Any) -> str:
+    """`--dtype must be one of ...; got 'fp8'`, naming the environment variable the value came from."""
+    param = getattr(exc, "param", None)
+    if param is None or not exc.message:  # a missing argument or option: click's sentence says it
+        return exc.format_message()
+    name = param.opts[0] if param.param_type_name == "option" else _argument_name(param)
+    source = ctx.get_parameter_source(param.name) if param.name else None
+    if source is not None and source.name == "ENVIRONMENT" and param.envvar:
+        name = f"{name} (from ${param.envvar})"
+    return f"{name} {exc.message}"

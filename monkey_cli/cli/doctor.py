@@ -3,33 +3,30 @@
 from __future__ import annotations
 
 import json
-from enum import Enum
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
 from monkey_cli.cli import app
-from monkey_cli.cli.common import user_errors
+from monkey_cli.cli.common import Command, user_errors
+from monkey_cli.cli.options import OUTPUT, Verbose, choice_option
 
 
-class DoctorFormat(str, Enum):
-    text = "text"
-    json = "json"
-
-
-@app.command()
+@app.command(cls=Command)
 def doctor(
-    output_format: DoctorFormat = typer.Option(
-        DoctorFormat.text, "--format", help="text: tables for people; json: the same facts for programs."
-    ),
-    verbose: bool = typer.Option(False, "--verbose", help="Show a traceback for unexpected errors."),
+    output_format: Annotated[
+        str,
+        choice_option("--format", "-f", choices=("text", "json"), panel=OUTPUT,
+                      help="text: tables for people; json: the same facts for programs."),
+    ] = "text",
+    verbose: Verbose = False,
 ) -> None:
     """Check Python, torch, GPUs, bitsandbytes, transformers, the model cache, and which --quant fits."""
     with user_errors(verbose):
         from monkey_cli.doctor import collect
 
         report = collect()
-        if output_format is DoctorFormat.json:
+        if output_format == "json":
             typer.echo(json.dumps(report, indent=2))
         else:
             _print_tables(report)
@@ -106,6 +103,9 @@ def _environment_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     ]
     for repo, cached in hub.get("models", {}).items():
         rows.append((repo, _cache_summary(cached)))
+    # What bitsandbytes logged while it loaded (e.g. "Failed to load CPU gemm_4bit_forward ..."): hidden
+    # from the other commands unless --verbose, shown here because this is where one looks for it.
+    rows += [("bitsandbytes said", line) for line in dict.fromkeys(bnb.get("warnings", []))]
     return rows
 
 
@@ -176,6 +176,7 @@ def _memory_table(report: dict[str, Any]) -> Any:
         for device, _dtype in devices:
             match = next(p for p in plans if p["flags"] == flags and p["device"] == device)
             verdict = {True: "fits", False: "too big", None: "free memory unknown"}[match["fits"]]
-            cells.append(f"{_gb(match['total_bytes'])}, {verdict}")
+            chosen = " (--quant auto)" if match.get("auto") else ""
+            cells.append(f"{_gb(match['total_bytes'])}, {verdict}{chosen}")
         table.add_row(flags, *cells)
     return table

@@ -10,12 +10,25 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from monkey_cli.cli import app
-from monkey_cli.cli.common import EXIT_SOME_FAILED, fail, user_errors, warn
+from monkey_cli.cli.common import EXIT_SOME_FAILED, Command, fail, user_errors, warn
+from monkey_cli.cli.options import (
+    OUTPUT,
+    BatchSize,
+    Device,
+    Dtype,
+    MaxNewTokens,
+    Model,
+    Quant,
+    Verbose,
+    choice_option,
+    out_option,
+    positive_int,
+)
 from monkey_cli.errors import UsageError
 
 if TYPE_CHECKING:  # the evaluation modules are imported by the commands that use them
@@ -30,48 +43,60 @@ eval_app = typer.Typer(
 app.add_typer(eval_app, name="eval")
 
 DEFAULT_MODEL = "echo840/Monkey"
+METRICS = "anls|relaxed_accuracy|accuracy|vqa_score"
+EvalOut = Annotated[Path, out_option("Folder for predictions and results.")]
 
 
-@eval_app.command("run")
+@eval_app.command("run", cls=Command)
 def run_command(
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Checkpoint folder or Hugging Face hub id."),
+    model: Model = DEFAULT_MODEL,
     data_root: Path | None = typer.Option(
-        None, "--data-root", help="Folder laid out as the original's data/ (see `monkey eval datasets`)."
+        None, "--data-root", metavar="DIR", help="Folder laid out as the original's data/ (see `monkey eval datasets`)."
     ),
     datasets: list[str] | None = typer.Option(
-        None, "--dataset", "-d", help="Registry dataset to run (repeatable), or 'all' (the default)."
+        None, "--dataset", "-d", metavar="NAME", help="Registry dataset to run (repeatable), or 'all' (the default)."
     ),
-    file: Path | None = typer.Option(None, "--file", help="Run one JSON-lines dataset file instead (needs --metric)."),
+    file: Path | None = typer.Option(
+        None, "--file", metavar="FILE", help="Run one JSON-lines dataset file instead (needs --metric)."
+    ),
     metric: str | None = typer.Option(
-        None, "--metric", help="Metric for --file: anls, relaxed_accuracy, accuracy, vqa_score."
+        None, "--metric", metavar=METRICS, help="Metric for --file: anls, relaxed_accuracy, accuracy, vqa_score."
     ),
-    name: str | None = typer.Option(None, "--name", help="Name of the --file dataset in outputs (default: its stem)."),
+    name: str | None = typer.Option(
+        None, "--name", metavar="NAME", help="Name of the --file dataset in outputs (default: its stem)."
+    ),
     gqa_postprocess: bool = typer.Option(False, "--gqa-postprocess", help="GQA answer clean-up (--file, accuracy)."),
-    annotations: Path | None = typer.Option(None, "--annotations", help="VQA annotation JSON (--file, vqa_score)."),
-    questions: Path | None = typer.Option(None, "--questions", help="VQA questions JSON (--file, vqa_score)."),
-    out: Path = typer.Option(Path("eval-results"), "--out", "-o", help="Folder for predictions and results."),
-    batch_size: int = typer.Option(1, "--batch-size", "-b", min=1, help="Questions per generate call."),
-    max_new_tokens: int | None = typer.Option(
-        None, "--max-new-tokens", min=1, help="Override the dataset's answer length."
+    annotations: Path | None = typer.Option(
+        None, "--annotations", metavar="FILE", help="VQA annotation JSON (--file, vqa_score)."
     ),
+    questions: Path | None = typer.Option(
+        None, "--questions", metavar="FILE", help="VQA questions JSON (--file, vqa_score)."
+    ),
+    out: EvalOut = Path("eval-results"),
+    batch_size: BatchSize = 1,
+    max_new_tokens: MaxNewTokens = None,  # type: ignore[assignment]  # None: each dataset's own length
     prompt: str | None = typer.Option(
-        None, "--prompt", help="Prompt template with <img>{image}</img> and {question} (overrides the registry's)."
+        None,
+        "--prompt",
+        metavar="TEMPLATE",
+        help="Prompt template with <img>{image}</img> and {question} (overrides the registry's).",
     ),
     image_root: Path | None = typer.Option(
-        None, "--image-root", help="Resolve relative image paths against this folder only."
+        None, "--image-root", metavar="DIR", help="Resolve relative image paths against this folder only."
     ),
-    limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N items of each dataset."),
-    device: str = typer.Option("auto", "--device", help="auto (a GPU if there is one), cpu, cuda, cuda:1, ..."),
-    dtype: str | None = typer.Option(None, "--dtype", help="bfloat16, float16 or float32 (default: the checkpoint's)."),
-    quant: str | None = typer.Option(
-        None, "--quant", help="none, 8bit or 4bit (default: 4bit on CUDA, none on CPU; the paper's numbers are bf16)."
+    limit: int | None = typer.Option(
+        None, "--limit", metavar="N", parser=positive_int, help="Only the first N items of each dataset."
     ),
-    verbose: bool = typer.Option(False, "--verbose", help="Show tracebacks for unexpected errors."),
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    quant: Quant = "auto",
+    verbose: Verbose = False,
 ) -> None:
     """Answer the questions of one or more datasets, save predictions as they come, and score them.
 
-    A rerun with the same --out resumes: question ids already answered are skipped.
-    Exit code 1 when some items could not be answered (see NAME.errors.jsonl).
+    A rerun with the same --out resumes: question ids already answered are skipped. Answers are at most
+    each dataset's own length unless --max-new-tokens says otherwise; the paper's numbers are bf16
+    (--quant none, --dtype auto). Exit code 1 when some items could not be answered (see NAME.errors.jsonl).
     """
     with user_errors(verbose):
         from monkey_cli.evaluation import runner
@@ -97,8 +122,6 @@ def run_command(
             tasks = _registry_tasks(
                 data_root, datasets, prompt=prompt, max_new_tokens=max_new_tokens, image_root=image_root
             )
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"--out {out} is a file; give a folder for predictions and results")
         loaded = _load_model(model, device, dtype, quant)
         runs = runner.run_tasks(
             loaded,
@@ -184,25 +207,29 @@ def _present(data_root: Path, spec: DatasetSpec) -> bool:
     return all((data_root / relative).is_file() for relative in spec.files())
 
 
-def _load_model(model: str, device: str, dtype: str | None, quant: str | None) -> AnswerModel:
+def _load_model(model: str, device: str, dtype: str, quant: str) -> AnswerModel:
     from monkey_cli import Monkey
 
     return Monkey.load(model, device=device, dtype=dtype, quant=quant)
 
 
-@eval_app.command("score")
+@eval_app.command("score", cls=Command)
 def score_command(
-    predictions: Path = typer.Argument(..., help="Predictions: JSON lines (or one JSON array) with 'answer'."),
-    metric: str = typer.Option(..., "--metric", help="anls, relaxed_accuracy, accuracy or vqa_score."),
+    predictions: Path = typer.Argument(
+        ..., metavar="PREDICTIONS", help="Predictions: JSON lines (or one JSON array) with 'answer'."
+    ),
+    metric: str = typer.Option(..., "--metric", metavar=METRICS, help="How to score the answers."),
     gqa_postprocess: bool = typer.Option(
         False, "--gqa-postprocess", help="Apply the original's GQA answer clean-up before accuracy."
     ),
     annotations: Path | None = typer.Option(
-        None, "--annotations", help="Official VQA annotation JSON; answers are matched by question_id."
+        None, "--annotations", metavar="FILE", help="Official VQA annotation JSON; answers are matched by question_id."
     ),
-    questions: Path | None = typer.Option(None, "--questions", help="Official VQA questions JSON."),
-    output_format: str = typer.Option("text", "--format", help="text (one line) or json."),
-    verbose: bool = typer.Option(False, "--verbose", help="Show tracebacks for unexpected errors."),
+    questions: Path | None = typer.Option(None, "--questions", metavar="FILE", help="Official VQA questions JSON."),
+    output_format: Annotated[
+        str, choice_option("--format", "-f", choices=("text", "json"), panel=OUTPUT, help="One line, or JSON.")
+    ] = "text",
+    verbose: Verbose = False,
 ) -> None:
     """Score a predictions file without loading a model.
 
@@ -212,8 +239,6 @@ def score_command(
     with user_errors(verbose):
         from monkey_cli.evaluation.scoring import score_predictions_file
 
-        if output_format not in ("text", "json"):
-            raise UsageError(f"--format must be text or json, not {output_format!r}")
         report = score_predictions_file(
             predictions,
             metric,
@@ -241,9 +266,11 @@ def _score_line(metric: str, score: float, n: int, details: dict[str, Any]) -> s
     return f"{metric} {value}{extra} over {n} predictions"
 
 
-@eval_app.command("datasets")
+@eval_app.command("datasets", cls=Command)
 def datasets_command(
-    data_root: Path | None = typer.Option(None, "--data-root", help="Also say which datasets are present here."),
+    data_root: Path | None = typer.Option(
+        None, "--data-root", metavar="DIR", help="Also say which datasets are present here."
+    ),
 ) -> None:
     """List the registry: metric, answer length and files (relative to the data root)."""
     from monkey_cli.evaluation.datasets import REGISTRY

@@ -3,43 +3,46 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from monkey_cli.cli import app
-from monkey_cli.cli.common import EXIT_SOME_FAILED, user_errors, warn
+from monkey_cli.cli.common import EXIT_SOME_FAILED, Command, user_errors, warn
+from monkey_cli.cli.options import INPUT, Inputs, Pages, Password, Size, Verbose, out_option, positive_int
 from monkey_cli.documents import DEFAULT_MAX_PIXELS  # the documents module imports nothing heavy
 
+RenderOut = Annotated[Path, out_option("Folder to write into; nothing is written outside it.")]
+MaxPixels = Annotated[
+    int,
+    typer.Option(
+        "--max-pixels", metavar="N", parser=positive_int, rich_help_panel=INPUT,
+        help="Refuse larger images (decompression-bomb guard).",
+    ),
+]  # fmt: skip
 
-@app.command()
+
+@app.command(cls=Command)
 def render(
-    inputs: list[str] = typer.Argument(
-        ..., help="Files, folders, globs, or '-' for paths (or one document's bytes) on stdin."
-    ),
-    out: Path = typer.Option(..., "--out", "-o", help="Folder to write into; nothing is written outside it."),
-    pages: str | None = typer.Option(
-        None, "--pages", "-p", help="Pages of every document, e.g. 1-3,7,-1 (-1 is the last page)."
-    ),
-    size: str = typer.Option(
-        "896x896", "--size", help="Model input size HEIGHTxWIDTH in pixels, multiples of 448 (896x896 for Monkey)."
-    ),
-    password: str | None = typer.Option(
-        None, "--password", envvar="MONKEY_PDF_PASSWORD", help="Password for encrypted PDFs."
-    ),
-    max_pixels: int = typer.Option(
-        DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Refuse larger images (decompression-bomb guard)."
-    ),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks for unexpected errors."),
+    inputs: Inputs,
+    out: RenderOut,
+    pages: Pages = None,
+    size: Size = None,
+    password: Password = None,
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    verbose: Verbose = False,
 ) -> None:
     """Write each page at the model's input size with its 448-pixel windows outlined and numbered, every
     window as its own PNG, and the 448x448 global view. Prints the grid image of each page."""
     failed = 0
     with user_errors(verbose):
-        from monkey_cli.documents import PageError
+        from monkey_cli.documents import DEFAULT_SIZE, PageError
         from monkey_cli.render import render_documents
 
         written = 0
-        records = render_documents(inputs, out, size=size, pages=pages, password=password, max_pixels=max_pixels)
+        records = render_documents(
+            inputs, out, size=size or DEFAULT_SIZE, pages=pages, password=password, max_pixels=max_pixels
+        )
         for record in records:
             if isinstance(record, PageError):
                 warn(f"error: {record}")

@@ -5,135 +5,173 @@ stdout carries results only (text, json, jsonl or md); errors, progress and the 
 
 from __future__ import annotations
 
+import inspect
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
 from monkey_cli.cli import app
-from monkey_cli.cli.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, user_errors, warn
+from monkey_cli.cli.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, Command, user_errors, warn
+from monkey_cli.cli.options import (
+    INPUT,
+    BatchSize,
+    Device,
+    Dtype,
+    Format,
+    Inputs,
+    MaxNewTokens,
+    Model,
+    Out,
+    Overwrite,
+    Pages,
+    Password,
+    Prompt,
+    PromptStyle,
+    Quant,
+    QuantVision,
+    Questions,
+    QuestionsFile,
+    Size,
+    Verbose,
+)
 from monkey_cli.tasks import DEFAULT_MODEL
 
-FORMATS = ("text", "json", "jsonl", "md")
+# A questions file is read line by line with these limits (a question longer than the model's context is
+# refused later anyway; these keep a wrong file, say a video, from filling memory first).
+MAX_QUESTION_BYTES = 64 * 1024
+MAX_QUESTIONS_FILE_BYTES = 16 * 2**20
 
-# --- options every command shares (typer has no option groups: these are reused as defaults) -------------
-INPUTS = typer.Argument(..., help="Files, folders, globs, or '-' for paths (or one document's bytes) on stdin.")
-PAGES = typer.Option(None, "--pages", help="Pages to use, e.g. '1-3,7,-1' (1-based; -1 is the last page).")
-MODEL = typer.Option(DEFAULT_MODEL, "--model", envvar="MONKEY_MODEL", help="Checkpoint folder or Hugging Face hub id.")
-QUANT = typer.Option(
-    "auto", "--quant", envvar="MONKEY_QUANT", help="auto (4bit on CUDA, none on CPU), none, 8bit or 4bit."
-)
-QUANT_VISION = typer.Option(False, "--quant-vision", help="Quantize the vision tower too (saves ~1.5 GB in 4bit).")
-DEVICE = typer.Option("auto", "--device", envvar="MONKEY_DEVICE", help="auto, cpu, cuda or cuda:N.")
-DTYPE = typer.Option("auto", "--dtype", help="auto, bfloat16, float16 or float32.")
-MAX_NEW_TOKENS = typer.Option(512, "--max-new-tokens", min=1, help="Longest answer, in tokens.")
-BATCH_SIZE = typer.Option(4, "--batch-size", min=1, help="Pages (and questions) per model batch.")
-FORMAT = typer.Option("text", "--format", "-f", help="text, json, jsonl or md.")
-OUT = typer.Option(None, "--out", "-o", help="Write one file per input document here (mirrors the input tree).")
-OVERWRITE = typer.Option(False, "--overwrite", help="Redo documents whose output is already up to date.")
-PROMPT = typer.Option(None, "--prompt", help="Prompt template overriding the task's ('{question}' is filled in).")
-PASSWORD = typer.Option(None, "--password", help="Password for encrypted PDFs.")
-VERBOSE = typer.Option(False, "--verbose", "-v", help="Show tracebacks for errors.")
+ForceOcr = Annotated[
+    bool,
+    typer.Option("--force-ocr", rich_help_panel=INPUT, help="Use the model even where a PDF has a text layer."),
+]
 
 
-@app.command()
-def ask(
-    inputs: list[str] = INPUTS,
-    question: list[str] = typer.Option(None, "--question", "-q", help="A question (repeat for several)."),
-    questions_file: Path = typer.Option(None, "--questions", help="A file with one question per line."),
-    pages: str = PAGES,
-    model: str = MODEL,
-    quant: str = QUANT,
-    quant_vision: bool = QUANT_VISION,
-    device: str = DEVICE,
-    dtype: str = DTYPE,
-    max_new_tokens: int = MAX_NEW_TOKENS,
-    batch_size: int = BATCH_SIZE,
-    fmt: str = FORMAT,
-    out: Path = OUT,
-    overwrite: bool = OVERWRITE,
-    prompt: str = PROMPT,
-    password: str = PASSWORD,
-    verbose: bool = VERBOSE,
+def _document_options(
+    pages: Pages = None,
+    size: Size = None,
+    password: Password = None,
+    prompt: Prompt = None,
+    prompt_style: PromptStyle = "auto",
+    model: Model = DEFAULT_MODEL,
+    quant: Quant = "auto",
+    quant_vision: QuantVision = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    max_new_tokens: MaxNewTokens = 512,
+    batch_size: BatchSize = 4,
+    fmt: Format = "text",
+    out: Out = None,
+    overwrite: Overwrite = False,
+    verbose: Verbose = False,
 ) -> None:
+    """The options ask, caption and read share: only its signature is used (see `_with_document_options`)."""
+
+
+def _with_document_options(command: Callable[..., None]) -> Callable[..., None]:
+    """`command(its own parameters, **options)` gets `_document_options`' parameters as its own (typer reads
+    the signature), so the three commands declare the shared options once."""
+    own = inspect.signature(command, eval_str=True).parameters.values()
+    shared = inspect.signature(_document_options, eval_str=True).parameters.values()
+    command.__signature__ = inspect.Signature([p for p in own if p.kind is not p.VAR_KEYWORD] + list(shared))
+    return command
+
+
+@app.command(cls=Command)
+@_with_document_options
+def ask(inputs: Inputs, question: Questions = None, questions_file: QuestionsFile = None, **options: Any) -> None:
     """Answer questions about each page: monkey ask invoice.pdf -q "What is the total?"."""
-    with user_errors(verbose):
+    with user_errors(options["verbose"]):
         questions = _questions(question or [], questions_file)
-        _run("ask", locals(), questions=questions)
+        _run("ask", inputs, options, questions=questions)
 
 
-@app.command()
-def caption(
-    inputs: list[str] = INPUTS,
-    pages: str = PAGES,
-    model: str = MODEL,
-    quant: str = QUANT,
-    quant_vision: bool = QUANT_VISION,
-    device: str = DEVICE,
-    dtype: str = DTYPE,
-    max_new_tokens: int = MAX_NEW_TOKENS,
-    batch_size: int = BATCH_SIZE,
-    fmt: str = FORMAT,
-    out: Path = OUT,
-    overwrite: bool = OVERWRITE,
-    prompt: str = PROMPT,
-    password: str = PASSWORD,
-    verbose: bool = VERBOSE,
-) -> None:
-    """Describe each page or photo in detail."""
-    with user_errors(verbose):
-        _run("caption", locals())
+@app.command(cls=Command)
+@_with_document_options
+def caption(inputs: Inputs, **options: Any) -> None:
+    """Describe each page or photo in detail (in the form the checkpoint was trained on)."""
+    with user_errors(options["verbose"]):
+        _run("caption", inputs, options)
 
 
-@app.command()
-def read(
-    inputs: list[str] = INPUTS,
-    force_ocr: bool = typer.Option(False, "--force-ocr", help="Use the model even where a PDF has a text layer."),
-    pages: str = PAGES,
-    model: str = MODEL,
-    quant: str = QUANT,
-    quant_vision: bool = QUANT_VISION,
-    device: str = DEVICE,
-    dtype: str = DTYPE,
-    max_new_tokens: int = MAX_NEW_TOKENS,
-    batch_size: int = BATCH_SIZE,
-    fmt: str = FORMAT,
-    out: Path = OUT,
-    overwrite: bool = OVERWRITE,
-    prompt: str = PROMPT,
-    password: str = PASSWORD,
-    verbose: bool = VERBOSE,
-) -> None:
+@app.command(cls=Command)
+@_with_document_options
+def read(inputs: Inputs, force_ocr: ForceOcr = False, **options: Any) -> None:
     """Extract the text of each page (a PDF's own text layer when it has one, unless --force-ocr)."""
-    with user_errors(verbose):
-        _run("read", locals(), force_ocr=force_ocr)
+    with user_errors(options["verbose"]):
+        _run("read", inputs, options, force_ocr=force_ocr)
 
 
-def _questions(flags: list[str], questions_file: Path | None) -> list[str]:
+def _questions(flags: list[str], questions_file: Path | None) -> list[Any]:
+    """The -q questions, then the file's lines; a line that cannot be a question (not UTF-8, too long)
+    becomes a BadQuestion: it fails with a one-line reason naming the file and line, the others go on."""
     from monkey_cli.errors import UsageError
 
-    questions = [q for q in flags if q.strip()]
+    questions: list[Any] = [q for q in flags if q.strip()]
     if questions_file is not None:
-        try:
-            lines = questions_file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"{questions_file}: cannot read questions ({exc})") from None
-        questions += [line.strip() for line in lines if line.strip()]
+        questions += _read_questions(questions_file)
     if not questions:
         raise UsageError("ask needs at least one question (-q QUESTION or --questions FILE)")
     return questions
 
 
-def _run(task: str, args: dict, questions: list[str] | None = None, force_ocr: bool = False) -> None:
+def _read_questions(path: Path) -> list[Any]:
+    from monkey_cli.engine import BadQuestion
+    from monkey_cli.errors import UsageError
+
+    questions: list[Any] = []
+    total = 0
+    try:
+        with path.open("rb") as handle:
+            for number, line in enumerate(_bounded_lines(handle), start=1):
+                total += len(line)
+                if total > MAX_QUESTIONS_FILE_BYTES:
+                    raise UsageError(f"--questions {path}: larger than {MAX_QUESTIONS_FILE_BYTES // 2**20} MiB")
+                problem = None
+                if len(line) > MAX_QUESTION_BYTES:
+                    problem = f"longer than {MAX_QUESTION_BYTES // 1024} KiB"
+                    line = line[:200]
+                try:
+                    text = line.decode("utf-8").strip()
+                except UnicodeDecodeError as exc:
+                    problem = problem or f"not valid UTF-8 (byte {exc.start + 1})"
+                    text = line.decode("utf-8", errors="replace").strip()
+                if problem:
+                    questions.append(BadQuestion(text, f"{path}:{number}: {problem}"))
+                elif text:
+                    questions.append(text)
+    except OSError as exc:
+        raise UsageError(f"--questions {path}: cannot read it ({exc.strerror or exc})") from None
+    return questions
+
+
+def _bounded_lines(handle: Any) -> Any:
+    """Lines of a binary file without their line ends; a line over MAX_QUESTION_BYTES is cut just past the
+    limit (so `len` shows it) and the rest of it skipped without being held in memory."""
+    while True:
+        line = handle.readline(MAX_QUESTION_BYTES + 1)
+        if not line:
+            return
+        if len(line) > MAX_QUESTION_BYTES and not line.endswith(b"\n"):
+            while (rest := handle.readline(MAX_QUESTION_BYTES)) and not rest.endswith(b"\n"):
+                pass
+        yield line.rstrip(b"\r\n")
+
+
+def _run(
+    task: str, inputs: list[str], args: dict[str, Any], questions: list[Any] | None = None, force_ocr: bool = False
+) -> None:
     from monkey_cli.engine import Job
     from monkey_cli.errors import UsageError
     from monkey_cli.pipeline import ModelOptions, RunOptions
 
-    fmt = args["fmt"]
-    if fmt not in FORMATS:
-        raise UsageError(f"--format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    if args["quant_vision"] and args["quant"] == "none":
+        raise UsageError("--quant-vision needs --quant auto, 8bit or 4bit")
     options = RunOptions(
-        inputs=tuple(args["inputs"]),
+        inputs=tuple(inputs),
         job=Job(
             task=task,
             questions=tuple(questions or ()),
@@ -148,17 +186,19 @@ def _run(task: str, args: dict, questions: list[str] | None = None, force_ocr: b
             dtype=None if args["dtype"] == "auto" else args["dtype"],
             quant=args["quant"],
             quant_vision=args["quant_vision"],
+            prompt_style=args["prompt_style"],
         ),
         pages=args["pages"],
         password=args["password"],
+        size=args["size"],
         out_dir=args["out"],
-        fmt=fmt,
+        fmt=args["fmt"],
         overwrite=args["overwrite"],
     )
     _execute(options)
 
 
-def _execute(options) -> None:
+def _execute(options: Any) -> None:
     from monkey_cli.cli.progress import Progress
     from monkey_cli.output import make_writer
     from monkey_cli.pipeline import run
@@ -166,21 +206,31 @@ def _execute(options) -> None:
     stdout = sys.stdout
     if hasattr(stdout, "reconfigure"):
         stdout.reconfigure(encoding="utf-8")  # answers can be any script; never crash on a non-UTF-8 console
-    to_stdout = options.out_dir is None
+    to_stdout = options.out_dir is None  # with --out, results go to the files only, whatever the format
     single = _single_page(options)
     streaming = to_stdout and options.fmt == "text" and stdout.isatty() and single
-    writer = make_writer(options.fmt, stdout, multi=not single, show_prompt=len(options.job.questions) > 1)
-    progress = Progress(enabled=sys.stderr.isatty() and not streaming)
+    progress = Progress(enabled=sys.stderr.isatty())
+    writer = None
+    if to_stdout:
+        multi, show_prompt = not single, len(options.job.questions) > 1
+        writer = make_writer(options.fmt, progress.guard(stdout), multi=multi, show_prompt=show_prompt)
     failed = 0
+    pages_seen: set[tuple[str, int]] = set()
 
-    def on_record(record) -> None:
+    def on_record(record: Any) -> None:
         nonlocal failed
         if record.error is not None:
             failed += 1
             warn(f"error: {record.location}: {record.error}")
-        progress.page_done()
-        if to_stdout and not (streaming and record.answer_source == "model"):
+        if record.page is not None and (record.source, record.page) not in pages_seen:
+            pages_seen.add((record.source, record.page))
+            progress.page_done(record.pages)
+        if writer is not None and not (streaming and record.answer_source == "model"):
             writer.write(record)
+
+    def streamer(tokenizer: Any) -> Any:
+        progress.stop()  # the answer's tokens take the terminal from here on
+        return _stdout_streamer(tokenizer)
 
     stdin = sys.stdin.buffer if "-" in options.inputs else None
     try:
@@ -189,23 +239,30 @@ def _execute(options) -> None:
                 options,
                 on_record=on_record,
                 on_document=progress.document_done,
+                on_start=progress.start,
+                on_stage=progress.stage,
                 stdin=stdin,
-                streamer_factory=_stdout_streamer if streaming else None,
+                streamer_factory=streamer if streaming else None,
             )
     except KeyboardInterrupt:
-        writer.close()
-        warn("interrupted: finished documents are saved; run the same command again to do the rest")
+        if writer is not None:
+            writer.close()
+        if options.out_dir is not None:
+            warn("interrupted: finished documents are saved; run the same command again to do the rest")
+        else:
+            warn("interrupted")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except BrokenPipeError:  # `monkey ... | head`: the reader left; not an error worth a traceback
         sys.stderr.close()
         raise typer.Exit(EXIT_OK) from None
-    writer.close()
+    if writer is not None:
+        writer.close()
     warn(summary.line())
     if failed:
         raise typer.Exit(EXIT_SOME_FAILED)
 
 
-def _single_page(options) -> bool:
+def _single_page(options: Any) -> bool:
     """Stream tokens only when the whole run is one image (or one selected page) and one prompt."""
     inputs = options.inputs
     if len(inputs) != 1 or inputs[0] == "-" or len(options.job.questions) > 1:
@@ -227,7 +284,7 @@ def _single_page(options) -> bool:
         return False
 
 
-def _stdout_streamer(tokenizer):
+def _stdout_streamer(tokenizer: Any) -> Any:
     from transformers import TextStreamer
 
     return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

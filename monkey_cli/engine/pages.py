@@ -15,7 +15,20 @@ from typing import Any
 
 from monkey_cli import tasks
 from monkey_cli.documents import Page, PageError
+from monkey_cli.errors import MonkeyError
 from monkey_cli.output import Record
+
+
+@dataclass(frozen=True)
+class BadQuestion:
+    """A question that could not be read (say, a line of a questions file that is not UTF-8): every page
+    gets an error record for it, and the other questions go on."""
+
+    shown: str
+    error: str
+
+    def __str__(self) -> str:
+        return self.shown
 
 
 @dataclass(frozen=True)
@@ -23,23 +36,28 @@ class Job:
     """What to ask of every page. `questions` for ask; `template` overrides the task's prompt."""
 
     task: str
-    questions: tuple[str, ...] = ()
+    questions: tuple[str | BadQuestion, ...] = ()
     template: str | None = None
     max_new_tokens: int = 512
     batch_size: int = 4
     force_ocr: bool = False
 
-    def prompts(self, caption_as_question: bool) -> list[tuple[str, str]]:
-        """(what the record shows as its prompt, the model prompt) for each question of a page."""
+    def prompts(self, chat: bool = False) -> list[tuple[str, tasks.Prompt | None, str | None]]:
+        """(what the record shows as its prompt, the model prompt, an error) for each question of a page.
+        `chat`: the checkpoint is Monkey-Chat (its caption prompt differs)."""
         if self.task == "ask":
-            if self.template is not None:
-                return [(q, tasks.custom_prompt(self.template, q)) for q in self.questions]
-            return [(q, tasks.vqa_prompt(q)) for q in self.questions]
+            return [self._question_prompt(question) for question in self.questions]
         if self.template is not None:
-            return [(self.template, tasks.custom_prompt(self.template))]
-        prompt = tasks.task_prompt(self.task, caption_as_question=caption_as_question)
+            return [(self.template, tasks.custom_prompt(self.template), None)]
         shown = tasks.READ_QUESTION if self.task == "read" else tasks.CAPTION_QUESTION
-        return [(shown, prompt)]
+        return [(shown, tasks.task_prompt(self.task, chat=chat), None)]
+
+    def _question_prompt(self, question: str | BadQuestion) -> tuple[str, tasks.Prompt | None, str | None]:
+        if isinstance(question, BadQuestion):
+            return question.shown, None, question.error
+        if self.template is not None:
+            return question, tasks.custom_prompt(self.template, question), None
+        return question, tasks.vqa_prompt(question), None
 
 
 @dataclass(frozen=True)
@@ -55,7 +73,7 @@ class _Slot:
 
     page: Page | None
     shown_prompt: str
-    model_prompt: str | None = None
+    model_prompt: tasks.Prompt | None = None
     record: Record | DocumentEnd | None = None
 
 
@@ -70,6 +88,13 @@ class Engine:
     streamer_factory: Callable[[Any], Any] | None = None
     model: Any = field(default=None, init=False)
     vision_passes: int = field(default=0, init=False)
+    _prompt_errors: dict[tasks.Prompt, str | None] = field(default_factory=dict, init=False)
+
+    @property
+    def batch_size(self) -> int:
+        """The job's batch size, lowered to what the loaded model's memory plan allows."""
+        allowed = getattr(self.model, "batch_size", None) if self.model is not None else None
+        return min(self.job.batch_size, allowed or self.job.batch_size)
 
     def run(self, pages: Iterable[Page | PageError]) -> Iterator[Record | DocumentEnd]:
         """Records in input order, each document followed by its DocumentEnd as soon as it is complete."""
@@ -85,7 +110,7 @@ class Engine:
             pending.extend(slots)
             if any(slot.model_prompt is not None for slot in slots):
                 model_pages += 1
-            if model_pages >= self.job.batch_size:
+            if model_pages >= self.batch_size:
                 yield from self._flush(pending)
                 pending, model_pages = [], 0
             else:
@@ -99,13 +124,32 @@ class Engine:
         if isinstance(item, PageError):
             return [_Slot(None, self._error_prompt(), record=self._failure(item.source, item.page, item.pages, item))]
         if self.job.task == "read" and item.has_text_layer and not self.job.force_ocr and self.job.template is None:
-            record = self._record(item, tasks.READ_QUESTION, item.text.strip(), "text_layer", 0.0)
+            record = self._text_layer_record(item)
             return [_Slot(item, record.prompt, record=record)]
-        caption_as_question = self._model().caption_as_question if self.job.task == "caption" else False
-        return [_Slot(item, shown, prompt) for shown, prompt in self.job.prompts(caption_as_question)]
+        model = self._model()
+        slots = []
+        for shown, prompt, error in self.job.prompts(chat=bool(getattr(model, "chat", False))):
+            error = error or self._prompt_error(prompt)
+            if error is None:
+                slots.append(_Slot(item, shown, prompt))
+            else:
+                slots.append(_Slot(item, shown, record=self._failure(item.source, item.page, item.pages, error, shown)))
+        return slots
+
+    def _prompt_error(self, prompt: tasks.Prompt) -> str | None:
+        """Why the model cannot take `prompt` (too long for its context), checked once per prompt."""
+        if prompt not in self._prompt_errors:
+            try:
+                self._model().check_prompt(prompt, self.job.max_new_tokens)
+                self._prompt_errors[prompt] = None
+            except MonkeyError as exc:
+                self._prompt_errors[prompt] = str(exc)
+        return self._prompt_errors[prompt]
 
     def _error_prompt(self) -> str:
-        return self.job.questions[0] if self.job.task == "ask" and len(self.job.questions) == 1 else self.job.task
+        if self.job.task == "ask" and len(self.job.questions) == 1:
+            return str(self.job.questions[0])
+        return self.job.task
 
     # --- running the model ------------------------------------------------------------------------
     def _model(self) -> Any:
@@ -134,7 +178,7 @@ class Engine:
                 slot.record = self._failure(slot.page.source, slot.page.page, slot.page.pages, exc, slot.shown_prompt)
             return
         row_of = {id(page): row for row, page in enumerate(pages)}
-        for chunk in _chunks(work, self.job.batch_size):
+        for chunk in _chunks(work, self.batch_size):
             rows = [row_of[id(slot.page)] for slot in chunk]
             extra = {}
             if self.streamer_factory is not None and len(work) == 1:
@@ -163,15 +207,36 @@ class Engine:
             answer=answer,
             answer_source=source,
             model=self.model_name,
-            quant=self.quant,
+            quant=getattr(self.model, "quant", self.quant),
             seconds=seconds,
+            error=None,
+        )
+
+    def _text_layer_record(self, page: Page) -> Record:
+        """A `read` answered from the PDF's own text: no model or quantization took part, no model time."""
+        return Record(
+            source=page.source,
+            page=page.page,
+            pages=page.pages,
+            task=self.job.task,
+            prompt=tasks.READ_QUESTION,
+            answer=page.text.strip(),
+            answer_source="text_layer",
+            model=None,
+            quant=None,
+            seconds=0.0,
             error=None,
         )
 
     def _failure(
         self, source: str, page: int | None, pages: int | None, error: Any, prompt: str | None = None
     ) -> Record:
-        message = error.message if isinstance(error, PageError) else f"{type(error).__name__}: {error}"
+        if isinstance(error, PageError):
+            message = error.message
+        elif isinstance(error, str):
+            message = error
+        else:
+            message = f"{type(error).__name__}: {error}"
         return Record.failure(
             error=message,
             source=source,
@@ -180,7 +245,7 @@ class Engine:
             task=self.job.task,
             prompt=prompt or self._error_prompt(),
             model=self.model_name,
-            quant=self.quant,
+            quant=getattr(self.model, "quant", self.quant),
             seconds=0.0,
         )
 

@@ -2,7 +2,8 @@
 
 The runner needs only an object with
 
-    generate(images: list[PIL.Image | str | Path], prompts: list[str], max_new_tokens: int) -> list[str]
+    generate(images: list[PIL.Image | str | Path], prompts: list[str], max_new_tokens: int,
+             min_new_tokens: int) -> list[str]
 
 (`monkey_cli.Monkey` has it), so its logic runs in tests with a small fake model.
 
@@ -57,7 +58,9 @@ METRIC_LABELS = {
 class AnswerModel(Protocol):
     """What the runner needs from a model: greedy answers, one per (image, prompt) pair."""
 
-    def generate(self, images: list[Any], prompts: list[str], max_new_tokens: int) -> list[str]: ...
+    def generate(
+        self, images: list[Any], prompts: list[str], max_new_tokens: int, min_new_tokens: int
+    ) -> list[str]: ...
 
 
 def _stderr_line(message: str) -> None:
@@ -286,7 +289,9 @@ def _answer_batch(
 
 def _generate(model: AnswerModel, batch: list[_Loaded], task: EvalTask) -> list[str]:
     prompts = [format_prompt(task.prompt, entry.item.image, entry.item.question) for entry in batch]
-    answers = model.generate([entry.image for entry in batch], prompts, max_new_tokens=task.max_new_tokens)
+    # min_new_tokens=1 as the original's evaluate_vqa.py: an answer is never empty because <|endoftext|> won.
+    images = [entry.image for entry in batch]
+    answers = model.generate(images, prompts, max_new_tokens=task.max_new_tokens, min_new_tokens=1)
     if not isinstance(answers, list) or len(answers) != len(batch) or not all(isinstance(a, str) for a in answers):
         raise TypeError(f"the model must return {len(batch)} strings, got {_describe(answers)}")
     return answers

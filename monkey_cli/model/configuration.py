@@ -6,6 +6,7 @@ The file is read as data only: `auto_map` (which names remote Python code) is ig
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,36 @@ _QWEN_FIELDS: dict[str, tuple[type, ...]] = {
     "use_dynamic_ntk": (bool,),
     "use_logn_attn": (bool,),
 }
+# Bounds checked before anything is sized from a config (a hostile config.json must be refused in one line,
+# not allocate or loop in proportion to its numbers). Each is far above any Monkey or Qwen release.
+MAX_LAYERS = 512
+MAX_WIDTH = 65_536  # hidden sizes, MLP widths, heads x head size
+MAX_HEADS = 1024
+MAX_VOCAB = 4_194_304
+MAX_CONTEXT = 1_048_576  # seq_length and max_position_embeddings, in tokens
+MAX_IMAGE_SIDE = WINDOW_SIZE * 8
+MAX_MLP_RATIO = 64.0
+_BOUNDS: dict[str, tuple[float, float]] = {
+    "hidden_size": (1, MAX_WIDTH),
+    "num_attention_heads": (1, MAX_HEADS),
+    "num_hidden_layers": (1, MAX_LAYERS),
+    "kv_channels": (2, MAX_WIDTH),
+    "intermediate_size": (2, 4 * MAX_WIDTH),
+    "vocab_size": (IMAGE_START_OFFSET + 3, MAX_VOCAB),
+    "seq_length": (1, MAX_CONTEXT),
+    "max_position_embeddings": (1, MAX_CONTEXT),
+    "rotary_emb_base": (1.0, 1e12),
+    "visual.width": (1, MAX_WIDTH),
+    "visual.layers": (1, MAX_LAYERS),
+    "visual.heads": (1, MAX_HEADS),
+    "visual.mlp_ratio": (1e-3, MAX_MLP_RATIO),
+    "visual.patch_size": (1, WINDOW_SIZE),
+    "visual.output_dim": (128, MAX_WIDTH),
+    "visual.lora_repeat_num": (1, (MAX_IMAGE_SIDE // WINDOW_SIZE) ** 2),
+    "visual.image_start_id": (IMAGE_START_OFFSET, MAX_VOCAB),
+}
+MAX_EPSILON = 0.1
+
 _VISUAL_FIELDS: dict[str, tuple[type, ...]] = {
     "width": (int,),
     "layers": (int,),
@@ -214,14 +245,16 @@ def _as_height_width(image_size: int | list[int]) -> tuple[int, int]:
 
 def load_config(path: str | os.PathLike[str]) -> MonkeyConfig:
     """Read and validate `config.json` (or a checkpoint folder holding it)."""
+    from monkey_cli.model.sources import MAX_JSON_BYTES, model_file, read_regular_file
+
     path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+    folder, name = (path, "config.json") if path.is_dir() else (path.parent, path.name)
+    path = model_file(folder, name, error=ConfigError, required=False)
+    if path is None:
+        raise ConfigError(f"{folder / name}: config file not found")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(read_regular_file(path, MAX_JSON_BYTES, error=ConfigError).decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, an integer of thousands of digits, deep nesting
         raise ConfigError(f"{path}: not valid JSON ({exc})") from None
     validate_config_dict(data, source=str(path))
     return MonkeyConfig(**data)
@@ -243,9 +276,13 @@ def validate_config_dict(data: Any, source: str = "config.json") -> None:
     def fail(field: str, why: str) -> None:
         raise ConfigError(f"{source}: field '{field}' {why}")
 
-    for field, types in _QWEN_FIELDS.items():
-        if int in types and not isinstance(data[field], bool) and data[field] <= 0 and field != "rotary_pct":
-            fail(field, f"must be positive, got {data[field]!r}")
+    for field, (low, high) in _BOUNDS.items():
+        value = visual[field[len("visual.") :]] if field.startswith("visual.") else data[field]
+        if not _within(value, low, high):
+            fail(field, f"must be between {low:g} and {high:g}, got {_short(value)}")
+    epsilon = data["layer_norm_epsilon"]
+    if not _within(epsilon, 0, MAX_EPSILON) or epsilon == 0:
+        fail("layer_norm_epsilon", f"must be a finite number in (0, {MAX_EPSILON}], got {epsilon!r}")
     if data["hidden_size"] != data["num_attention_heads"] * data["kv_channels"]:
         fail(
             "hidden_size",
@@ -259,12 +296,21 @@ def validate_config_dict(data: Any, source: str = "config.json") -> None:
     if data["intermediate_size"] % 2:
         fail("intermediate_size", f"must be even (the MLP uses half of it), got {data['intermediate_size']}")
 
+    if data["num_attention_heads"] * data["kv_channels"] > MAX_WIDTH:
+        fail("num_attention_heads", f"times kv_channels must be at most {MAX_WIDTH}")
+    if int(visual["width"] * visual["mlp_ratio"]) < 1:
+        fail("visual.mlp_ratio", f"leaves the vision MLP no width (visual.width {visual['width']})")
     size = visual["image_size"]
-    if isinstance(size, list) and (len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size)):
+    is_pair = isinstance(size, list) and len(size) == 2
+    if isinstance(size, list) and not (is_pair and all(isinstance(s, int) and not isinstance(s, bool) for s in size)):
         fail("visual.image_size", f"must be an integer or [height, width], got {size!r}")
     height, width = _as_height_width(size)
-    if height <= 0 or height % WINDOW_SIZE or width % WINDOW_SIZE:
-        fail("visual.image_size", f"must be a positive multiple of {WINDOW_SIZE} per side, got {size!r}")
+    sides_ok = 0 < height <= MAX_IMAGE_SIDE and 0 < width <= MAX_IMAGE_SIDE
+    if not sides_ok or height % WINDOW_SIZE or width % WINDOW_SIZE:
+        fail(
+            "visual.image_size",
+            f"must be a positive multiple of {WINDOW_SIZE} per side, at most {MAX_IMAGE_SIDE}, got {size!r}",
+        )
     windows = (height // WINDOW_SIZE) * (width // WINDOW_SIZE)
     if visual["lora_repeat_num"] != windows:
         fail(
@@ -286,6 +332,18 @@ def validate_config_dict(data: Any, source: str = "config.json") -> None:
             "visual.image_start_id",
             f"must leave room for </img> and <imgpad> below vocab_size ({data['vocab_size']}), got {start}",
         )
+
+
+def _within(value: float, low: float, high: float) -> bool:
+    """low <= value <= high for a finite number (ints of any size compare exactly; NaN and inf are out)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return False
+    return low <= value <= high
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else text[:20] + "..."
 
 
 def _check_fields(data: dict[str, Any], fields: dict[str, tuple[type, ...]], source: str, prefix: str) -> None:

@@ -4,7 +4,9 @@ Supported layouts (as the original and the Hub publish them): `model.safetensors
 `model.safetensors.index.json`, `pytorch_model.bin`, or `.bin` shards with `pytorch_model.bin.index.json`.
 Before any weight is read, every key and shape is checked against the model built from `config.json`, so a
 mismatch is one line naming the key and the file. `.bin` files are read with `weights_only=True`: a
-checkpoint can never run code, and its own `.py` files are never imported.
+checkpoint can never run code, and its own `.py` files are never imported. Every file read (by us or by
+transformers' loader) must be a regular file inside the model folder: an index naming `../../etc/passwd`,
+a symbolic link leading elsewhere, a FIFO or a device is refused with one line before anything is opened.
 """
 
 from __future__ import annotations
@@ -21,11 +23,19 @@ import torch
 
 from monkey_cli.errors import CheckpointError
 from monkey_cli.model.configuration import MonkeyConfig, load_config
+from monkey_cli.model.sources import MAX_JSON_BYTES, model_file, read_regular_file
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
+
+GENERATION_CONFIG = "generation_config.json"
+# Files transformers' from_pretrained opens on its own when they exist (besides config.json and weights).
+_TRANSFORMERS_READS = (GENERATION_CONFIG, "adapter_config.json")
+# What the checkpoint's generation_config.json may set: only the sampling knobs, used when a caller asks
+# to sample. Greedy stays the default (as every call site of the original passes do_sample=False).
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "typical_p", "min_p")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,29 +50,67 @@ class WeightFiles:
 
 
 def find_weight_files(folder: Path) -> WeightFiles:
-    """Locate the weights; an index's shards must all exist."""
+    """Locate the weights (regular files inside `folder`); an index's shards must all exist."""
     for index_name, single_name, is_safe in ((SAFETENSORS_INDEX, SAFETENSORS, True), (BIN_INDEX, BIN, False)):
-        index = folder / index_name
-        if index.is_file():
-            return WeightFiles(folder, tuple(_shards_from_index(index)), is_safe)
-        if (folder / single_name).is_file():
-            return WeightFiles(folder, (folder / single_name,), is_safe)
+        index = model_file(folder, index_name, required=False)
+        if index is not None:
+            return WeightFiles(folder, tuple(_shards_from_index(folder, index)), is_safe)
+        single = model_file(folder, single_name, required=False)
+        if single is not None:
+            return WeightFiles(folder, (single,), is_safe)
     raise CheckpointError(
         f"{folder}: no weights found (expected {SAFETENSORS}, {SAFETENSORS_INDEX}, {BIN} or {BIN_INDEX})"
     )
 
 
-def _shards_from_index(index: Path) -> list[Path]:
+def _shards_from_index(folder: Path, index: Path) -> list[Path]:
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = json.loads(read_regular_file(index, MAX_JSON_BYTES).decode("utf-8"))["weight_map"]
         names = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        if not all(isinstance(name, str) for name in names):
+            raise TypeError("shard names must be strings")
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise CheckpointError(f"{index}: not a valid weight index ({exc})") from None
-    shards = [index.parent / name for name in names]
-    for shard in shards:
-        if not shard.is_file():
-            raise CheckpointError(f"{index}: names shard {shard.name}, which is missing")
+    shards = []
+    for name in names:
+        shard = model_file(folder, name, required=False)
+        if shard is None:
+            raise CheckpointError(f"{index}: names shard {name}, which is missing")
+        shards.append(shard)
     return shards
+
+
+def check_model_files(folder: Path) -> WeightFiles:
+    """Every file loading will open, checked to be a regular file inside `folder`; returns the weights."""
+    for name in _TRANSFORMERS_READS:
+        model_file(folder, name, required=False)
+    return find_weight_files(folder)
+
+
+def sampling_defaults(folder: Path) -> dict[str, Any]:
+    """The sampling settings of the checkpoint's generation_config.json (SAMPLING_FIELDS), if it has one.
+
+    echo840/Monkey ships top_p 0.5 and top_k 0 (no top-k cut). Other fields are not taken: greedy decoding,
+    the answer length and the stop token stay as the original's call sites set them.
+    """
+    path = model_file(folder, GENERATION_CONFIG, required=False)
+    if path is None:
+        return {}
+    try:
+        data = json.loads(read_regular_file(path, MAX_JSON_BYTES).decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    defaults = {}
+    for field in SAMPLING_FIELDS:
+        value = data.get(field)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise CheckpointError(f"{path}: field '{field}' must be a non-negative number, got {value!r}")
+        defaults[field] = value
+    return defaults
 
 
 def read_shapes(weights: WeightFiles) -> dict[str, tuple[tuple[int, ...], Path]]:
@@ -121,15 +169,21 @@ def check_weights(config: MonkeyConfig, weights: WeightFiles) -> None:
             )
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
-    """None/'auto' -> float32 on CPU, bfloat16 on a GPU that has it, else float16."""
+def resolve_dtype(dtype: str | torch.dtype | None, device: str, config: MonkeyConfig | None = None) -> torch.dtype:
+    """None/'auto' -> the checkpoint's own precision (config.json's bf16 / fp16 / fp32 flags; the released
+    Monkeys say bf16) where `device` runs it: a GPU without bfloat16 (before Ampere) takes float16 instead,
+    and a CPU takes float32 for a float16 checkpoint (float16 is not a CPU precision). Without a config,
+    bfloat16 (the released precision)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
+        wanted = DTYPES[config.checkpoint_dtype] if config is not None else torch.bfloat16
         if device.startswith("cuda"):
             index = torch.device(device).index or 0
-            return torch.bfloat16 if torch.cuda.is_bf16_supported(index) else torch.float16
-        return torch.float32
+            if wanted is torch.bfloat16 and not torch.cuda.is_bf16_supported(index):
+                return torch.float16
+            return wanted
+        return torch.float32 if wanted is torch.float16 else wanted
     if dtype not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
     return DTYPES[dtype]
@@ -154,9 +208,9 @@ def load_model(
     config = load_config(folder)
     for field, value in (config_overrides or {}).items():
         setattr(config, field, value)
-    weights = find_weight_files(folder)
+    weights = check_model_files(folder)
     check_weights(config, weights)
-    torch_dtype = resolve_dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype, device, config)
     kwargs: dict[str, Any] = {"config": config, "dtype": torch_dtype, "use_safetensors": weights.is_safetensors}
     quantization_config = bitsandbytes_config(config, quant, torch_dtype, quant_vision)
     if quantization_config is not None:

@@ -11,8 +11,9 @@ Units: bytes everywhere; `format_bytes` prints decimal gigabytes (1 GB = 10^9 by
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -83,10 +84,39 @@ class TensorSpec:
 
 # --- parameter inventory -------------------------------------------------------------------------
 
+# In the names of tensors repeated once per layer (see `parameter_groups`), where the layer number goes.
+LAYER = "{layer}"
+
+
+def parameter_groups(config: MonkeyConfig) -> list[tuple[TensorSpec, int]]:
+    """Every distinct parameter once, with how many layers repeat it (names hold LAYER where they differ).
+
+    Plans are computed from these, so their cost does not grow with the layer count of a config.
+    """
+    v = config.vision
+    decoder_layer = f"transformer.h.{LAYER}"
+    vision_block = f"transformer.visual.transformer.resblocks.{LAYER}"
+    return [
+        *((tensor, 1) for tensor in _decoder_ends(config)),
+        *((tensor, config.num_hidden_layers) for tensor in _decoder_layer(config, decoder_layer)),
+        *((tensor, 1) for tensor in _vision_ends(config)),
+        *((tensor, v.layers) for tensor in _vision_block(config, vision_block)),
+    ]
+
 
 def parameter_manifest(config: MonkeyConfig) -> list[TensorSpec]:
     """Every parameter of the Monkey checkpoint described by `config`: name, shape and component."""
-    return [*_decoder_tensors(config), *_vision_tensors(config)]
+    manifest = []
+    for tensor, count in parameter_groups(config):
+        if count == 1 and LAYER not in tensor.name:
+            manifest.append(tensor)
+        else:
+            manifest += [dataclasses.replace(tensor, name=tensor.name.replace(LAYER, str(i))) for i in range(count)]
+    return sorted(manifest, key=lambda tensor: _natural_key(tensor.name))
+
+
+def _natural_key(name: str) -> tuple[Any, ...]:
+    return tuple(int(part) if part.isdigit() else part for part in name.split("."))
 
 
 def _linear(
@@ -97,21 +127,23 @@ def _linear(
         yield TensorSpec(f"{name}.bias", (out_features,), component)
 
 
-def _decoder_tensors(config: MonkeyConfig) -> Iterator[TensorSpec]:
-    hidden, ffn, vocab = config.hidden_size, config.ffn_width, config.vocab_size
+def _decoder_ends(config: MonkeyConfig) -> Iterator[TensorSpec]:
+    hidden, vocab = config.hidden_size, config.vocab_size
     yield TensorSpec("transformer.wte.weight", (vocab, hidden), EMBEDDINGS)
-    for i in range(config.num_hidden_layers):
-        layer = f"transformer.h.{i}"
-        yield TensorSpec(f"{layer}.ln_1.weight", (hidden,), DECODER_NORMS)
-        yield from _linear(f"{layer}.attn.c_attn", 3 * hidden, hidden, DECODER_LINEARS, bias=True)
-        yield from _linear(f"{layer}.attn.c_proj", hidden, hidden, DECODER_LINEARS, bias=False)
-        yield TensorSpec(f"{layer}.ln_2.weight", (hidden,), DECODER_NORMS)
-        yield from _linear(f"{layer}.mlp.w1", ffn, hidden, DECODER_LINEARS, bias=False)
-        yield from _linear(f"{layer}.mlp.w2", ffn, hidden, DECODER_LINEARS, bias=False)
-        yield from _linear(f"{layer}.mlp.c_proj", hidden, ffn, DECODER_LINEARS, bias=False)
     yield TensorSpec("transformer.ln_f.weight", (hidden,), DECODER_NORMS)
     # lm_head is a Linear, but stays in the compute dtype under every --quant (as transformers does).
     yield TensorSpec("lm_head.weight", (vocab, hidden), EMBEDDINGS)
+
+
+def _decoder_layer(config: MonkeyConfig, layer: str) -> Iterator[TensorSpec]:
+    hidden, ffn = config.hidden_size, config.ffn_width
+    yield TensorSpec(f"{layer}.ln_1.weight", (hidden,), DECODER_NORMS)
+    yield from _linear(f"{layer}.attn.c_attn", 3 * hidden, hidden, DECODER_LINEARS, bias=True)
+    yield from _linear(f"{layer}.attn.c_proj", hidden, hidden, DECODER_LINEARS, bias=False)
+    yield TensorSpec(f"{layer}.ln_2.weight", (hidden,), DECODER_NORMS)
+    yield from _linear(f"{layer}.mlp.w1", ffn, hidden, DECODER_LINEARS, bias=False)
+    yield from _linear(f"{layer}.mlp.w2", ffn, hidden, DECODER_LINEARS, bias=False)
+    yield from _linear(f"{layer}.mlp.c_proj", hidden, ffn, DECODER_LINEARS, bias=False)
 
 
 def _layer_norm(name: str, width: int, component: str) -> Iterator[TensorSpec]:
@@ -126,25 +158,28 @@ def _lora_bank(name: str, count: int, in_features: int, out_features: int, rank:
         yield TensorSpec(f"{name}.{k}.lora_scale", (1,), VIT_OTHER)
 
 
-def _vision_tensors(config: MonkeyConfig) -> Iterator[TensorSpec]:
+def _vision_block(config: MonkeyConfig, block: str) -> Iterator[TensorSpec]:
     v = config.vision
-    width, mlp_width, out, windows = v.width, v.mlp_width, v.output_dim, v.num_windows
+    width, mlp_width, windows = v.width, v.mlp_width, v.num_windows
+    yield from _layer_norm(f"{block}.ln_1", width, VIT_OTHER)
+    yield from _linear(f"{block}.attn.in_proj", 3 * width, width, VIT_LINEARS, bias=True)
+    yield from _lora_bank(f"{block}.attn.in_proj_lora", windows, width, 3 * width, IN_PROJ_LORA_RANK)
+    yield from _linear(f"{block}.attn.out_proj", width, width, VIT_LINEARS, bias=True)
+    yield from _lora_bank(f"{block}.attn.out_proj_lora", windows, width, width, OUT_PROJ_LORA_RANK)
+    yield from _layer_norm(f"{block}.ln_2", width, VIT_OTHER)
+    yield from _linear(f"{block}.mlp.c_fc", mlp_width, width, VIT_LINEARS, bias=True)
+    yield from _linear(f"{block}.mlp.c_proj", width, mlp_width, VIT_LINEARS, bias=True)
+    yield from _lora_bank(f"{block}.mlp_lora", windows, width, width, MLP_LORA_RANK)
+
+
+def _vision_ends(config: MonkeyConfig) -> Iterator[TensorSpec]:
+    v = config.vision
+    width, out = v.width, v.output_dim
     queries = config.tokens_per_image // v.num_views  # resampler queries per view (256)
     root = "transformer.visual"
     yield TensorSpec(f"{root}.conv1.weight", (width, 3, v.patch_size, v.patch_size), VIT_OTHER)
     yield TensorSpec(f"{root}.positional_embedding", (VIT_POS_EMBED_TOKENS, width), VIT_OTHER)
     yield from _layer_norm(f"{root}.ln_pre", width, VIT_OTHER)
-    for i in range(v.layers):
-        block = f"{root}.transformer.resblocks.{i}"
-        yield from _layer_norm(f"{block}.ln_1", width, VIT_OTHER)
-        yield from _linear(f"{block}.attn.in_proj", 3 * width, width, VIT_LINEARS, bias=True)
-        yield from _lora_bank(f"{block}.attn.in_proj_lora", windows, width, 3 * width, IN_PROJ_LORA_RANK)
-        yield from _linear(f"{block}.attn.out_proj", width, width, VIT_LINEARS, bias=True)
-        yield from _lora_bank(f"{block}.attn.out_proj_lora", windows, width, width, OUT_PROJ_LORA_RANK)
-        yield from _layer_norm(f"{block}.ln_2", width, VIT_OTHER)
-        yield from _linear(f"{block}.mlp.c_fc", mlp_width, width, VIT_LINEARS, bias=True)
-        yield from _linear(f"{block}.mlp.c_proj", width, mlp_width, VIT_LINEARS, bias=True)
-        yield from _lora_bank(f"{block}.mlp_lora", windows, width, width, MLP_LORA_RANK)
     pool = f"{root}.attn_pool"
     yield TensorSpec(f"{pool}.query", (queries, out), RESAMPLER)
     yield TensorSpec(f"{pool}.pos_embed", (queries, out), RESAMPLER)
@@ -162,8 +197,8 @@ def _vision_tensors(config: MonkeyConfig) -> Iterator[TensorSpec]:
 def parameter_counts(config: MonkeyConfig) -> dict[str, int]:
     """Parameters per component (keys: COMPONENTS), e.g. 9,708,053,824 in all for the released Monkey."""
     counts = dict.fromkeys(COMPONENTS, 0)
-    for tensor in parameter_manifest(config):
-        counts[tensor.component] += tensor.numel
+    for tensor, count in parameter_groups(config):
+        counts[tensor.component] += tensor.numel * count
     return counts
 
 
@@ -313,13 +348,13 @@ def plan(
     width = DTYPE_BYTES[dtype]
 
     weight_bytes = quantized = unquantized = 0
-    for tensor in parameter_manifest(config):
+    for tensor, count in parameter_groups(config):
         if _is_quantized(tensor, quant, quant_vision):
-            quantized += tensor.numel
-            weight_bytes += _quantized_weight_bytes(tensor.numel, tensor.shape[0], quant)
+            quantized += tensor.numel * count
+            weight_bytes += _quantized_weight_bytes(tensor.numel, tensor.shape[0], quant) * count
         else:
-            unquantized += tensor.numel
-            weight_bytes += tensor.numel * width
+            unquantized += tensor.numel * count
+            weight_bytes += tensor.numel * width * count
 
     tokens = prompt_tokens + max_new_tokens
     vision = _vision_working_set(config, batch_size, width)
@@ -397,7 +432,7 @@ def _quant_workspace(
     """Temporaries of the largest quantized matmul at prefill (zero without quantization)."""
     vit_tokens = batch_size * config.vision.num_views * config.vision.patches_per_side**2
     largest = 0
-    for tensor in parameter_manifest(config):
+    for tensor, _count in parameter_groups(config):
         if not _is_quantized(tensor, quant, quant_vision):
             continue
         if quant == "4bit":
@@ -474,6 +509,123 @@ def _first_fitting(
         if candidate.fits:
             return candidate
     return None
+
+
+# --- choosing what to run ------------------------------------------------------------------------
+
+# `--quant auto` tries these from the most faithful to the most compressed: the checkpoint's own precision,
+# then the decoder in 8 and 4 bits, and quantizing the vision tower too only as the last resort.
+AUTO_OPTIONS: tuple[tuple[str, bool], ...] = (
+    ("none", False),
+    ("8bit", False),
+    ("4bit", False),
+    ("8bit", True),
+    ("4bit", True),
+)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What to load: the plan (quant, quant_vision, batch size) and, when it differs from what was asked
+    (an automatic quant, a lowered batch size), one line saying what and why."""
+
+    plan: MemoryPlan
+    note: str | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.plan.batch_size
+
+
+def choose(
+    config: MonkeyConfig,
+    budget_bytes: int | None,
+    *,
+    quant: str = "auto",
+    quant_vision: bool = False,
+    batch_size: int = 1,
+    device: str = "the device",
+    available: Sequence[str] = QUANTS,
+    **options: Any,
+) -> Choice:
+    """The quantization and batch size to run with, from the memory plan.
+
+    `quant` "auto" takes the first of AUTO_OPTIONS (among the `available` quantizations; only those with
+    the vision tower quantized when `quant_vision` asks for it) that fits the device at batch size 1;
+    an explicit quant is checked as given (MemoryBudgetError naming what would fit). Either way the batch
+    size is then lowered to the largest that fits. An unknown budget is not checked. `options` are plan()'s.
+    """
+    if quant != "auto":
+        wanted = check_fits(
+            config, quant, budget_bytes, device=device, quant_vision=quant_vision, batch_size=1, **options
+        )
+        return _with_batch(config, wanted, batch_size, budget_bytes, device, options, note=None)
+    candidates = [(q, qv) for q, qv in AUTO_OPTIONS if q in available and (qv or not quant_vision)]
+    if not candidates:
+        raise UsageError("--quant-vision needs --quant 8bit or 4bit, and those need bitsandbytes")
+    plans = [plan(config, q, quant_vision=qv, budget_bytes=budget_bytes, **options) for q, qv in candidates]
+    chosen = next((p for p in plans if p.fits is not False), None)
+    if chosen is None:
+        raise MemoryBudgetError(_nothing_fits(plans[-1], budget_bytes, device, available))
+    note = f"--quant auto: using {chosen.flags} in {chosen.dtype}"
+    skipped = plans[: plans.index(chosen)]
+    if budget_bytes is None:
+        note += f"; the free memory of {device} is unknown"
+    elif skipped:
+        note += (
+            f": {skipped[0].flags} would need {format_bytes(skipped[0].total_bytes)} and {device} has "
+            f"{format_bytes(budget_bytes)} {_free_word(device)} (this needs {format_bytes(chosen.total_bytes)})"
+        )
+    else:
+        note += (
+            f": it needs {format_bytes(chosen.total_bytes)} and {device} has "
+            f"{format_bytes(budget_bytes)} {_free_word(device)}"
+        )
+    return _with_batch(config, chosen, batch_size, budget_bytes, device, options, note=note)
+
+
+def _with_batch(
+    config: MonkeyConfig,
+    fitting: MemoryPlan,
+    batch_size: int,
+    budget: int | None,
+    device: str,
+    options: dict[str, Any],
+    note: str | None,
+) -> Choice:
+    """`fitting` (a batch-size-1 plan that fits) at the largest batch size up to `batch_size` that fits."""
+
+    def at(batch: int) -> MemoryPlan:
+        changed = {**options, "quant_vision": fitting.quant_vision, "batch_size": batch}
+        return plan(config, fitting.quant, budget_bytes=budget, **changed)
+
+    best = at(batch_size)
+    if best.fits is False:
+        low, high = 1, batch_size  # at(low) fits, at(high) does not: the plan grows with the batch
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if at(middle).fits else (low, middle)
+        best = at(low)
+        lowered = (
+            f"--batch-size {batch_size} lowered to {low}, what fits with {fitting.flags} in the "
+            f"{format_bytes(budget)} {_free_word(device)} on {device}"
+        )
+        note = f"{note}; {lowered}" if note else lowered
+    return Choice(best, note)
+
+
+def _free_word(device: str) -> str:
+    return "available" if device.split(":")[0] == "cpu" else "free"
+
+
+def _nothing_fits(smallest: MemoryPlan, budget: int | None, device: str, available: Sequence[str]) -> str:
+    message = (
+        f"the model does not fit: even {smallest.flags} needs {format_bytes(smallest.total_bytes)} "
+        f"but {device} has {format_bytes(budget)} {_free_word(device)}"
+    )
+    if set(QUANTS) - set(available):
+        message += "; --quant 8bit and 4bit need bitsandbytes (pip install bitsandbytes)"
+    return message
 
 
 # --- device memory -------------------------------------------------------------------------------

@@ -217,9 +217,15 @@ class MonkeyForCausalLM(MonkeyPreTrainedModel, GenerationMixin):
 
 
 def default_generation_config(config: MonkeyConfig) -> GenerationConfig:
-    """Greedy with the KV cache, stopping at <|endoftext|> (which also pads a batch)."""
+    """As every call site of the original: greedy with the KV cache, at least one new token (an answer is
+    never empty because <|endoftext|> won the first step), stopping at <|endoftext|> (which also pads)."""
     return GenerationConfig(
-        eos_token_id=config.eod_id, pad_token_id=config.eod_id, do_sample=False, num_beams=1, use_cache=True
+        eos_token_id=config.eod_id,
+        pad_token_id=config.eod_id,
+        do_sample=False,
+        num_beams=1,
+        min_new_tokens=1,
+        use_cache=True,
     )
 
 

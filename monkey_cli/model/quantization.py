@@ -17,17 +17,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from monkey_cli.model.configuration import MonkeyConfig
 
-QUANTS = ("none", "8bit", "4bit")
-
-
-def resolve_quant(quant: str | None, device: str) -> str:
-    """None/"auto" -> 4bit on CUDA (the released model does not fit most GPUs in bf16), none on CPU."""
-    if quant in (None, "auto"):
-        return "4bit" if device.startswith("cuda") else "none"
-    if quant not in QUANTS:
-        raise UsageError(f"--quant must be one of auto, {', '.join(QUANTS)}; got {quant!r}")
-    return quant
-
 
 def linear_module_names(config: MonkeyConfig) -> list[str]:
     """Every nn.Linear of the model built from `config` (on the meta device: no memory)."""

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import os
+import stat
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING
 
-from monkey_cli.errors import MonkeyError, UsageError
+from monkey_cli.errors import CheckpointError, MonkeyError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
     from monkey_cli.model.configuration import MonkeyConfig
 
 # Only data files are fetched from the hub: a checkpoint's .py files are never downloaded, let alone run.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.tiktoken"]
+
+
+# What a model file may weigh when read whole into memory (config, index and vocabulary files; the weights
+# themselves are memory-mapped by safetensors / torch, never read here).
+MAX_JSON_BYTES = 64 * 2**20
+MAX_VOCAB_BYTES = 64 * 2**20
 
 
 class ModelSourceError(MonkeyError):
@@ -34,7 +41,7 @@ def resolve_source(source: str | os.PathLike[str]) -> Path:
     text = str(source)
     path = Path(text).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not os.path.lexists(path / "config.json"):  # what else is wrong with it, load_config says
             raise ModelSourceError(f"{path}: not a Monkey checkpoint folder (no config.json)")
         return path
     if not is_hub_id(text):
@@ -114,3 +121,73 @@ def peek_config(source: str | os.PathLike[str]) -> MonkeyConfig:
         if isinstance(cached, str):
             return load_config(cached)
     return real_monkey_config()
+
+
+# --- model files: regular files inside the model folder, read with a limit -----------------------------------
+
+
+def model_root(folder: Path) -> Path:
+    """The folder a checkpoint's files may resolve into: the checkpoint folder itself, or for a Hugging Face
+    cache snapshot (`models--owner--name/snapshots/REV`, whose files link to `../../blobs/`) the repo's cache."""
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent
+    return folder
+
+
+def model_file(
+    folder: str | os.PathLike[str], name: str, *, error: type[MonkeyError] = CheckpointError, required: bool = True
+) -> Path | None:
+    """`folder/name` when it is a regular file inside the model folder (see `model_root`), else `error`.
+
+    `name` comes from the checkpoint (e.g. a weight index's shard names): an absolute name, `..`, a
+    symbolic link leading outside the folder, a FIFO, socket, device or folder are refused with one line.
+    A missing file is None unless `required`.
+    """
+    folder = Path(folder)
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    if not name or posix.is_absolute() or windows.is_absolute() or windows.drive or ".." in windows.parts:
+        raise error(f"{folder}: refusing to read {name!r}: a model file must be named inside the model folder")
+    path = folder / name
+    try:
+        resolved = path.resolve(strict=True)
+    except FileNotFoundError:
+        if required:
+            raise error(f"{path}: not found") from None
+        return None
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a permission error on the way
+        raise error(f"{path}: cannot open ({exc})") from None
+    if not resolved.is_relative_to(model_root(folder).resolve()):
+        raise error(f"{path}: refusing to read it: it leads outside the model folder (to {resolved})")
+    try:
+        mode = resolved.stat().st_mode
+    except OSError as exc:
+        raise error(f"{path}: cannot open ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(mode):
+        raise error(f"{path}: refusing to read it: not a regular file ({_file_kind(mode)})")
+    return path
+
+
+def read_regular_file(path: str | os.PathLike[str], limit: int, *, error: type[MonkeyError] = CheckpointError) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. The file is opened without blocking and checked
+    through its own descriptor, so a FIFO or device put in its place is refused, never waited on."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise error(f"{path}: not found") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot open ({exc.strerror or exc})") from None
+    with os.fdopen(fd, "rb") as handle:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise error(f"{path}: refusing to read it: not a regular file ({_file_kind(mode)})")
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise error(f"{path}: larger than the {limit // 2**20} MiB such a file may have")
+    return data
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+    kinds += ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), "not a plain file")

@@ -107,8 +107,11 @@ class QWenTokenizer:
     def from_dir(
         cls, checkpoint_dir: str | os.PathLike[str], image_token_span: int = DEFAULT_IMAGE_TOKEN_SPAN
     ) -> QWenTokenizer:
-        """The tokenizer of a checkpoint folder (its `qwen.tiktoken`)."""
-        return cls(Path(checkpoint_dir) / VOCAB_FILE_NAME, image_token_span=image_token_span)
+        """The tokenizer of a checkpoint folder: its `qwen.tiktoken`, a regular file inside the folder."""
+        from monkey_cli.model.sources import model_file
+
+        vocab_file = model_file(checkpoint_dir, VOCAB_FILE_NAME, error=TokenizerError)
+        return cls(vocab_file, image_token_span=image_token_span)
 
     # --- sizes and aliases ------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -149,12 +152,29 @@ class QWenTokenizer:
         the path's bytes show as the BPE tokens whose ids equal those byte values (as the original)."""
         return [self._id_to_token[token_id] for token_id in self.encode(text)]
 
+    def encode_prompt(self, before: str, after: str) -> list[int]:
+        """Ids of a prompt built from user text: `before`, one image span, `after`.
+
+        The texts are plain text (NFC, tiktoken's ordinary encoding): `<img>`, `<|endoftext|>`, `<ref>` and
+        every other special-token look-alike in them become ordinary BPE pieces, so user text can neither
+        end the prompt nor open an image span. The span is `<img>`, `image_token_span` x `<imgpad>`,
+        `</img>`. For texts without such look-alikes this equals `encode(before + "<img></img>" + after)`.
+        """
+        span = [self.img_start_id, *[self.img_pad_id] * self.image_token_span, self.img_end_id]
+        return self._plain_ids(before) + span + self._plain_ids(after)
+
+    def _plain_ids(self, text: str) -> list[int]:
+        return self._encoding.encode_ordinary(unicodedata.normalize("NFC", text))
+
     def batch_encode(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask), both int64 [batch, longest], LEFT-padded with `<|endoftext|>`
         so that every prompt ends at the last column, where generation continues."""
+        return self.pad_left([self.encode(text) for text in texts])
+
+    def pad_left(self, rows: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of ids -> (input_ids, attention_mask) as `batch_encode` makes them."""
         import torch
 
-        rows = [self.encode(text) for text in texts]
         longest = max((len(row) for row in rows), default=0)
         input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
@@ -289,14 +309,14 @@ class QWenTokenizer:
 
 def load_bpe_ranks(vocab_file: str | os.PathLike[str]) -> dict[bytes, int]:
     """Read a tiktoken ranks file: one `base64(token) rank` per line, ranks 0..n-1 each used once, all
-    256 single bytes present (byte-level BPE must be able to spell any input). Blank lines are skipped."""
+    256 single bytes present (byte-level BPE must be able to spell any input). Blank lines are skipped.
+    The file must be a regular file of at most MAX_VOCAB_BYTES."""
+    from monkey_cli.model.sources import MAX_VOCAB_BYTES, read_regular_file
+
     path = Path(vocab_file)
-    try:
-        contents = path.read_bytes()
-    except FileNotFoundError:
-        raise TokenizerError(f"{path}: vocabulary file not found") from None
-    except OSError as exc:
-        raise TokenizerError(f"{path}: cannot read the vocabulary file ({exc.strerror or exc})") from None
+    if not path.exists() and not path.is_symlink():
+        raise TokenizerError(f"{path}: vocabulary file not found")
+    contents = read_regular_file(path, MAX_VOCAB_BYTES, error=TokenizerError)
 
     ranks: dict[bytes, int] = {}
     rank_lines: dict[int, int] = {}  # rank -> line number, to name both lines of a duplicate

@@ -1,0 +1,234 @@
+"""The options the commands share, each defined once (typer `Annotated` aliases), with their checks.
+
+A command declares `model: Model = DEFAULT_MODEL` and gets the same flag names, short flags, environment
+variable, help panel, metavar and validation as every other command taking that option. Values are
+checked while the command line is parsed (see `common.Command`): nothing heavy is imported to do it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from monkey_cli.errors import UsageError
+from monkey_cli.tasks import PROMPT_STYLES
+
+INPUT, PROMPT, MODEL, OUTPUT = "Input", "Prompt", "Model", "Output"
+
+FORMATS = ("text", "json", "jsonl", "md")
+QUANTS = ("auto", "none", "8bit", "4bit")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+WINDOW = 448  # page sizes are whole numbers of the model's 448-pixel windows
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+# --- checks (typer parsers: raise BadParameter with the part after the option's name) ----------------------
+
+
+def choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise typer.BadParameter(f"must be one of {', '.join(choices)}; got {value!r}")
+        return text
+
+    return parse
+
+
+def positive_int(value: str | int) -> int:
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise typer.BadParameter(f"must be a positive integer; got {value!r}")
+    return number
+
+
+def device(value: str) -> str:
+    text = str(value).strip().lower()
+    if not _DEVICE.fullmatch(text):
+        raise typer.BadParameter(f"must be auto, cpu, cuda or cuda:N; got {value!r}")
+    return text
+
+
+def pages(value: str) -> str:
+    from monkey_cli.documents import parse_pages  # documents imports nothing heavy at module level
+
+    try:
+        parse_pages(value)
+    except UsageError as exc:
+        raise typer.BadParameter(str(exc).removeprefix(f"--pages {value!r}: ")) from None
+    return value
+
+
+def size(value: str) -> str:
+    from monkey_cli.documents import parse_size
+
+    try:
+        height, width = parse_size(value) or (0, 0)
+    except UsageError:
+        raise typer.BadParameter(f"must be HEIGHTxWIDTH in pixels, e.g. 896x896; got {value!r}") from None
+    if height % WINDOW or width % WINDOW:
+        raise typer.BadParameter(f"must be multiples of {WINDOW} per side (e.g. 896x1344); got {value!r}")
+    return f"{height}x{width}"
+
+
+def out_folder(value: str) -> Path:
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise typer.BadParameter(f"must be a folder; {value!r} is a file, not a folder")
+    return path
+
+
+# --- the options ---------------------------------------------------------------------------------------------
+
+
+def choice_option(*flags: str, choices: tuple[str, ...], panel: str, help: str, envvar: str | None = None) -> Any:
+    """An option taking one of `choices`, shown as `a|b|c` and checked while parsing."""
+    return typer.Option(
+        *flags, envvar=envvar, metavar="|".join(choices), parser=choice(choices), rich_help_panel=panel, help=help
+    )
+
+
+def out_option(help: str) -> Any:
+    """--out/-o: a folder (an existing file is a usage error)."""
+    return typer.Option("--out", "-o", metavar="DIR", parser=out_folder, rich_help_panel=OUTPUT, help=help)
+
+
+Inputs = Annotated[
+    list[str],
+    typer.Argument(
+        metavar="INPUT...",
+        help="Files, folders, globs, or '-' for paths (or one document's bytes) on stdin.",
+        show_default=False,
+        rich_help_panel=INPUT,
+    ),
+]
+Pages = Annotated[
+    str | None,
+    typer.Option(
+        "--pages", "-p", metavar="RANGE", parser=pages, rich_help_panel=INPUT,
+        help="Pages of every document, e.g. 1-3,7,-1 (1-based; -1 is the last page).",
+    ),
+]  # fmt: skip
+Size = Annotated[
+    str | None,
+    typer.Option(
+        "--size", metavar="HxW", parser=size, rich_help_panel=INPUT,
+        help="Size pages are rendered at, height x width in pixels, multiples of 448 (default: the "
+        "checkpoint's input size, 896x896 for Monkey; the model resizes other sizes to its own).",
+    ),
+]  # fmt: skip
+Password = Annotated[
+    str | None,
+    typer.Option(
+        "--password", envvar="MONKEY_PDF_PASSWORD", metavar="TEXT", rich_help_panel=INPUT,
+        help="Password for encrypted PDFs (the variable keeps it out of the shell history).",
+    ),
+]  # fmt: skip
+
+Questions = Annotated[
+    list[str] | None,
+    typer.Option("--question", "-q", metavar="TEXT", rich_help_panel=PROMPT, help="A question (repeat for several)."),
+]
+QuestionsFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--questions", metavar="FILE", rich_help_panel=PROMPT,
+        help="A file with one question per line (UTF-8; blank lines skipped).",
+    ),
+]  # fmt: skip
+Prompt = Annotated[
+    str | None,
+    typer.Option(
+        "--prompt", metavar="TEMPLATE", rich_help_panel=PROMPT,
+        help="Prompt template overriding the task's: '<img></img>' marks the image (else it goes first), "
+        "'{question}' is filled in; the rest is plain text to the model.",
+    ),
+]  # fmt: skip
+PromptStyle = Annotated[
+    str,
+    choice_option(
+        "--prompt-style", envvar="MONKEY_PROMPT_STYLE", choices=PROMPT_STYLES, panel=PROMPT,
+        help="Monkey-Chat's prompt forms or base Monkey's (they differ for captions); auto: chat when the "
+        "checkpoint's name or path contains 'Monkey-Chat', as the original decides.",
+    ),
+]  # fmt: skip
+
+Model = Annotated[
+    str,
+    typer.Option(
+        "--model", "-m", envvar="MONKEY_MODEL", metavar="PATH|HUB-ID", rich_help_panel=MODEL,
+        help="Checkpoint folder or Hugging Face hub id: echo840/Monkey-Chat (full answers) or echo840/Monkey "
+        "(short benchmark answers).",
+    ),
+]  # fmt: skip
+Quant = Annotated[
+    str,
+    choice_option(
+        "--quant", envvar="MONKEY_QUANT", choices=QUANTS, panel=MODEL,
+        help="auto: the most faithful option that fits in memory (none, then 8bit, then 4bit, then also "
+        "--quant-vision), said on stderr; none; 8bit (LLM.int8); 4bit (NF4).",
+    ),
+]  # fmt: skip
+QuantVision = Annotated[
+    bool,
+    typer.Option(
+        "--quant-vision", rich_help_panel=MODEL,
+        help="Quantize the vision tower too (saves ~1.5 GB in 4bit; with auto: only options that do).",
+    ),
+]  # fmt: skip
+Device = Annotated[
+    str,
+    typer.Option(
+        "--device", envvar="MONKEY_DEVICE", metavar="auto|cpu|cuda|cuda:N", parser=device, rich_help_panel=MODEL,
+        help="auto: the GPU with the most free memory, else the CPU.",
+    ),
+]  # fmt: skip
+Dtype = Annotated[
+    str,
+    choice_option(
+        "--dtype", envvar="MONKEY_DTYPE", choices=DTYPES, panel=MODEL,
+        help="auto: the checkpoint's own precision (config.json's bf16/fp16/fp32 flag: bfloat16 for the "
+        "released Monkeys), float16 on a GPU without bfloat16, float32 for a float16 checkpoint on the CPU.",
+    ),
+]  # fmt: skip
+MaxNewTokens = Annotated[
+    int,
+    typer.Option("--max-new-tokens", metavar="N", parser=positive_int, rich_help_panel=MODEL,
+                 help="Longest answer, in tokens."),
+]  # fmt: skip
+BatchSize = Annotated[
+    int,
+    typer.Option(
+        "--batch-size", "-b", metavar="N", parser=positive_int, rich_help_panel=MODEL,
+        help="Pages (and questions) per model batch; lowered to what fits in memory (said on stderr).",
+    ),
+]  # fmt: skip
+
+Format = Annotated[
+    str,
+    choice_option("--format", "-f", choices=FORMATS, panel=OUTPUT,
+                  help="Results as text, one JSON document, JSON lines, or a Markdown report."),
+]  # fmt: skip
+Out = Annotated[
+    Path | None,
+    out_option(
+        "Write one file per input document here (mirrors the input tree; a rerun resumes); "
+        "nothing is printed on stdout then."
+    ),
+]
+Overwrite = Annotated[
+    bool,
+    typer.Option("--overwrite", rich_help_panel=OUTPUT, help="Redo documents whose output is already up to date."),
+]
+Verbose = Annotated[
+    bool,
+    typer.Option("--verbose", "-v", rich_help_panel=OUTPUT,
+                 help="Show third-party warnings, and tracebacks for unexpected errors."),
+]  # fmt: skip

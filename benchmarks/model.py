@@ -9,8 +9,8 @@ built straight on the GPU in bfloat16 and filled with random weights. Timings do
 values, so this measures the real model's speed without downloading 19 GB. It needs the real Qwen vocabulary
 (`qwen.tiktoken`, 151643 ranks) so that the prompt's image tags get the ids the config expects.
 
-Every figure goes through the public API (`Monkey.encode_images`, `Monkey.generate_ids`), so it is what a
-user of the library gets. The helpers here are shared with `quant.py` (same measurements, other loaders).
+Every figure goes through the public API (`Monkey.encode_images`, `Monkey.hf_generate_ids`: transformers'
+`generate()`, the eager path the engine is measured against in benchmarks/engine.py). The helpers here are shared with `quant.py` (same measurements, other loaders).
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def measure_batch(monkey: Any, batch: int, new_tokens: int, repeats: int) -> dic
 
     preprocess_ms: PIL pages -> window tensors (CPU). vit_ms: ViT + resampler on the prepared pixels.
     prefill_ms: the decoder over the prompts (image features given) up to the first new token.
-    first_token_ms: pages -> first token end to end (`generate_ids(images, ...)`: all of the above).
+    first_token_ms: pages -> first token end to end (`hf_generate_ids(images, ...)`: all of the above).
     decode_ms_per_token: median time between consecutive decoding steps of a generation of 1 + N tokens
     (N forced with min_new_tokens), over all timed runs; a step is one forward pass of the batch and
     transformers' sampling logic, as in any answer.
@@ -198,7 +198,7 @@ def measure_batch(monkey: Any, batch: int, new_tokens: int, repeats: int) -> dic
     def generate(count: int, images: Any = None, clock: StepClock | None = None) -> list[list[int]]:
         embeds = None if images is not None else features
         extra = {"logits_processor": LogitsProcessorList([clock])} if clock is not None else {}
-        return monkey.generate_ids(
+        return monkey.hf_generate_ids(
             images, prompts, image_embeds=embeds, max_new_tokens=count, min_new_tokens=count, **extra
         )
 

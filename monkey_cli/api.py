@@ -7,13 +7,17 @@
     m.generate([img1, img2], ["<img></img> What is the title? Answer: "] * 2)   # batched
 
 Everything the CLI does goes through this class; it holds the model, the tokenizer and the image processor.
+Generation runs on the engine (`monkey_cli.engine`: static KV cache, a compiled decode step with `compile=True`,
+continuous batching over `batch_size` slots, shared image prefixes); `hf_generate_ids` keeps transformers'
+`generate()` as the reference path.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from monkey_cli.documents import Page
+    from monkey_cli.engine.scheduler import Scheduler
     from monkey_cli.model.configuration import MonkeyConfig
     from monkey_cli.model.memory import Choice, MemoryPlan
     from monkey_cli.model.modeling import MonkeyForCausalLM
@@ -33,6 +38,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from monkey_cli.model.tokenizer import QWenTokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 512
+DEFAULT_BATCH_SIZE = 4
+# What `generate` takes besides prompts and images; anything else belongs to transformers (`hf_generate_ids`).
+SAMPLING_OPTIONS = ("min_new_tokens", "do_sample", "temperature", "top_p", "top_k", "seed")
 # Where the library says what it decided for the user (an automatic --quant, a lowered batch size).
 log = logging.getLogger("monkey_cli")
 
@@ -46,8 +54,9 @@ class Monkey:
     """A loaded Monkey model ready to answer questions about documents and images.
 
     `chat` says whether the checkpoint is Monkey-Chat (its caption prompt differs); `batch_size` is the
-    most pages the memory plan allows in one batch; `sampling` holds the checkpoint's sampling defaults
-    (from its generation_config.json), used when a caller passes `do_sample=True`.
+    most sequences the memory plan allows at once (the engine's decode slots); `sampling` holds the
+    checkpoint's sampling defaults (from its generation_config.json), used when a caller passes
+    `do_sample=True`; `compile` says whether the engine's decode step is compiled.
     """
 
     model: MonkeyForCausalLM
@@ -58,6 +67,9 @@ class Monkey:
     chat: bool = False
     batch_size: int = 1
     sampling: dict[str, Any] = field(default_factory=dict)
+    compile: bool = False
+    _scheduler: Scheduler | None = field(default=None, init=False, repr=False)
+    _calls: Any = field(default_factory=itertools.count, init=False, repr=False)
 
     @classmethod
     def load(
@@ -70,9 +82,10 @@ class Monkey:
         quant_vision: bool = False,
         seq_length: int | None = None,
         prompt_style: str = "auto",
-        batch_size: int = 1,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         prompts: Sequence[Prompt | str] = (),
+        compile: bool | None = None,
     ) -> Monkey:
         """Load a checkpoint from a local folder or a Hugging Face hub id (downloaded into the HF cache).
 
@@ -85,6 +98,8 @@ class Monkey:
         context) with answers of `max_new_tokens`; `batch_size` is lowered to what fits (logged too).
         prompt_style: "auto" (Monkey-Chat when its name or path says "Monkey-Chat", as the original
         decides), "chat" or "base".
+        compile: capture the engine's decode step with torch.compile (CUDA graphs on a GPU); None: on for
+        CUDA, off for the CPU (where compiling costs more than it saves). Both give the same tokens.
         """
         from monkey_cli.model.configuration import load_config
         from monkey_cli.model.loading import load_model, sampling_defaults
@@ -125,6 +140,7 @@ class Monkey:
             chat=tasks.is_chat_checkpoint(source, folder, style=prompt_style),
             batch_size=choice.batch_size,
             sampling=sampling_defaults(folder),
+            compile=device.startswith("cuda") if compile is None else bool(compile),
         )
 
     @staticmethod
@@ -204,10 +220,7 @@ class Monkey:
         self, document: Any, page: int | None, prompt: Prompt, max_new_tokens: int, kwargs: dict[str, Any]
     ) -> str | list[str]:
         images, one = self._images_of(document, page)
-        answers: list[str] = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size]
-            answers += self.generate(chunk, [prompt] * len(chunk), max_new_tokens=max_new_tokens, **kwargs)
+        answers = self.generate(images, [prompt] * len(images), max_new_tokens=max_new_tokens, **kwargs)
         return answers[0] if one else answers
 
     def _images_of(self, document: Any, page: int | None) -> tuple[list[Any], bool]:
@@ -227,15 +240,37 @@ class Monkey:
         return [p.image for p in pages], page is not None or len(pages) == 1
 
     # --- batched generation -------------------------------------------------------------------------
-    def encode_images(self, images: Sequence[Any]) -> torch.Tensor:
-        """Vision features for images (PIL or paths): [images, views*256, hidden]. Reusable across prompts."""
+    def preprocess(self, image: Any) -> torch.Tensor:
+        """One page (PIL image or path) as the vision tower takes it: [views, 3, 448, 448], float32 on the CPU.
+
+        Pure CPU work: call it ahead (e.g. on a prefetch thread) and pass the result as the image."""
         import torch
 
-        batch = self.processor(list(images))
-        pixel_values = torch.cat([batch.windows, batch.global_view[:, None]], dim=1)
+        batch = self.processor([image])
+        return torch.cat([batch.windows, batch.global_view[:, None]], dim=1)[0]
+
+    def encode_images(self, images: Sequence[Any]) -> torch.Tensor:
+        """Vision features for images (PIL, paths, or `preprocess` results): [images, views*256, hidden]."""
+        import torch
+
+        pixel_values = torch.stack([img if isinstance(img, torch.Tensor) else self.preprocess(img) for img in images])
         device = self.model.transformer.visual.conv1.weight.device
         with torch.inference_mode():
-            return self.model.encode_images(pixel_values.to(device))
+            return self.model.encode_images(pixel_values.to(device, non_blocking=True))
+
+    def scheduler(self, slots: int | None = None) -> Scheduler:
+        """The engine that runs this model's generation, with `slots` decode slots (default `batch_size`).
+
+        One scheduler is kept (its cache and compiled step are reused); asking for another slot count replaces
+        it. Drive it with `submit` and `step`, or wrap it in `monkey_cli.engine.EngineLoop` for many threads.
+        """
+        from monkey_cli.engine.scheduler import Scheduler
+
+        slots = slots or self.batch_size
+        if self._scheduler is None or self._scheduler.slots != slots:
+            self._scheduler = None  # free the old cache first
+            self._scheduler = Scheduler(self.model, self.encode_images, slots=slots, compile=self.compile)
+        return self._scheduler
 
     @property
     def context_tokens(self) -> int:
@@ -255,6 +290,21 @@ class Monkey:
             )
         return ids
 
+    def sampling_params(self, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, **options: Any) -> Any:
+        """`SamplingParams` from `generate`'s keyword arguments: greedy with min_new_tokens=1 by default;
+        `do_sample=True` samples with the checkpoint's own settings (`sampling`) unless overridden."""
+        from monkey_cli.engine.sampling import SamplingParams
+
+        unknown = sorted(set(options) - set(SAMPLING_OPTIONS))
+        if unknown:
+            raise TypeError(
+                f"generate() got unexpected keyword argument(s) {', '.join(unknown)}; it takes "
+                f"{', '.join(SAMPLING_OPTIONS)} (use hf_generate_ids for transformers' generate() options)"
+            )
+        if options.get("do_sample"):
+            options = {**self.sampling, **options}
+        return SamplingParams(max_new_tokens=max_new_tokens, **options)
+
     def generate(
         self,
         images: Sequence[Any] | None,
@@ -262,19 +312,20 @@ class Monkey:
         *,
         image_embeds: torch.Tensor | None = None,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-        **generate_kwargs: Any,
+        on_token: Callable[[int, int], None] | None = None,
+        **sampling: Any,
     ) -> list[str]:
-        """One answer per (image, prompt), greedy by default.
+        """One answer per (image, prompt), greedy by default, through the engine (continuous batching).
 
         A prompt is a `tasks.Prompt` (text before and after the image) or a string whose first
         `<img>...</img>` marks the image; all other text is plain text to the model, special-token
         look-alikes included. Pass `image_embeds` (from `encode_images`, one row per prompt) instead of
-        images to reuse vision features, e.g. for several questions about one page. Extra keyword arguments
-        go to transformers' `generate()` (do_sample, temperature, streamer, stopping_criteria, ...);
-        `do_sample=True` samples with the checkpoint's own settings (`sampling`) unless overridden.
+        images to reuse vision features. The same image object given for several prompts is encoded once and
+        its prompt prefix prefilled once. Keyword options: min_new_tokens (default 1), do_sample,
+        temperature, top_p, top_k, seed; `on_token(prompt_index, token_id)` sees each token as it comes.
         """
         ids = self.generate_ids(
-            images, prompts, image_embeds=image_embeds, max_new_tokens=max_new_tokens, **generate_kwargs
+            images, prompts, image_embeds=image_embeds, max_new_tokens=max_new_tokens, on_token=on_token, **sampling
         )
         return [tasks.clean_answer(self.tokenizer.decode(row, skip_special_tokens=True)) for row in ids]
 
@@ -285,22 +336,49 @@ class Monkey:
         *,
         image_embeds: torch.Tensor | None = None,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-        **generate_kwargs: Any,
+        on_token: Callable[[int, int], None] | None = None,
+        **sampling: Any,
     ) -> list[list[int]]:
-        """Like `generate`, but returns the new token ids of each answer (without padding or <|endoftext|>).
+        """Like `generate`, but returns the new token ids of each answer (without <|endoftext|>).
 
         At least one token is generated (min_new_tokens=1, as every call site of the original) unless the
         caller passes another min_new_tokens.
         """
+        from monkey_cli.engine.scheduler import GenerationRequest
+
+        rows = [self.check_prompt(prompt, max_new_tokens) for prompt in prompts]
+        _check_images(images, image_embeds, len(rows))
+        params = self.sampling_params(max_new_tokens, **sampling)
+        call = next(self._calls)  # image keys never meet an earlier call's (the engine keeps features a while)
+        requests = []
+        for index, ids in enumerate(rows):
+            callback = None if on_token is None else _bind(on_token, index)
+            if image_embeds is not None:
+                request = GenerationRequest(ids, image_embeds=image_embeds[index], params=params, on_token=callback)
+            else:
+                image = images[index]
+                key = ("generate", call, id(image))  # the same object for several prompts: encoded once
+                request = GenerationRequest(ids, image=image, image_key=key, params=params, on_token=callback)
+            requests.append(request)
+        return [result.token_ids for result in self.scheduler().run(requests)]
+
+    def hf_generate_ids(
+        self,
+        images: Sequence[Any] | None,
+        prompts: Sequence[Prompt | str],
+        *,
+        image_embeds: torch.Tensor | None = None,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        **generate_kwargs: Any,
+    ) -> list[list[int]]:
+        """`generate_ids` through transformers' `generate()` (one left-padded batch, its DynamicCache): the
+        eager reference path, which takes any of its options (streamer, logits_processor, ...)."""
         import torch
 
         rows = [self.check_prompt(prompt, max_new_tokens) for prompt in prompts]
+        _check_images(images, image_embeds, len(rows))
         if image_embeds is None:
-            if images is None or len(images) != len(prompts):
-                raise ValueError("give one image per prompt")
             image_embeds = self.encode_images(images)
-        elif image_embeds.shape[0] != len(prompts):
-            raise ValueError("give one row of image_embeds per prompt")
         generate_kwargs.setdefault("min_new_tokens", 1)
         if generate_kwargs.get("do_sample"):
             generate_kwargs = {**self.sampling, **generate_kwargs}
@@ -316,6 +394,17 @@ class Monkey:
             )
         new_tokens = output[:, input_ids.shape[1] :].tolist()
         return [_until_eos(row, self.tokenizer.eod_id) for row in new_tokens]
+
+
+def _check_images(images: Sequence[Any] | None, image_embeds: Any, count: int) -> None:
+    if image_embeds is None and (images is None or len(images) != count):
+        raise ValueError("give one image per prompt")
+    if image_embeds is not None and image_embeds.shape[0] != count:
+        raise ValueError("give one row of image_embeds per prompt")
+
+
+def _bind(on_token: Callable[[int, int], None], index: int) -> Callable[[int], None]:
+    return lambda token: on_token(index, token)
 
 
 def _choose(

@@ -110,13 +110,12 @@ def run(
         streamer_factory=streamer_factory,
     )
     by_name = {item.source.name: item for item in pending}
-    pages = documents.prefetch(
-        documents.iter_pages(
-            [item.source for item in pending],
-            size=options.size or model_input_size(options.model.source),
-            pages=options.pages,
-            password=options.password,
-        )
+    # Rendered lazily: the engine renders and preprocesses ahead on its own thread while the model works.
+    pages = documents.iter_pages(
+        [item.source for item in pending],
+        size=options.size or model_input_size(options.model.source),
+        pages=options.pages,
+        password=options.password,
     )
     try:
         for name, records in _per_document(engine.run(pages), on_record, summary):

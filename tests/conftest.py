@@ -82,15 +82,15 @@ def eager_eos_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def prompt_ids(monkeypatch) -> list[list[int]]:
-    """Every prompt the model is given, as token ids, in order (QWenTokenizer.pad_left sees them all)."""
-    from monkey_cli.model.tokenizer import QWenTokenizer
+    """Every prompt the model is given, as token ids, in order (every request reaches Scheduler.submit)."""
+    from monkey_cli.engine.scheduler import Scheduler
 
     seen: list[list[int]] = []
-    real = QWenTokenizer.pad_left
+    real = Scheduler.submit
 
-    def spy(self, rows):
-        seen.extend(list(row) for row in rows)
-        return real(self, rows)
+    def spy(self, request):
+        seen.append(list(request.prompt_ids))
+        return real(self, request)
 
-    monkeypatch.setattr(QWenTokenizer, "pad_left", spy)
+    monkeypatch.setattr(Scheduler, "submit", spy)
     return seen

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from monkey_cli import Monkey, tasks
 from monkey_cli.cli import _register_commands, app
+from monkey_cli.engine.scheduler import Scheduler
 from monkey_cli.errors import CheckpointError
 from monkey_cli.model.configuration import MonkeyConfig
 from monkey_cli.model.loading import resolve_dtype
@@ -121,20 +122,21 @@ def test_generation_config_gives_sampling_defaults_and_greedy_stays(tiny_monkey_
     greedy = monkey.generate_ids([CHART], prompt, max_new_tokens=9)
     assert greedy == plain.generate_ids([CHART], prompt, max_new_tokens=9)
 
-    seen: list[dict] = []
-    real_generate = monkey.model.generate
+    seen: list = []
+    real_submit = Scheduler.submit
 
-    def spy(**kwargs):
-        seen.append(kwargs)
-        return real_generate(**kwargs)
+    def spy(self, request):
+        seen.append(request.params)
+        return real_submit(self, request)
 
-    monkey.model.generate = spy
-    monkey.generate_ids([CHART], prompt, max_new_tokens=2)
-    monkey.generate_ids([CHART], prompt, max_new_tokens=2, do_sample=True)
-    monkey.generate_ids([CHART], prompt, max_new_tokens=2, do_sample=True, top_p=0.9)
-    assert "top_p" not in seen[0] and seen[0]["min_new_tokens"] == 1
-    assert (seen[1]["top_p"], seen[1]["top_k"]) == (0.5, 0)
-    assert (seen[2]["top_p"], seen[2]["top_k"]) == (0.9, 0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Scheduler, "submit", spy)
+        monkey.generate_ids([CHART], prompt, max_new_tokens=2)
+        monkey.generate_ids([CHART], prompt, max_new_tokens=2, do_sample=True)
+        monkey.generate_ids([CHART], prompt, max_new_tokens=2, do_sample=True, top_p=0.9)
+    assert seen[0].greedy and seen[0].min_new_tokens == 1
+    assert not seen[1].greedy and (seen[1].top_p, seen[1].top_k) == (0.5, 0)
+    assert (seen[2].top_p, seen[2].top_k) == (0.9, 0)
 
 
 def test_bad_generation_config_is_one_line(tiny_monkey_dir: Path, tmp_path: Path) -> None:

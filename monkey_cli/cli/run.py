@@ -216,6 +216,7 @@ def _execute(options: Any) -> None:
         writer = make_writer(options.fmt, progress.guard(stdout), multi=multi, show_prompt=show_prompt)
     failed = 0
     pages_seen: set[tuple[str, int]] = set()
+    streamed: list[str] = []  # what the token stream printed of the (single) answer
 
     def on_record(record: Any) -> None:
         nonlocal failed
@@ -225,12 +226,15 @@ def _execute(options: Any) -> None:
         if record.page is not None and (record.source, record.page) not in pages_seen:
             pages_seen.add((record.source, record.page))
             progress.page_done(record.pages)
-        if writer is not None and not (streaming and record.answer_source == "model"):
+        if streaming and record.answer_source == "model" and streamed:
+            stdout.write("\n")  # the answer is on the terminal already: end its line
+            stdout.flush()
+        elif writer is not None:
             writer.write(record)
 
     def streamer(tokenizer: Any) -> Any:
         progress.stop()  # the answer's tokens take the terminal from here on
-        return _stdout_streamer(tokenizer)
+        return _stdout_streamer(tokenizer, streamed)
 
     stdin = sys.stdin.buffer if "-" in options.inputs else None
     try:
@@ -284,7 +288,17 @@ def _single_page(options: Any) -> bool:
         return False
 
 
-def _stdout_streamer(tokenizer: Any) -> Any:
-    from transformers import TextStreamer
+def _stdout_streamer(tokenizer: Any, printed: list[str]) -> Any:
+    """Print an answer's text to stdout as its tokens are decoded, keeping what was printed in `printed`."""
+    from monkey_cli.engine.streaming import IncrementalDecoder
 
-    return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    decoder = IncrementalDecoder(tokenizer)
+
+    def on_token(token: int) -> None:
+        piece = decoder.push(token)
+        if piece:
+            printed.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+    return on_token

@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _LAZY = {
+    "BadQuestion": "monkey_cli.engine.pages",
     "DocumentEnd": "monkey_cli.engine.pages",
     "Engine": "monkey_cli.engine.pages",
     "Job": "monkey_cli.engine.pages",
@@ -24,11 +25,12 @@ _LAZY = {
 
 if TYPE_CHECKING:  # pragma: no cover
     from monkey_cli.engine.loop import EngineLoop
-    from monkey_cli.engine.pages import DocumentEnd, Engine, Job
+    from monkey_cli.engine.pages import BadQuestion, DocumentEnd, Engine, Job
     from monkey_cli.engine.sampling import SamplingParams
     from monkey_cli.engine.scheduler import GenerationRequest, GenerationResult, RequestHandle, Scheduler
 
 __all__ = [
+    "BadQuestion",
     "DocumentEnd",
     "Engine",
     "EngineLoop",

@@ -1,22 +1,29 @@
-"""Pages + prompts -> answer records: batching, vision-feature reuse, text layers, and input order.
+"""Pages + prompts -> answer records, in input order, on the generation engine.
 
-The engine is the middle of the flow (documents -> pages -> engine -> records -> writers). It loads the model
-only when a page actually needs it (a born-digital PDF read from its text layer never does), encodes every
-page of a batch in one vision pass, answers all questions of a page from those features, and yields records
-in input order.
+The middle of the flow (documents -> pages -> engine -> records -> writers). The model is loaded only when a
+page actually needs it (a born-digital PDF read from its text layer never does). Every question of every page
+becomes a request to the model's scheduler: pages are preprocessed ahead on a background thread, their vision
+features computed several pages per pass, a page's questions share its image prefix, and continuous batching
+keeps the decode slots busy, so a short answer never waits for a long one. Records still come out in input
+order, each document followed by its `DocumentEnd` as soon as it is complete.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from monkey_cli import tasks
-from monkey_cli.documents import Page, PageError
+from monkey_cli.documents import Page, PageError, prefetch
 from monkey_cli.errors import MonkeyError
 from monkey_cli.output import Record
+
+# Requests kept submitted per decode slot: enough for the vision look-ahead to batch the next pages, few
+# enough that pages do not pile up in memory.
+IN_FLIGHT_PER_SLOT = 2
 
 
 @dataclass(frozen=True)
@@ -69,26 +76,32 @@ class DocumentEnd:
 
 @dataclass
 class _Slot:
-    """One output item in input order; model work fills `record` when its batch runs."""
+    """One output item in input order: a finished record, or a request the scheduler is working on."""
 
     page: Page | None
     shown_prompt: str
     model_prompt: tasks.Prompt | None = None
     record: Record | DocumentEnd | None = None
+    handle: Any = None
 
 
 @dataclass
 class Engine:
-    """Turns a stream of pages into a stream of records. `load_model` is called at most once, lazily."""
+    """Turns a stream of pages into a stream of records. `load_model` is called at most once, lazily.
+
+    `streamer_factory(tokenizer)`, if given, returns an `on_token(token_id)` callback for the answers (the CLI
+    prints a single page's answer as it is decoded).
+    """
 
     job: Job
     load_model: Callable[[], Any]
     model_name: str
     quant: str
-    streamer_factory: Callable[[Any], Any] | None = None
+    streamer_factory: Callable[[Any], Callable[[int], None]] | None = None
     model: Any = field(default=None, init=False)
-    vision_passes: int = field(default=0, init=False)
-    _prompt_errors: dict[tasks.Prompt, str | None] = field(default_factory=dict, init=False)
+    # prompt -> its token ids, or why the model cannot take it (checked once per prompt, not per page)
+    _prompt_ids: dict[tasks.Prompt, list[int] | str] = field(default_factory=dict, init=False)
+    _page_keys: Any = field(default_factory=itertools.count, init=False)
 
     @property
     def batch_size(self) -> int:
@@ -98,32 +111,42 @@ class Engine:
 
     def run(self, pages: Iterable[Page | PageError]) -> Iterator[Record | DocumentEnd]:
         """Records in input order, each document followed by its DocumentEnd as soon as it is complete."""
-        pending: list[_Slot] = []
-        model_pages = 0
+        pending: deque[_Slot] = deque()
         current: str | None = None
-        for item in pages:
+        for item, pixels in prefetch(self._with_pixels(pages)):
             if item.source != current and current is not None:
                 pending.append(_Slot(None, "", record=DocumentEnd(current)))
-                yield from _pop_ready(pending)
             current = item.source
-            slots = self._slots_for(item)
-            pending.extend(slots)
-            if any(slot.model_prompt is not None for slot in slots):
-                model_pages += 1
-            if model_pages >= self.batch_size:
-                yield from self._flush(pending)
-                pending, model_pages = [], 0
-            else:
-                yield from _pop_ready(pending)
+            image_key = ("page", next(self._page_keys))  # the questions of one page share its features
+            for slot in self._slots_for(item):
+                if slot.record is None:
+                    self._submit(slot, pixels, image_key)
+                pending.append(slot)
+            while self._in_flight(pending) >= IN_FLIGHT_PER_SLOT * self.batch_size:
+                self._scheduler().step()
+                yield from self._pop_ready(pending)
+            yield from self._pop_ready(pending)
         if current is not None:
             pending.append(_Slot(None, "", record=DocumentEnd(current)))
-        yield from self._flush(pending)
+        while pending:
+            yield from self._pop_ready(pending)
+            if pending:
+                self._scheduler().step()
+
+    def _with_pixels(self, pages: Iterable[Page | PageError]) -> Iterator[tuple[Page | PageError, Any]]:
+        """Each page with its vision-tower input, made on the prefetch thread that also renders the pages, so
+        this CPU work overlaps the model's. None where the page does not go to the model, or where the model
+        is not loaded yet (the first pages: the scheduler then preprocesses them itself)."""
+        for item in pages:
+            model = self.model
+            needs_model = model is not None and isinstance(item, Page) and not self._from_text_layer(item)
+            yield item, _preprocess(model, item) if needs_model else None
 
     # --- building slots -------------------------------------------------------------------------
     def _slots_for(self, item: Page | PageError) -> list[_Slot]:
         if isinstance(item, PageError):
             return [_Slot(None, self._error_prompt(), record=self._failure(item.source, item.page, item.pages, item))]
-        if self.job.task == "read" and item.has_text_layer and not self.job.force_ocr and self.job.template is None:
+        if self._from_text_layer(item):
             record = self._text_layer_record(item)
             return [_Slot(item, record.prompt, record=record)]
         model = self._model()
@@ -136,15 +159,18 @@ class Engine:
                 slots.append(_Slot(item, shown, record=self._failure(item.source, item.page, item.pages, error, shown)))
         return slots
 
+    def _from_text_layer(self, page: Page) -> bool:
+        return self.job.task == "read" and page.has_text_layer and not self.job.force_ocr and self.job.template is None
+
     def _prompt_error(self, prompt: tasks.Prompt) -> str | None:
         """Why the model cannot take `prompt` (too long for its context), checked once per prompt."""
-        if prompt not in self._prompt_errors:
+        if prompt not in self._prompt_ids:
             try:
-                self._model().check_prompt(prompt, self.job.max_new_tokens)
-                self._prompt_errors[prompt] = None
+                self._prompt_ids[prompt] = self._model().check_prompt(prompt, self.job.max_new_tokens)
             except MonkeyError as exc:
-                self._prompt_errors[prompt] = str(exc)
-        return self._prompt_errors[prompt]
+                self._prompt_ids[prompt] = str(exc)
+        ids = self._prompt_ids[prompt]
+        return ids if isinstance(ids, str) else None
 
     def _error_prompt(self) -> str:
         if self.job.task == "ask" and len(self.job.questions) == 1:
@@ -157,44 +183,45 @@ class Engine:
             self.model = self.load_model()
         return self.model
 
-    def _flush(self, slots: list[_Slot]) -> Iterator[Record | DocumentEnd]:
-        work = [slot for slot in slots if slot.record is None]
-        if work:
-            self._answer(work)
-        for slot in slots:
-            assert slot.record is not None
-            yield slot.record
+    def _scheduler(self) -> Any:
+        return self._model().scheduler(self.batch_size)
 
-    def _answer(self, work: list[_Slot]) -> None:
-        """One vision pass for every page in `work`, then the prompts in chunks of batch_size."""
+    def _submit(self, slot: _Slot, pixels: Any, image_key: tuple[str, int]) -> None:
+        """One request for `slot`'s question (whose prompt `_prompt_error` has checked)."""
+        from monkey_cli.engine.scheduler import GenerationRequest
+
         model = self._model()
-        pages = _unique_pages(work)
-        started = time.perf_counter()
+        on_token = None if self.streamer_factory is None else self.streamer_factory(model.tokenizer)
+        request = GenerationRequest(
+            self._prompt_ids[slot.model_prompt],
+            image=pixels if pixels is not None else slot.page.image,
+            image_key=image_key,
+            params=model.sampling_params(self.job.max_new_tokens),
+            on_token=on_token,
+        )
+        slot.handle = self._scheduler().submit(request)
+
+    def _in_flight(self, pending: deque[_Slot]) -> int:
+        return sum(1 for slot in pending if slot.handle is not None and not slot.handle.done())
+
+    def _pop_ready(self, pending: deque[_Slot]) -> Iterator[Record | DocumentEnd]:
+        """Yield (and remove) the leading items that are finished, keeping input order."""
+        while pending:
+            slot = pending[0]
+            if slot.record is None:
+                if not slot.handle.done():
+                    return
+                slot.record = self._answer_record(slot)
+            yield pending.popleft().record
+
+    def _answer_record(self, slot: _Slot) -> Record:
+        handle, page = slot.handle, slot.page
         try:
-            features = model.encode_images([page.image for page in pages])
-            self.vision_passes += 1
-        except Exception as exc:  # a page the processor cannot take fails alone, not the batch
-            for slot in work:
-                slot.record = self._failure(slot.page.source, slot.page.page, slot.page.pages, exc, slot.shown_prompt)
-            return
-        row_of = {id(page): row for row, page in enumerate(pages)}
-        for chunk in _chunks(work, self.batch_size):
-            rows = [row_of[id(slot.page)] for slot in chunk]
-            extra = {}
-            if self.streamer_factory is not None and len(work) == 1:
-                extra["streamer"] = self.streamer_factory(model.tokenizer)
-            answers = model.generate(
-                None,
-                [slot.model_prompt for slot in chunk],
-                image_embeds=features[rows],
-                max_new_tokens=self.job.max_new_tokens,
-                **extra,
-            )
-            for slot, answer in zip(chunk, answers, strict=True):
-                slot.record = self._record(slot.page, slot.shown_prompt, answer, "model", 0.0)
-        seconds = (time.perf_counter() - started) / len(work)
-        for slot in work:
-            slot.record.seconds = seconds
+            result = handle.wait()
+        except Exception as exc:  # this page's request failed (an image the processor cannot take, say)
+            return self._failure(page.source, page.page, page.pages, exc, slot.shown_prompt)
+        answer = tasks.clean_answer(self._model().tokenizer.decode(result.token_ids, skip_special_tokens=True))
+        return self._record(page, slot.shown_prompt, answer, "model", handle.seconds)
 
     # --- records ----------------------------------------------------------------------------------
     def _record(self, page: Page, prompt: str, answer: str, source: str, seconds: float) -> Record:
@@ -250,19 +277,8 @@ class Engine:
         )
 
 
-def _pop_ready(pending: list[_Slot]) -> Iterator[Record | DocumentEnd]:
-    """Yield (and remove) the leading items that need no more work, keeping input order."""
-    while pending and pending[0].record is not None:
-        yield pending.pop(0).record
-
-
-def _unique_pages(work: Sequence[_Slot]) -> list[Page]:
-    seen: dict[int, Page] = {}
-    for slot in work:
-        seen.setdefault(id(slot.page), slot.page)
-    return list(seen.values())
-
-
-def _chunks(items: Sequence[_Slot], size: int) -> Iterator[Sequence[_Slot]]:
-    for start in range(0, len(items), max(size, 1)):
-        yield items[start : start + size]
+def _preprocess(model: Any, page: Page) -> Any:
+    try:
+        return model.preprocess(page.image)
+    except Exception:  # noqa: BLE001 - a page the processor cannot take fails when its request runs
+        return None

@@ -35,7 +35,7 @@ GENERATION_CONFIG = "generation_config.json"
 _TRANSFORMERS_READS = (GENERATION_CONFIG, "adapter_config.json")
 # What the checkpoint's generation_config.json may set: only the sampling knobs, used when a caller asks
 # to sample. Greedy stays the default (as every call site of the original passes do_sample=False).
-SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "typical_p", "min_p")
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p")  # what the engine's sampler takes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

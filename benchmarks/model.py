@@ -10,7 +10,8 @@ values, so this measures the real model's speed without downloading 19 GB. It ne
 (`qwen.tiktoken`, 151643 ranks) so that the prompt's image tags get the ids the config expects.
 
 Every figure goes through the public API (`Monkey.encode_images`, `Monkey.hf_generate_ids`: transformers'
-`generate()`, the eager path the engine is measured against in benchmarks/engine.py). The helpers here are shared with `quant.py` (same measurements, other loaders).
+`generate()`, the eager path the engine is measured against in benchmarks/engine.py). The helpers here are
+shared with `quant.py` (same measurements, other loaders).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ class ModelOptions:
     quant: str | None = None
     quant_vision: bool = False
     prompt_style: str = "auto"
+    compile: bool | None = None  # None: on for CUDA, off for the CPU
 
 
 @dataclass(frozen=True)
@@ -219,7 +220,14 @@ def _load(model: ModelOptions, job: Job, device: str) -> Any:
 
     prompts = [prompt for _shown, prompt, error in job.prompts(chat=True) if error is None]
     options = _plan_options(model, job, device)
-    return Monkey.load(model.source, quant=model.quant, prompt_style=model.prompt_style, prompts=prompts, **options)
+    return Monkey.load(
+        model.source,
+        quant=model.quant,
+        prompt_style=model.prompt_style,
+        prompts=prompts,
+        compile=model.compile,
+        **options,
+    )
 
 
 def _plan_options(model: ModelOptions, job: Job, device: str) -> dict[str, Any]:

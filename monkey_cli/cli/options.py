@@ -198,6 +198,14 @@ Dtype = Annotated[
         "released Monkeys), float16 on a GPU without bfloat16, float32 for a float16 checkpoint on the CPU.",
     ),
 ]  # fmt: skip
+Compile = Annotated[
+    bool | None,
+    typer.Option(
+        "--compile/--no-compile", envvar="MONKEY_COMPILE", rich_help_panel=MODEL, show_default="on for CUDA",
+        help="Compile the decode step with torch.compile (CUDA graphs on a GPU): much faster steps after a "
+        "one-off compilation; both give the same answers. Default: on for CUDA, off for the CPU.",
+    ),
+]  # fmt: skip
 MaxNewTokens = Annotated[
     int,
     typer.Option("--max-new-tokens", metavar="N", parser=positive_int, rich_help_panel=MODEL,

@@ -18,6 +18,7 @@ from monkey_cli.cli.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, C
 from monkey_cli.cli.options import (
     INPUT,
     BatchSize,
+    Compile,
     Device,
     Dtype,
     Format,
@@ -61,6 +62,7 @@ def _document_options(
     quant_vision: QuantVision = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    compile: Compile = None,
     max_new_tokens: MaxNewTokens = 512,
     batch_size: BatchSize = 4,
     fmt: Format = "text",
@@ -187,6 +189,7 @@ def _run(
             quant=args["quant"],
             quant_vision=args["quant_vision"],
             prompt_style=args["prompt_style"],
+            compile=args["compile"],
         ),
         pages=args["pages"],
         password=args["password"],

@@ -47,12 +47,28 @@ _COMMAND_MODULES: list[str] = ["run", "render", "doctor", "eval"]
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:  # noqa: ANN001
-    return f"warning: {message}\n"
+    from monkey_cli.printing import terminal_line
+
+    return f"warning: {terminal_line(message)}\n"
 
 
 def main() -> None:
-    import warnings
+    """The `monkey` command. SIGINT, SIGTERM and SIGHUP end it with 128 + signal, finished results kept."""
+    from monkey_cli import signals
 
-    warnings.formatwarning = _one_line_warning  # library warnings (e.g. the slow-CPU one) as one stderr line
-    _register_commands()
-    app()
+    signals.install()  # already done by `monkey_cli.__main__`, which installs it before any import
+    try:
+        import warnings
+
+        warnings.formatwarning = _one_line_warning  # library warnings (e.g. the slow-CPU one) as one stderr line
+        _register_commands()
+        app()
+    except KeyboardInterrupt:  # outside any command (while registering them, or in the argument parser)
+        raise SystemExit(signals.exit_code()) from None
+    except SystemExit:
+        # typer reports an interrupt as 130 whatever the signal was; the status must name the signal.
+        if signals.received() is not None:
+            raise SystemExit(signals.exit_code()) from None
+        raise
+    finally:
+        signals.leaving()

@@ -10,7 +10,9 @@ from typing import NoReturn
 
 import typer
 
+from monkey_cli import signals
 from monkey_cli.errors import MonkeyError, UsageError
+from monkey_cli.printing import terminal_line
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
@@ -19,8 +21,8 @@ EXIT_INTERRUPTED = 130
 
 
 def warn(message: str) -> None:
-    """One line on stderr (stdout carries results only)."""
-    print(message, file=sys.stderr, flush=True)
+    """One line on stderr (stdout carries results only), control characters made visible."""
+    print(terminal_line(message), file=sys.stderr, flush=True)
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -32,12 +34,17 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
 def user_errors(verbose: bool = False) -> Iterator[None]:
     """Turn user-caused errors into one line on stderr and an exit code; tracebacks only with --verbose."""
     try:
-        yield
+        try:
+            yield
+        except Exception as exc:
+            if signals.caused(exc):  # a library turned the interrupt into an error of its own
+                raise KeyboardInterrupt from exc
+            raise
     except typer.Exit:
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP (monkey_cli.signals): 128 + signal
         warn("interrupted")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        raise typer.Exit(signals.exit_code(EXIT_INTERRUPTED)) from None
     except UsageError as exc:
         if verbose:
             traceback.print_exc()

@@ -166,6 +166,7 @@ class Engine:
             quant=self.quant,
             seconds=seconds,
             error=None,
+            warnings=list(page.warnings),
         )
 
     def _failure(

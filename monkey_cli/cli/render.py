@@ -29,6 +29,9 @@ def render(
     max_pixels: int = typer.Option(
         DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Refuse larger images (decompression-bomb guard)."
     ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace files in --out that monkey did not write (never done otherwise)."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks for unexpected errors."),
 ) -> None:
     """Write each page at the model's input size with its 448-pixel windows outlined and numbered, every
@@ -36,16 +39,19 @@ def render(
     failed = 0
     with user_errors(verbose):
         from monkey_cli.documents import PageError
+        from monkey_cli.printing import terminal_line
         from monkey_cli.render import render_documents
 
         written = 0
-        records = render_documents(inputs, out, size=size, pages=pages, password=password, max_pixels=max_pixels)
+        records = render_documents(
+            inputs, out, size=size, pages=pages, password=password, max_pixels=max_pixels, overwrite=overwrite
+        )
         for record in records:
             if isinstance(record, PageError):
                 warn(f"error: {record}")
                 failed += 1
             else:
-                typer.echo(str(record.grid))
+                typer.echo(terminal_line(record.grid))
                 written += 1
         noun = "page" if written == 1 else "pages"
         warn(f"rendered {written} {noun} into {out}" + (f"; {failed} failed" if failed else ""))

@@ -5,6 +5,7 @@ stdout carries results only (text, json, jsonl or md); errors, progress and the 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -30,7 +31,12 @@ MAX_NEW_TOKENS = typer.Option(512, "--max-new-tokens", min=1, help="Longest answ
 BATCH_SIZE = typer.Option(4, "--batch-size", min=1, help="Pages (and questions) per model batch.")
 FORMAT = typer.Option("text", "--format", "-f", help="text, json, jsonl or md.")
 OUT = typer.Option(None, "--out", "-o", help="Write one file per input document here (mirrors the input tree).")
-OVERWRITE = typer.Option(False, "--overwrite", help="Redo documents whose output is already up to date.")
+OVERWRITE = typer.Option(
+    False, "--overwrite", help="Redo every document, and replace files in --out that monkey did not write."
+)
+RETRY_FAILED = typer.Option(
+    False, "--retry-failed", help="Redo documents that failed for good with the same settings in an earlier run."
+)
 PROMPT = typer.Option(None, "--prompt", help="Prompt template overriding the task's ('{question}' is filled in).")
 PASSWORD = typer.Option(None, "--password", help="Password for encrypted PDFs.")
 VERBOSE = typer.Option(False, "--verbose", "-v", help="Show tracebacks for errors.")
@@ -52,6 +58,7 @@ def ask(
     fmt: str = FORMAT,
     out: Path = OUT,
     overwrite: bool = OVERWRITE,
+    retry_failed: bool = RETRY_FAILED,
     prompt: str = PROMPT,
     password: str = PASSWORD,
     verbose: bool = VERBOSE,
@@ -76,6 +83,7 @@ def caption(
     fmt: str = FORMAT,
     out: Path = OUT,
     overwrite: bool = OVERWRITE,
+    retry_failed: bool = RETRY_FAILED,
     prompt: str = PROMPT,
     password: str = PASSWORD,
     verbose: bool = VERBOSE,
@@ -100,6 +108,7 @@ def read(
     fmt: str = FORMAT,
     out: Path = OUT,
     overwrite: bool = OVERWRITE,
+    retry_failed: bool = RETRY_FAILED,
     prompt: str = PROMPT,
     password: str = PASSWORD,
     verbose: bool = VERBOSE,
@@ -154,11 +163,13 @@ def _run(task: str, args: dict, questions: list[str] | None = None, force_ocr: b
         out_dir=args["out"],
         fmt=fmt,
         overwrite=args["overwrite"],
+        retry_failed=args["retry_failed"],
     )
     _execute(options)
 
 
 def _execute(options) -> None:
+    from monkey_cli import signals
     from monkey_cli.cli.progress import Progress
     from monkey_cli.output import make_writer
     from monkey_cli.pipeline import run
@@ -192,17 +203,29 @@ def _execute(options) -> None:
                 stdin=stdin,
                 streamer_factory=_stdout_streamer if streaming else None,
             )
-    except KeyboardInterrupt:
-        writer.close()
-        warn("interrupted: finished documents are saved; run the same command again to do the rest")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
     except BrokenPipeError:  # `monkey ... | head`: the reader left; not an error worth a traceback
         sys.stderr.close()
         raise typer.Exit(EXIT_OK) from None
+    except BaseException as exc:  # Ctrl-C, SIGTERM or SIGHUP (monkey_cli.signals): keep what is finished
+        if not signals.caused(exc):
+            raise
+        _interrupted(writer, options)
     writer.close()
     warn(summary.line())
     if failed:
         raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def _interrupted(writer, options) -> None:
+    from monkey_cli import signals
+
+    with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+        writer.close()
+        if options.out_dir is not None:
+            warn("interrupted: finished documents are saved; run the same command again to do the rest")
+        else:
+            warn("interrupted: the results finished so far were written")
+    raise typer.Exit(signals.exit_code(EXIT_INTERRUPTED)) from None
 
 
 def _single_page(options) -> bool:
@@ -230,4 +253,12 @@ def _single_page(options) -> bool:
 def _stdout_streamer(tokenizer):
     from transformers import TextStreamer
 
-    return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    from monkey_cli.printing import terminal_text
+
+    class TerminalStreamer(TextStreamer):
+        """Tokens as they come, with control characters made visible like every other answer."""
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            super().on_finalized_text(terminal_text(text), stream_end)
+
+    return TerminalStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 from monkey_cli import signals
 from monkey_cli.errors import MonkeyError, MonkeyWarning, UsageError
@@ -317,10 +317,68 @@ class OutputFolder:
             with contextlib.suppress(OSError):
                 os.unlink(where, dir_fd=dir_fd)
 
+    def open_file(self, relative: str | PurePosixPath, *, append: bool) -> BinaryIO:
+        """An output opened for writing in place (appended to, or emptied first), for files that grow as a
+        run goes (evaluation predictions): no link followed, nothing but a regular file, recorded as monkey's.
+        """
+        relative = checked_relative(relative)
+        problem = self.check(relative)
+        if problem:
+            raise OutputRefused(problem)
+        if not self.owns(relative):
+            self.record({str(relative): {}})
+        parent = self._open_parent(relative, create=True)
+        try:
+            where, dir_fd = parent.at(relative.name)
+            mode = os.O_RDWR | os.O_APPEND if append else os.O_WRONLY | os.O_TRUNC
+            flags = os.O_CREAT | mode | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+            fd = os.open(where, flags | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0), 0o666, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno in _LINK_ON_THE_WAY or exc.errno == errno.ENXIO:  # a link, or a FIFO nobody reads
+                raise OutputRefused(f"{self.shown(relative)} is not a regular file; not writing to it") from None
+            raise _output_error(exc, self.shown(relative)) from None
+        finally:
+            parent.close()
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OutputRefused(f"{self.shown(relative)} is not a regular file; not writing to it")
+        return os.fdopen(fd, "ab+" if append else "wb")
+
+    def remove(self, relative: str | PurePosixPath) -> None:
+        """Delete one of monkey's own outputs (never a file it did not write, never through a link)."""
+        relative = checked_relative(relative)
+        if not (self.owns(relative) or self.overwrite):
+            return
+        try:
+            parent = self._open_parent(relative, create=False)
+        except (OSError, OutputError):
+            return
+        try:
+            where, dir_fd = parent.at(relative.name)
+            if stat.S_ISREG(os.stat(where, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                os.unlink(where, dir_fd=dir_fd)
+        except OSError:
+            pass
+        finally:
+            parent.close()
+        self.record({str(relative): None})
+
     # ------------------------------------------------------------------------------------------ reading
 
     def read(self, relative: str | PurePosixPath, limit: int = 64 << 20) -> bytes | None:
         """An output's bytes, read without following links (None: missing, not a regular file, too large)."""
+        handle = self.open_read(relative)
+        if handle is None:
+            return None
+        with handle:
+            try:
+                data = handle.read(limit + 1)
+            except OSError:
+                return None
+        return data if len(data) <= limit else None
+
+    def open_read(self, relative: str | PurePosixPath) -> BinaryIO | None:
+        """An output opened for reading without following links; None if missing or not a regular file."""
         try:
             relative = checked_relative(relative)
             parent = self._open_parent(relative, create=False)
@@ -329,15 +387,14 @@ class OutputFolder:
         try:
             where, dir_fd = parent.at(relative.name)
             fd = os.open(where, _READ_FLAGS, dir_fd=dir_fd)
-            with os.fdopen(fd, "rb") as handle:
-                if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                    return None
-                data = handle.read(limit + 1)
-            return data if len(data) <= limit else None
         except OSError:
             return None
         finally:
             parent.close()
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None
+        return os.fdopen(fd, "rb")
 
     # ----------------------------------------------------------------------------------------- manifest
 

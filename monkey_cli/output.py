@@ -37,7 +37,7 @@ import json
 import os
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, TextIO
@@ -420,7 +420,11 @@ def _natural_output(source: StrPath, fmt: str, inputs_root: StrPath | None) -> P
 
 
 def plan_outputs(
-    sources: Mapping[str, StrPath | None], fmt: str, inputs_root: StrPath | None = None
+    sources: Mapping[str, StrPath | None],
+    fmt: str,
+    inputs_root: StrPath | None = None,
+    *,
+    blocked: Callable[[PurePosixPath], bool] | None = None,
 ) -> dict[str, PurePosixPath]:
     """One distinct output file (relative to the output folder) per source: name -> path (None: a stream).
 
@@ -428,7 +432,8 @@ def plan_outputs(
     file outside the root). Outputs that would share a file (`-` and a file named `stdin`, two names that
     differ only in case, a file and a folder that mirror to the same name, the manifest's own name) all get
     `NAME.HASH8.EXT` instead, the hash of their source name keeping them apart: the same inputs always get
-    the same names, and no two ever share one.
+    the same names, and no two ever share one. So does an output whose place `blocked` says is taken by
+    something that cannot be replaced (a folder where the file goes, a file where a folder must be).
     """
     planned = {
         name: _natural_output(STDIN if path is None and name == STDIN_NAME else (path or name), fmt, inputs_root)
@@ -437,17 +442,19 @@ def plan_outputs(
     for name, path in sources.items():
         if path is None and name != STDIN_NAME:  # /dev/fd/63 and the like: never mirrored under their folder
             planned[name] = PurePosixPath(f"{PurePath(name).name or 'stream'}.{_digest(name)}{extension_for(fmt)}")
-    return distinct_paths(planned)
+    return distinct_paths(planned, blocked=blocked)
 
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
 
-def distinct_paths(planned: Mapping[str, PurePosixPath]) -> dict[str, PurePosixPath]:
+def distinct_paths(
+    planned: Mapping[str, PurePosixPath], *, blocked: Callable[[PurePosixPath], bool] | None = None
+) -> dict[str, PurePosixPath]:
     """`planned` (key -> relative path) with every clash renamed: paths equal up to case and Unicode
-    normalisation, a path that another one needs as a folder, and the output folder's reserved names each
-    get their key's hash inserted before the extension, until none is left."""
+    normalisation, a path that another one needs as a folder, the output folder's reserved names, and
+    paths `blocked` rejects each get their key's hash inserted before the extension, until none is left."""
     result = dict(planned)
     for _ in range(len(result) + 2):
         folded = {key: _folded(path) for key, path in result.items()}
@@ -458,7 +465,10 @@ def distinct_paths(planned: Mapping[str, PurePosixPath]) -> dict[str, PurePosixP
         clashing = {
             key
             for key, parts in folded.items()
-            if len(holders[parts]) > 1 or parts in folders or _reserved(result[key])
+            if len(holders[parts]) > 1
+            or parts in folders
+            or _reserved(result[key])
+            or (blocked is not None and blocked(result[key]))
         }
         if not clashing:
             return result

@@ -119,7 +119,6 @@ class OutputFolder:
         self._root = _Folder(fd, str(self.root))
         info = os.stat(self.root)
         self._identity = (info.st_dev, info.st_ino)
-        self._real_root = os.path.realpath(self.root)
         self._work: _Folder | None = None
         self._work_name: str | None = None
         self._temps = 0
@@ -140,22 +139,33 @@ class OutputFolder:
     def owns(self, relative: str | PurePosixPath) -> bool:
         return str(PurePosixPath(relative)) in self._entries
 
-    def excluded(self, path: Path) -> str | None:
-        """Why `path` must not be read as an input (the folder itself, or a file monkey wrote), or None."""
+    def is_root(self, path: Path) -> bool:
+        """Whether `path` is this output folder itself (by identity, whatever the spelling)."""
         try:
             info = os.stat(path)
         except OSError:
-            return None
-        if (info.st_dev, info.st_ino) == self._identity:
-            return f"is the output folder (--out {self.root}); not read as input"
-        real = os.path.realpath(path)
-        if not real.startswith(self._real_root.rstrip(os.sep) + os.sep):
-            return None
-        relative = PurePosixPath(*Path(os.path.relpath(real, self._real_root)).parts)
-        first = relative.parts[0] if relative.parts else ""
-        if str(relative) in self._entries or first == MANIFEST_NAME or _WORK_NAME.fullmatch(first):
-            return f"is an output of monkey in --out {self.root}; not read as input"
-        return None
+            return False
+        return (info.st_dev, info.st_ino) == self._identity
+
+    def blocked(self, relative: str | PurePosixPath, *, folder: bool = False) -> bool:
+        """Whether something that is not a folder (and not a link: those are refused, not avoided) sits on
+        the way to `relative`, or in its place when it is to be a folder, so the name must change."""
+        current = self.root
+        parts = PurePosixPath(relative).parts
+        for depth, part in enumerate(parts):
+            current = current / part
+            try:
+                mode = os.lstat(current).st_mode
+            except OSError:
+                return False
+            last = depth == len(parts) - 1
+            if stat.S_ISLNK(mode):
+                return False
+            if last:
+                return stat.S_ISDIR(mode) != folder
+            if not stat.S_ISDIR(mode):
+                return True
+        return False
 
     def check(self, relative: str | PurePosixPath) -> str | None:
         """Why an output cannot be written at `relative` now, or None: a link or a non-folder on the way,
@@ -579,6 +589,67 @@ class OutputFolder:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class OutputsFilter:
+    """Which paths are monkey's own outputs, never to be read as inputs: the output folder of this run (when
+    it lies inside an input folder), and every file listed in the manifest of a folder above the path (an
+    earlier run's outputs, whatever its --out was). Passed to `documents.expand_inputs(exclude=...)`.
+    """
+
+    def __init__(self, out: OutputFolder | None = None) -> None:
+        self.out = out
+        self._manifests: dict[str, frozenset[str] | None] = {}
+        self._noted: set[str] = set()
+
+    def __call__(self, path: Path) -> str | None:
+        if self.out is not None and self.out.is_root(path):
+            return f"is the output folder (--out {self.out.root}); not read as input"
+        real = os.path.realpath(path)
+        folder = os.path.dirname(real)
+        while True:
+            recorded = self._recorded(folder)
+            if recorded:
+                relative = PurePosixPath(*Path(os.path.relpath(real, folder)).parts)
+                first = relative.parts[0]
+                if str(relative) in recorded or _WORK_NAME.fullmatch(first) or first == MANIFEST_NAME:
+                    self._note(folder)
+                    return f"is an output monkey wrote (listed in {os.path.join(folder, MANIFEST_NAME)}); not read"
+            parent = os.path.dirname(folder)
+            if parent == folder:
+                return None
+            folder = parent
+
+    def _recorded(self, folder: str) -> frozenset[str] | None:
+        if folder not in self._manifests:
+            self._manifests[folder] = _manifest_keys(os.path.join(folder, MANIFEST_NAME))
+        return self._manifests[folder]
+
+    def _note(self, folder: str) -> None:
+        if folder not in self._noted:
+            self._noted.add(folder)
+            warnings.warn(
+                f"{folder}: the files monkey wrote there (listed in its {MANIFEST_NAME}) are not read as inputs",
+                MonkeyWarning,
+                stacklevel=3,
+            )
+
+
+def _manifest_keys(path: str) -> frozenset[str] | None:
+    """The outputs a manifest lists; None when there is none (or it cannot be read)."""
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                return None
+            data = json.loads(handle.read(_MAX_MANIFEST_BYTES + 1).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    entries = data.get("entries") if isinstance(data, dict) else None
+    return frozenset(key for key in entries if isinstance(key, str)) if isinstance(entries, dict) else None
 
 
 def _fsync_folder(folder: _Folder) -> None:

@@ -4,7 +4,8 @@
 folder, every document becomes one file of its own (names planned before any work, never shared), written
 atomically through `monkey_cli.output_folder` (nothing outside the folder, no file monkey did not write
 replaced), and a document whose input hash and settings match a finished earlier run is skipped (resume);
-without one, records go to the `on_record` callback only. The folder's own files are never read as inputs.
+without one, records go to the `on_record` callback only. Files monkey wrote (listed in a manifest) and the
+output folder itself are never read as inputs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from monkey_cli import documents, output
 from monkey_cli.engine import DocumentEnd, Engine, Job
 from monkey_cli.errors import DocumentError, MonkeyWarning
 from monkey_cli.output import Record
-from monkey_cli.output_folder import OutputError, OutputFolder, OutputFull
+from monkey_cli.output_folder import OutputError, OutputFolder, OutputFull, OutputsFilter
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,7 @@ def run(
     summary = Summary()
     folder = OutputFolder(options.out_dir, overwrite=options.overwrite) if options.out_dir else None
     try:
-        exclude = folder.excluded if folder is not None else None
-        sources = documents.expand_inputs(list(options.inputs), stdin, exclude=exclude)
+        sources = documents.expand_inputs(list(options.inputs), stdin, exclude=OutputsFilter(folder))
         device, quant = _device_and_quant(options.model)
         settings = _settings(options, quant)
         pending = _pending_documents(sources, options, settings, summary, folder)
@@ -215,7 +215,9 @@ def _pending_documents(
         return [_Pending(source) for source in sources]
     usable = [source for source in sources if source.error is None]
     root = output.common_root([source.path for source in usable if source.path is not None])
-    targets = output.plan_outputs({source.name: source.path for source in usable}, options.fmt, root)
+    targets = output.plan_outputs(
+        {source.name: source.path for source in usable}, options.fmt, root, blocked=folder.blocked
+    )
     index = output.ResumeIndex(folder)
     pending = []
     for source in sources:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING
@@ -38,7 +38,7 @@ from monkey_cli.documents import (
 )
 from monkey_cli.errors import UsageError
 from monkey_cli.output import distinct_paths
-from monkey_cli.output_folder import OutputError, OutputFolder, OutputFull
+from monkey_cli.output_folder import OutputError, OutputFolder, OutputFull, OutputsFilter
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -175,7 +175,9 @@ def output_dirs(sources: Iterable[Source], out_dir: Path) -> dict[str, Path]:
     return {name: out_dir / relative for name, relative in _relative_dirs(sources).items()}
 
 
-def _relative_dirs(sources: Iterable[Source]) -> dict[str, PurePosixPath]:
+def _relative_dirs(
+    sources: Iterable[Source], *, blocked: Callable[[PurePosixPath], bool] | None = None
+) -> dict[str, PurePosixPath]:
     usable = [source for source in sources if source.error is None]
     located = [source for source in usable if source.path is not None]
     absolute = {source.name: os.path.abspath(source.path) for source in located}  # type: ignore[arg-type]
@@ -187,7 +189,7 @@ def _relative_dirs(sources: Iterable[Source]) -> dict[str, PurePosixPath]:
         else:
             parts = (source.name,)  # <stdin>, /dev/fd/63: one folder named after the stream
         planned[source.name] = PurePosixPath(*(_safe_part(part) for part in parts))
-    return distinct_paths(planned)
+    return distinct_paths(planned, blocked=blocked)
 
 
 def _safe_part(part: str) -> str:
@@ -233,15 +235,15 @@ def render_documents(
     Arguments are checked now (UsageError: bad size or pages, `out_dir` not a folder); pages are rendered
     in a background thread while the previous one is being written. Files are written through
     `monkey_cli.output_folder`: nothing outside `out_dir`, no file monkey did not write replaced (unless
-    `overwrite`), each file whole or not at all; the folder's own files are never read as inputs.
+    `overwrite`), each file whole or not at all; files monkey wrote are never read as inputs.
     """
     window_size = check_window_size(size)
     selection = parse_pages(pages)
     folder = OutputFolder(out_dir, overwrite=overwrite)
     try:
-        sources = expand_inputs(list(inputs), stdin, exclude=folder.excluded)
+        sources = expand_inputs(list(inputs), stdin, exclude=OutputsFilter(folder))
         records = iter_pages(sources, size=window_size, pages=selection, password=password, max_pixels=max_pixels)
-        directories = _relative_dirs(sources)
+        directories = _relative_dirs(sources, blocked=lambda path: folder.blocked(path, folder=True))
     except BaseException:
         folder.close()
         raise

@@ -406,6 +406,8 @@ class _Expander:
                         yield child
                     if _real_folder(entry):
                         pending.append((child, index))
+                    elif not last and _folder_link(entry):
+                        _note(f"{child}: skipped: a symbolic link to a folder (links to folders are not followed)")
                 continue
             matcher = _segment_matcher(part)
             for entry in _listing(folder):

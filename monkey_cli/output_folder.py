@@ -148,24 +148,14 @@ class OutputFolder:
         return (info.st_dev, info.st_ino) == self._identity
 
     def blocked(self, relative: str | PurePosixPath, *, folder: bool = False) -> bool:
-        """Whether something that is not a folder (and not a link: those are refused, not avoided) sits on
-        the way to `relative`, or in its place when it is to be a folder, so the name must change."""
-        current = self.root
-        parts = PurePosixPath(relative).parts
-        for depth, part in enumerate(parts):
-            current = current / part
-            try:
-                mode = os.lstat(current).st_mode
-            except OSError:
-                return False
-            last = depth == len(parts) - 1
-            if stat.S_ISLNK(mode):
-                return False
-            if last:
-                return stat.S_ISDIR(mode) != folder
-            if not stat.S_ISDIR(mode):
-                return True
-        return False
+        """Whether the place of `relative` is taken by something another name avoids: a folder where an output
+        file goes, or anything but a folder (or a link: links are refused, not avoided) where an output folder
+        goes. Problems on the way to it are not avoided but reported (see `check`)."""
+        try:
+            mode = os.lstat(self.root / PurePosixPath(relative)).st_mode
+        except OSError:
+            return False
+        return not stat.S_ISLNK(mode) and stat.S_ISDIR(mode) != folder
 
     def check(self, relative: str | PurePosixPath) -> str | None:
         """Why an output cannot be written at `relative` now, or None: a link or a non-folder on the way,

@@ -195,7 +195,7 @@ def test_a_stream_over_the_limit_is_refused_after_reading_only_the_limit(tmp_pat
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="peak memory is read from /proc (Linux)")
 def test_stdin_limit_is_documented_configurable_and_keeps_memory_bounded(tmp_path):
     """`head -c 3G /dev/zero | monkey render -` used to eat 24 GB: now it stops at the limit."""
-    code = f"""
+    code = """
 from monkey_cli.documents import expand_inputs
 (source,) = expand_inputs(["-"])
 print(source.error)
@@ -204,7 +204,9 @@ print(next(line.split()[1] for line in open("/proc/self/status") if line.startsw
     zeros = b"\0" * (48 << 20)
     result = python(code, env={MAX_STREAM_BYTES_ENV: "8M"}, input=zeros.decode("latin-1"), timeout=60)
     error, peak_kib = result.stdout.splitlines()
-    assert error == "standard input is larger than the limit of 8 MiB (MONKEY_MAX_STDIN_BYTES; files on disk have no limit)"
+    assert error == (
+        "standard input is larger than the limit of 8 MiB (MONKEY_MAX_STDIN_BYTES; files on disk have no limit)"
+    )
     assert int(peak_kib) < 100 * 1024, f"{int(peak_kib) // 1024} MiB for an 8 MiB limit"
 
 
@@ -244,7 +246,9 @@ def test_a_bad_stdin_limit_setting_is_a_usage_error(value, tmp_path):
     assert result.exit_code == 2 and f"{MAX_STREAM_BYTES_ENV}=" in result.stderr
 
 
-@pytest.mark.parametrize("value, size", [("512", 512), ("4K", 4096), ("2m", 2 << 20), ("1GiB", 1 << 30), ("3 MB", 3 << 20)])
+@pytest.mark.parametrize(
+    "value, size", [("512", 512), ("4K", 4096), ("2m", 2 << 20), ("1GiB", 1 << 30), ("3 MB", 3 << 20)]
+)
 def test_stdin_limit_sizes(value, size):
     assert inputs_module.parse_byte_size(value) == size
 
@@ -398,7 +402,9 @@ def test_a_permission_error_while_hashing_is_one_error_and_the_batch_goes_on(tmp
     assert sorted(p.name for p in (tmp_path / "out").glob("[!.]*.json")) == ["a.pdf.json", "c.pdf.json"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode; the simulated case above covers the class")
+@pytest.mark.skipif(
+    os.geteuid() == 0, reason="root reads files whatever their mode; the simulated case above covers the class"
+)
 def test_an_unreadable_file_is_one_error_as_a_normal_user(tmp_path):
     folder = tmp_path / "in"
     text_pdf(folder / "a.pdf", "a")

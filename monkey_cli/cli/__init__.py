@@ -33,6 +33,18 @@ def _root(
     ),
 ) -> None:
     """Document understanding with Monkey."""
+    _show_warnings_as_lines()
+
+
+def _show_warnings_as_lines() -> None:
+    """Library warnings (an input skipped, a damaged file repaired, the slow-CPU note) as one stderr line
+    each, every time (two documents with the same problem get a line each), control characters escaped."""
+    import warnings
+
+    from monkey_cli.errors import MonkeyWarning
+
+    warnings.showwarning = _show_warning
+    warnings.simplefilter("always", MonkeyWarning)
 
 
 def _register_commands() -> None:
@@ -46,10 +58,12 @@ def _register_commands() -> None:
 _COMMAND_MODULES: list[str] = ["run", "render", "doctor", "eval"]
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:  # noqa: ANN001
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    import sys
+
     from monkey_cli.printing import terminal_line
 
-    return f"warning: {terminal_line(message)}\n"
+    print(f"warning: {terminal_line(message)}", file=sys.stderr, flush=True)
 
 
 def main() -> None:
@@ -58,9 +72,7 @@ def main() -> None:
 
     signals.install()  # already done by `monkey_cli.__main__`, which installs it before any import
     try:
-        import warnings
-
-        warnings.formatwarning = _one_line_warning  # library warnings (e.g. the slow-CPU one) as one stderr line
+        _show_warnings_as_lines()  # also before a command runs (warnings while imports happen)
         _register_commands()
         app()
     except KeyboardInterrupt:  # outside any command (while registering them, or in the argument parser)

@@ -86,12 +86,20 @@ def install() -> None:
     """Route SIGINT, SIGTERM and SIGHUP to `Interrupted` (main thread only; ignored signals stay ignored)."""
     if threading.current_thread() is not threading.main_thread():
         return
-    for signum in _handled_signals():
-        current = signal.getsignal(signum)
-        if current is signal.SIG_IGN or current is _handle:
-            continue
-        _state.previous[signum] = current
-        signal.signal(signum, _handle)
+    handled = _handled_signals()
+    can_mask = hasattr(signal, "pthread_sigmask")
+    if can_mask:  # none may arrive half-way through; one held back meanwhile is delivered to the new handler
+        signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+    try:
+        for signum in handled:
+            previous = signal.signal(signum, _handle)
+            if previous is signal.SIG_IGN:
+                signal.signal(signum, signal.SIG_IGN)
+            elif previous is not _handle:
+                _state.previous[signum] = previous
+    finally:
+        if can_mask:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
 
 
 def uninstall() -> None:

@@ -70,8 +70,8 @@ def main() -> None:
     """The `monkey` command. SIGINT, SIGTERM and SIGHUP end it with 128 + signal, finished results kept."""
     from monkey_cli import signals
 
-    signals.install()  # already done by `monkey_cli.__main__`, which installs it before any import
     try:
+        signals.install()  # already done by `monkey_cli.__main__`, which installs it before any import
         _show_warnings_as_lines()  # also before a command runs (warnings while imports happen)
         _register_commands()
         app()

@@ -46,7 +46,13 @@ class Progress:
 
     def document_done(self, name: str) -> None:
         if self._bar is not None:
-            self._bar.update(self._task, advance=1, description=name[-40:])
+            from rich.markup import escape
+
+            from monkey_cli.printing import terminal_line
+
+            # A document's name is the user's data: escaped like every other line, and [brackets] shown as
+            # typed rather than read as rich markup.
+            self._bar.update(self._task, advance=1, description=escape(terminal_line(name)[-40:]))
 
     def _update(self) -> None:
         if self._bar is not None:

@@ -41,7 +41,7 @@ WORK_PREFIX = ".monkey-work-"
 
 _WORK_NAME = re.compile(r"\.monkey-work-[0-9a-f]{16}")
 _TEMP_NAME = re.compile(r"\d+-[0-9a-f]{8}\.tmp")
-_MAX_MANIFEST_BYTES = 256 << 20
+_MAX_MANIFEST_BYTES = 64 << 20  # about 400,000 outputs
 _LOCK_TIMEOUT_S = 10.0
 _DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _LINK_ON_THE_WAY = {errno.ELOOP, errno.EMLINK, errno.ENOTDIR}
@@ -633,7 +633,9 @@ def _manifest_keys(path: str) -> frozenset[str] | None:
         return None
     try:
         with os.fdopen(fd, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            info = os.fstat(handle.fileno())
+            # Only a manifest of this user counts: one planted in a shared folder (/tmp) hides no one's inputs.
+            if not stat.S_ISREG(info.st_mode) or (hasattr(os, "geteuid") and info.st_uid != os.geteuid()):
                 return None
             data = json.loads(handle.read(_MAX_MANIFEST_BYTES + 1).decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):

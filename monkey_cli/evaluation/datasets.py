@@ -189,7 +189,7 @@ def file_task(
     validate_prompt(template)
     default_tokens = 10 if metric == "vqa_score" else DEFAULT_MAX_NEW_TOKENS
     return EvalTask(
-        name=check_dataset_name(name or data_file.stem, given=name is not None),
+        name=check_dataset_name(data_file.stem if name is None else name, given=name is not None),
         metric=metric,
         max_new_tokens=max_new_tokens or default_tokens,
         prompt=template,

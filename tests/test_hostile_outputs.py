@@ -435,3 +435,15 @@ def test_the_folder_lock_never_hangs_a_run(tmp_path, monkeypatch, never_load):
         assert _read(docs / "a.pdf", "--out", out).exit_code == 0
     finally:
         os.close(holder)
+
+
+def test_a_manifest_planted_by_another_user_hides_no_input(tmp_path, monkeypatch):
+    """A manifest lists files not to read as inputs; one in a shared folder (/tmp) must not hide anyone's."""
+    shared = tmp_path / "shared"
+    text_pdf(shared / "victim" / "report.pdf", "report")
+    (shared / MANIFEST_NAME).write_text(json.dumps({"schema_version": 1, "entries": {"victim/report.pdf": {}}}))
+    hidden = _read(shared / "victim" / "report.pdf")
+    assert hidden.exit_code == 1 and "is an output monkey wrote" in hidden.stderr  # the user's own manifest counts
+    monkeypatch.setattr(os, "geteuid", lambda: os.getuid() + 4242)  # the manifest's owner is now someone else
+    result = _read(shared / "victim")
+    assert result.exit_code == 0 and json.loads(result.stdout)["records"][0]["answer"] == "report"

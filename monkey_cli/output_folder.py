@@ -413,6 +413,8 @@ class OutputFolder:
     def _read_manifest(self, *, report: bool = False) -> tuple[dict[str, Entry], list[str]]:
         where, dir_fd = self._root.at(MANIFEST_NAME)
         try:
+            if not stat.S_ISREG(os.stat(where, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                return self._unreadable("not a regular file", report)  # never opened: it may be a device
             fd = os.open(where, _READ_FLAGS, dir_fd=dir_fd)
         except FileNotFoundError:
             return {}, []
@@ -628,6 +630,8 @@ class OutputsFilter:
 def _manifest_keys(path: str) -> frozenset[str] | None:
     """The outputs a manifest lists; None when there is none (or it cannot be read)."""
     try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):  # a device is never opened
+            return None
         fd = os.open(path, _READ_FLAGS)
     except OSError:
         return None

@@ -361,8 +361,8 @@ def test_warnings_reach_stderr_naming_the_file_and_the_record(tmp_path):
     truncated = tmp_path / "truncated.pdf"
     data = text_pdf(tmp_path / "whole.pdf", "page one", "page two").read_bytes()
     truncated.write_bytes(data[: int(len(data) * 0.8)])
-    result = monkey("read", truncated, bad, "-f", "jsonl", "--model", tiny_model(), "--max-new-tokens", "2",
-                    "--device", "cpu", text=True)  # fmt: skip
+    result = cli("read", truncated, bad, "-f", "jsonl", "--model", tiny_model(), "--max-new-tokens", "2",
+                 "--device", "cpu")  # fmt: skip
     records = [json.loads(line) for line in result.stdout.splitlines()]
     truncated_records = [r for r in records if r["source"] == str(truncated)]
     assert truncated_records and all(r["warnings"] for r in truncated_records if r["error"] is None)

@@ -71,6 +71,8 @@ def test_a_link_planted_as_a_folder_under_out_refuses_that_document_only(tmp_pat
     assert f"{out / 'sub'} is a symbolic link; monkey never writes through one" in result.stderr
     assert os.listdir(outside) == []
     assert _records(out / "b.pdf.json")[0]["answer"] == "b"
+    again = _read(docs, "--out", out, "--overwrite")  # --overwrite replaces files, never goes through links
+    assert again.exit_code == 1 and os.listdir(outside) == []
 
 
 def test_render_creates_no_folder_through_a_planted_link(tmp_path):
@@ -150,6 +152,19 @@ def test_a_users_file_in_out_is_never_replaced_without_overwrite(tmp_path, never
     assert _records(out / "b.pdf.json")[0]["answer"] == "b"
     assert _read(docs, "--out", out, "--overwrite").exit_code == 0
     assert _records(out / "a.pdf.json")[0]["answer"] == "a"
+
+
+def test_render_never_replaces_a_users_file_without_overwrite(tmp_path):
+    out = tmp_path / "out"
+    sample("chart.png", tmp_path / "chart.png")
+    (out / "chart.png").mkdir(parents=True)
+    (out / "chart.png" / "page-001-grid.png").write_bytes(b"my own picture")
+    result = cli("render", tmp_path / "chart.png", "--out", out)
+    assert result.exit_code == 1 and "page-001-grid.png exists and was not written by monkey" in result.stderr
+    assert (out / "chart.png" / "page-001-grid.png").read_bytes() == b"my own picture"
+    assert cli("render", tmp_path / "chart.png", "--out", out, "--overwrite").exit_code == 0
+    assert (out / "chart.png" / "page-001-grid.png").read_bytes().startswith(b"\x89PNG")
+    assert cli("render", tmp_path / "chart.png", "--out", out).exit_code == 0  # now monkey's: replaced freely
 
 
 def test_temp_like_files_of_the_user_are_never_deleted(tmp_path, never_load):

@@ -115,10 +115,12 @@ def test_a_pdf_text_layer_cannot_drive_the_terminal(tmp_path):
     """The text layer of a PDF set the window title and wrote the clipboard through `monkey read`."""
     layer = "before " + ATTACKS["window title"] + ATTACKS["clipboard (OSC 52)"] + " after"
     pdf = text_pdf(tmp_path / "hostile.pdf", layer)
-    for fmt in ("text", "md", "json", "jsonl"):
-        result = monkey("read", pdf, "--model", tiny_model(), "-f", fmt)
-        assert result.returncode == 0, result.stderr
-        assert b"\x1b" not in result.stdout and b"\x07" not in result.stdout, fmt
+    result = monkey("read", pdf, "--model", tiny_model())  # the real stdout of a process
+    assert result.returncode == 0, result.stderr
+    assert b"\x1b" not in result.stdout and b"\x07" not in result.stdout and b"\\x1b]0;owned" in result.stdout
+    for fmt in ("md", "json", "jsonl"):
+        result = cli("read", pdf, "--model", tiny_model(), "-f", fmt)
+        assert result.exit_code == 0 and not RAW.search(result.stdout.replace("\n", "")), fmt
         if fmt == "json":
             assert "\x1b]0;owned\x07" in json.loads(result.stdout)["records"][0]["answer"]  # kept, escaped
 

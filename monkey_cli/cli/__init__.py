@@ -59,11 +59,13 @@ _COMMAND_MODULES: list[str] = ["run", "render", "doctor", "eval"]
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    import contextlib
     import sys
 
     from monkey_cli.printing import terminal_line
 
-    print(f"warning: {terminal_line(message)}", file=sys.stderr, flush=True)
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # stderr gone (SIGHUP, closed): never fail
+        print(f"warning: {terminal_line(message)}", file=sys.stderr, flush=True)
 
 
 def main() -> None:

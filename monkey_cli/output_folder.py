@@ -188,6 +188,9 @@ class OutputFolder:
             return f"{target} is a folder; an output file cannot replace it"
         if self.overwrite or self.owns(relative):
             return None
+        self._entries, self._work_dirs = self._read_manifest()  # another run sharing DIR may have written it
+        if self.owns(relative):
+            return None
         return f"{target} exists and was not written by monkey; not replacing it (move it away, or use --overwrite)"
 
     # ------------------------------------------------------------------------------------------ writing

@@ -462,3 +462,17 @@ def test_a_manifest_planted_by_another_user_hides_no_input(tmp_path, monkeypatch
     monkeypatch.setattr(os, "geteuid", lambda: os.getuid() + 4242)  # the manifest's owner is now someone else
     result = _read(shared / "victim")
     assert result.exit_code == 0 and json.loads(result.stdout)["records"][0]["answer"] == "report"
+
+
+def test_two_runs_sharing_out_know_each_others_files(tmp_path):
+    """xargs -P: a run that started before another wrote a file still knows that file is monkey's."""
+    first, second = OutputFolder(tmp_path / "out"), OutputFolder(tmp_path / "out")
+    first.write("shared.json", b"first")
+    second.write("shared.json", b"second")  # not refused as "not written by monkey"
+    first.write("only-first.json", b"1")
+    second.write("only-second.json", b"2")
+    first.close()
+    second.close()
+    entries = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["entries"]
+    assert sorted(entries) == ["only-first.json", "only-second.json", "shared.json"]
+    assert (tmp_path / "out" / "shared.json").read_bytes() == b"second"

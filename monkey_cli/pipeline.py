@@ -160,10 +160,10 @@ def _save(
         raise
     except OutputError as exc:
         summary.failed += 1
-        on_record(_failure(item.source.name, options, str(exc)))
+        on_record(_failure(item.source.name, options, settings["quant"], str(exc)))
 
 
-def _failure(source: str, options: RunOptions, message: str) -> Record:
+def _failure(source: str, options: RunOptions, quant: str, message: str) -> Record:
     job = options.job
     prompt = job.questions[0] if job.task == "ask" and len(job.questions) == 1 else job.task
     return Record.failure(
@@ -174,7 +174,7 @@ def _failure(source: str, options: RunOptions, message: str) -> Record:
         task=job.task,
         prompt=prompt,
         model=options.model.source,
-        quant=options.model.quant or "auto",
+        quant=quant,
     )
 
 

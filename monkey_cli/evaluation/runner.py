@@ -383,9 +383,11 @@ class _PredictionWriter:
 
 def _end_with_newline(handle: BinaryIO) -> None:
     """A kill can leave a partial last line; start appending on a fresh line so no record is glued to it."""
-    size = os.fstat(handle.fileno()).st_size
-    if size and os.pread(handle.fileno(), 1, size - 1) != b"\n":
-        handle.write(b"\n")
+    size = handle.seek(0, os.SEEK_END)
+    if size:
+        handle.seek(size - 1)
+        if handle.read(1) != b"\n":
+            handle.write(b"\n")  # the handle appends: this goes at the end whatever the position
 
 
 class _ErrorLog:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -36,7 +37,7 @@ from monkey_cli.documents import (
     parse_size,
     prefetch,
 )
-from monkey_cli.errors import UsageError
+from monkey_cli.errors import MonkeyWarning, UsageError
 from monkey_cli.output import distinct_paths
 from monkey_cli.output_folder import OutputError, OutputFolder, OutputFull, OutputsFilter
 
@@ -258,6 +259,8 @@ def _write_all(
             if isinstance(record, PageError):
                 yield record
                 continue
+            for note in record.warnings:  # a repaired PDF, unreadable EXIF: the user hears of it, per page
+                warnings.warn(f"{record.source} p.{record.page}: {note}", MonkeyWarning, stacklevel=2)
             directory = directories[record.source]
             try:
                 files = [(directory / name, _png(image)) for name, image in page_views(record)]

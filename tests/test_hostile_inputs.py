@@ -369,6 +369,8 @@ def test_warnings_reach_stderr_naming_the_file_and_the_record(tmp_path):
     assert f"warning: {bad} p.1: Corrupt EXIF data" in result.stderr
     (exif_record,) = [r for r in records if r["source"] == str(bad)]
     assert exif_record["warnings"] == [w for w in exif_record["warnings"] if "Corrupt EXIF" in w] != []
+    rendered = cli("render", bad, "--out", tmp_path / "seen")
+    assert rendered.exit_code == 0 and f"warning: {bad} p.1: Corrupt EXIF data" in rendered.stderr
 
 
 def test_a_symlink_loop_or_unreadable_file_is_one_error_and_the_batch_goes_on(tmp_path, monkeypatch):

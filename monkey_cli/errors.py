@@ -25,3 +25,10 @@ class DocumentError(MonkeyError):
 
 class UsageError(MonkeyError):
     """A command-line argument is invalid (exit code 2)."""
+
+
+class MonkeyWarning(UserWarning):
+    """Something the user should know that is not an error: an input skipped, a damaged file repaired.
+
+    The library emits these with `warnings.warn`; the CLI prints each as one `warning: ...` line on stderr.
+    """

@@ -14,22 +14,21 @@ Streams (stdout carries results only):
 Writers are context managers; `close()` (also on KeyboardInterrupt) writes what is finished, so Ctrl-C
 still leaves a valid JSON document / Markdown report of the records done so far.
 
-`--out DIR`: `output_path()` mirrors the input tree under DIR (`docs/a/x.pdf` -> `DIR/a/x.pdf.json`)
-and refuses any path that would land outside DIR. `write_document()` writes one document's records
-atomically: temp file `.NAME.tmp-XXXX` in the same folder, flush + fsync, `os.replace`; on any
-exception the temp file is removed and the previous file, if any, is untouched. A process killed
-outright can leave a temp file behind; it never looks like an output and `cleanup_stale_temps()`
-removes it on the next run.
+`--out DIR` (`monkey_cli.output_folder` does the writing): `plan_outputs()` gives each input one
+distinct file that mirrors the input tree (`docs/a/x.pdf` -> `DIR/a/x.pdf.json`), `write_document()`
+writes one document's records atomically and records the file in the folder's manifest.
 
-Resume: `ResumeIndex` keeps `DIR/.monkey-manifest.json` (written atomically too), mapping each output
-file to the input's sha256 and a fingerprint of the settings that change answers. An output is done
-only when both match and the file exists. Use `ResumeIndex.update()` after writing a document: it marks
-the document done only when none of its records is an error, so a rerun retries failures.
+Every text written (stdout and files) goes through `monkey_cli.printing`: no control character or escape
+sequence from a document, a file name or an answer reaches a terminal raw; JSON escapes them.
+
+Resume: `ResumeIndex` reads the manifest: each output's input sha256, a fingerprint of the settings that
+change answers, the output's own sha256 and a status (done, failed for good with these settings, or
+incomplete). A document is skipped when its output is done (or failed for good) for this exact input and
+these settings and the file still holds exactly what was written.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import enum
 import hashlib
@@ -37,15 +36,17 @@ import io
 import json
 import os
 import re
-import secrets
-import time
-from collections.abc import Iterable, Mapping, Sequence
+import unicodedata
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, TextIO
 
 from monkey_cli import __version__
+from monkey_cli.documents.records import STDIN_NAME
 from monkey_cli.errors import DocumentError, UsageError
+from monkey_cli.output_folder import MANIFEST_NAME, WORK_PREFIX, OutputFolder
+from monkey_cli.printing import json_text, terminal_line, terminal_text
 
 SCHEMA_VERSION = 1
 
@@ -60,8 +61,6 @@ EMPTY_ANSWER = "(empty answer)"  # what text and Markdown show for an answer wit
 STDIN = "-"
 STDIN_STEM = "stdin"
 
-MANIFEST_NAME = ".monkey-manifest.json"
-
 StrPath = str | os.PathLike[str]
 Settings = Mapping[str, Any] | str  # the settings, or their settings_fingerprint()
 
@@ -75,6 +74,7 @@ IGNORED_SETTINGS = frozenset(
         "quiet",
         "progress",
         "overwrite",
+        "retry_failed",
         "format",
         "out",
         "out_dir",
@@ -82,10 +82,6 @@ IGNORED_SETTINGS = frozenset(
         "num_workers",
     }
 )
-
-_TEMP_MARKER = ".tmp-"
-_TEMP_NAME = re.compile(r"^\..+\.tmp-[A-Za-z0-9_]+$")
-
 
 # --------------------------------------------------------------------------------------------- records
 
@@ -120,6 +116,9 @@ class Record:
     quant: str | None
     seconds: float = 0.0
     error: str | None = None
+    # Notes about the page that did not stop it (a PDF MuPDF had to repair, unreadable EXIF data). Added in
+    # schema_version 1 as an optional key: readers of older files get an empty list.
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -151,6 +150,7 @@ class Record:
         """The record as a JSON-ready dict, keys in declaration order (a stable schema)."""
         data = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
         data["seconds"] = round(float(self.seconds), 3)
+        data["warnings"] = list(self.warnings)
         return data
 
     @classmethod
@@ -220,9 +220,9 @@ class TextWriter(Writer):
             label = record.location
             if self.show_prompt and record.task == "ask":
                 label = f"{label}: {one_line(record.prompt)}"
-            self.stream.write(f"==> {label} <==\n")
+            self.stream.write(f"==> {terminal_line(label)} <==\n")
         answer = record.answer if record.answer and record.answer.strip() else EMPTY_ANSWER
-        self.stream.write(answer.rstrip("\n") + "\n")
+        self.stream.write(terminal_text(answer.rstrip("\n")) + "\n")
         self.stream.flush()
         self._written += 1
 
@@ -243,15 +243,14 @@ class JsonWriter(Writer):
             "tool": {"name": "monkey-cli", "version": __version__},
             "records": self._records,
         }
-        json.dump(document, self.stream, ensure_ascii=False, indent=2)
-        self.stream.write("\n")
+        self.stream.write(json_text(document, indent=2) + "\n")
 
 
 class JsonlWriter(Writer):
     """One self-describing JSON object per line, flushed per record."""
 
     def _write(self, record: Record) -> None:
-        line = json.dumps({"schema_version": SCHEMA_VERSION, **record.to_dict()}, ensure_ascii=False)
+        line = json_text({"schema_version": SCHEMA_VERSION, **record.to_dict()})
         self.stream.write(line + "\n")
         self.stream.flush()
 
@@ -267,7 +266,7 @@ class MarkdownWriter(Writer):
         self._records.append(record)
 
     def _finish(self) -> None:
-        self.stream.write(render_markdown(self._records))
+        self.stream.write(terminal_text(render_markdown(self._records)))
 
 
 _WRITERS: dict[str, type[Writer]] = {
@@ -345,10 +344,10 @@ def _markdown_document(source: str, pages: dict[int | None, list[Record]]) -> li
     details = [f"{first.pages} page(s)"] if first.pages is not None else []
     by_model = next((record for record in records if record.model is not None), None)
     if by_model is not None:
-        details.append(f"model {_code_span(by_model.model)} ({by_model.quant})")
+        details.append(f"model {_code_span(terminal_line(by_model.model))} ({by_model.quant})")
     if any(record.answer_source == "text_layer" for record in records):
         details.append("text from the PDF's text layer" + (" on some pages" if by_model is not None else ""))
-    lines = [f"## {_code_span(source)}", "", " · ".join(details), ""]
+    lines = [f"## {_code_span(terminal_line(source))}", "", " · ".join(details), ""]
     for page, records in pages.items():
         if page is not None:
             lines += [f"### Page {page}", ""]
@@ -360,7 +359,7 @@ def _markdown_document(source: str, pages: dict[int | None, list[Record]]) -> li
 def _markdown_record(record: Record) -> list[str]:
     lines = []
     if record.task == "ask":
-        lines += [f"**Q:** {record.prompt.strip()}", ""]
+        lines += [f"**Q:** {terminal_line(record.prompt.strip())}", ""]
     if not record.ok:
         return lines + [f"> **Error:** {record.error}", ""]
     answer = (record.answer or "").strip("\n")
@@ -375,7 +374,8 @@ def _markdown_record(record: Record) -> list[str]:
     lines.append("")
     if record.answer_source == "text_layer":
         lines += ["_(from the PDF's text layer)_", ""]
-    return lines
+    lines += [f"> **Warning:** {terminal_line(warning)}" for warning in record.warnings]
+    return lines + ([""] if record.warnings else [])
 
 
 # ------------------------------------------------------------------------------------- output files
@@ -405,25 +405,20 @@ def output_path(
     fmt: str,
     inputs_root: StrPath | None = None,
 ) -> Path:
-    """Where `source`'s results go under `out_dir`: its path relative to `inputs_root`, extension appended.
+    """Where `source`'s results go under `out_dir` when nothing else claims that name (see `plan_outputs`).
 
-    The format's extension is appended, not substituted, so `x.pdf` and `x.png` side by side do not
-    collide (`x.pdf.json`, `x.png.json`). Stdin becomes `stdin.EXT`; a source outside `inputs_root`
-    (default: the current folder) is flattened to `NAME.HASH8.EXT` at the top of `out_dir`, the hash of
-    its absolute path keeping same-named files apart. Raises UsageError if the result would resolve
-    outside `out_dir` (a symlinked folder or file inside it pointing elsewhere).
+    Its path relative to `inputs_root` (default: the current folder) with the format's extension appended,
+    not substituted, so `x.pdf` and `x.png` side by side do not collide (`x.pdf.json`, `x.png.json`). Stdin
+    becomes `stdin.EXT`; a source outside `inputs_root` is flattened to `NAME.HASH8.EXT` at the top, the hash
+    of its absolute path keeping same-named files apart.
     """
+    return Path(out_dir) / _natural_output(source, fmt, inputs_root)
+
+
+def _natural_output(source: StrPath, fmt: str, inputs_root: StrPath | None) -> PurePosixPath:
     extension = extension_for(fmt)
     if str(source) == STDIN:
-        relative = PurePath(STDIN_STEM + extension)
-    else:
-        relative = _mirrored(source, inputs_root, extension)
-    target = Path(out_dir) / relative
-    ensure_inside(out_dir, target)
-    return target
-
-
-def _mirrored(source: StrPath, inputs_root: StrPath | None, ext: str) -> PurePath:
+        return PurePosixPath(STDIN_STEM + extension)
     # abspath normalises `..` lexically; symlinks on the input side do not matter for the output's name.
     absolute = PurePath(os.path.abspath(source))
     root = PurePath(os.path.abspath(inputs_root if inputs_root is not None else os.getcwd()))
@@ -432,90 +427,97 @@ def _mirrored(source: StrPath, inputs_root: StrPath | None, ext: str) -> PurePat
     except ValueError:
         relative = None
     if relative is None or not relative.parts:
-        digest = hashlib.sha256(str(absolute).encode("utf-8", "surrogateescape")).hexdigest()[:8]
-        return PurePath(f"{absolute.name or 'input'}.{digest}{ext}")
-    return relative.with_name(relative.name + ext)
+        return PurePosixPath(f"{absolute.name or 'input'}.{_digest(str(absolute))}{extension}")
+    return PurePosixPath(*relative.parts[:-1], relative.name + extension)
 
 
-def ensure_inside(out_dir: StrPath, path: StrPath) -> Path:
-    """`path` with its folders' symlinks resolved, if that stays inside `out_dir`; UsageError otherwise."""
-    root = Path(out_dir).resolve()
-    candidate = Path(path)
-    resolved = candidate.parent.resolve() / candidate.name
-    escapes = candidate.name in ("", ".", "..") or not resolved.is_relative_to(root) or resolved == root
-    if escapes or candidate.is_symlink():
-        raise UsageError(f"--out {out_dir}: refusing to write {path}: it resolves outside the output folder")
-    return resolved
+def plan_outputs(
+    sources: Mapping[str, StrPath | None],
+    fmt: str,
+    inputs_root: StrPath | None = None,
+    *,
+    blocked: Callable[[PurePosixPath], bool] | None = None,
+) -> dict[str, PurePosixPath]:
+    """One distinct output file (relative to the output folder) per source: name -> path (None: a stream).
 
-
-def atomic_write_text(path: StrPath, text: str) -> None:
-    """Replace `path` with `text` (UTF-8) all at once: readers see the old file or the new one, never half."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    data = text.encode("utf-8")
-    temp, fd = _create_temp(target)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
-    except BaseException:  # KeyboardInterrupt included: never leave the temp file behind
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    _fsync_folder(target.parent)
-
-
-def _create_temp(target: Path) -> tuple[Path, int]:
-    # os.open with mode 0o666 lets the umask decide the permissions, as for any new file
-    # (tempfile.mkstemp would make every output 0600).
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    while True:
-        temp = target.parent / f".{target.name}{_TEMP_MARKER}{secrets.token_hex(4)}"
-        try:
-            return temp, os.open(temp, flags, 0o666)
-        except FileExistsError:
-            continue
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_document(path: StrPath, records: Sequence[Record], fmt: str) -> None:
-    """Render one document's records in `fmt` and write them to `path` atomically.
-
-    Rendering happens before the file is touched, so a failure anywhere leaves the old file as it was.
+    Names are those of `output_path` (a stream other than stdin, such as `/dev/fd/63`, is flattened like a
+    file outside the root). Outputs that would share a file (`-` and a file named `stdin`, two names that
+    differ only in case, a file and a folder that mirror to the same name, the manifest's own name) all get
+    `NAME.HASH8.EXT` instead, the hash of their source name keeping them apart: the same inputs always get
+    the same names, and no two ever share one. So does an output whose place `blocked` says is taken by
+    something that cannot be replaced (a folder where the file goes, a file where a folder must be).
     """
-    atomic_write_text(path, render(records, fmt))
+    planned = {
+        name: _natural_output(STDIN if path is None and name == STDIN_NAME else (path or name), fmt, inputs_root)
+        for name, path in sources.items()
+    }
+    for name, path in sources.items():
+        if path is None and name != STDIN_NAME:  # /dev/fd/63 and the like: never mirrored under their folder
+            planned[name] = PurePosixPath(f"{PurePath(name).name or 'stream'}.{_digest(name)}{extension_for(fmt)}")
+    return distinct_paths(planned, blocked=blocked)
 
 
-def cleanup_stale_temps(out_dir: StrPath, *, min_age_s: float = 60.0) -> list[Path]:
-    """Remove temp files (`.NAME.tmp-XXXX`) left under `out_dir` by a killed run; returns those removed.
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
 
-    Only files untouched for `min_age_s` seconds go, so a second run writing to the same folder right now
-    keeps its temp files. Symlinks are neither followed nor removed.
+
+def distinct_paths(
+    planned: Mapping[str, PurePosixPath], *, blocked: Callable[[PurePosixPath], bool] | None = None
+) -> dict[str, PurePosixPath]:
+    """`planned` (key -> relative path) with every clash renamed: paths equal up to case and Unicode
+    normalisation, a path that another one needs as a folder, the output folder's reserved names, and
+    paths `blocked` rejects each get their key's hash inserted before the extension, until none is left."""
+    result = dict(planned)
+    for _ in range(len(result) + 2):
+        folded = {key: _folded(path) for key, path in result.items()}
+        holders: dict[tuple[str, ...], list[str]] = {}
+        for key, parts in folded.items():
+            holders.setdefault(parts, []).append(key)
+        folders = {parts[:depth] for parts in folded.values() for depth in range(1, len(parts))}
+        clashing = {
+            key
+            for key, parts in folded.items()
+            if len(holders[parts]) > 1
+            or parts in folders
+            or _reserved(result[key])
+            or (blocked is not None and blocked(result[key]))
+        }
+        if not clashing:
+            return result
+        for key in clashing:
+            result[key] = _with_digest(result[key], key)
+    raise RuntimeError("output names could not be made distinct")  # pragma: no cover - hashes differ
+
+
+def _folded(path: PurePosixPath) -> tuple[str, ...]:
+    return tuple(unicodedata.normalize("NFC", part).casefold() for part in path.parts)
+
+
+def _reserved(path: PurePosixPath) -> bool:
+    first = path.parts[0]
+    return first.casefold() == MANIFEST_NAME or first.casefold().startswith(WORK_PREFIX)
+
+
+def _with_digest(path: PurePosixPath, key: str) -> PurePosixPath:
+    stem, dot, extension = path.name.rpartition(".")
+    digest = _digest(key + "|" + str(path))
+    name = f"{stem}.{digest}.{extension}" if dot and stem else f"{path.name}.{digest}"
+    return path.with_name(name)
+
+
+def write_document(folder: OutputFolder, relative: str | PurePosixPath, records: Sequence[Record], fmt: str,
+                   entry: Mapping[str, Any] | None = None) -> Path:
+    """Render one document's records in `fmt` and write them into the output folder atomically.
+
+    Rendering happens before anything is touched, so a failure anywhere leaves the old file as it was.
     """
-    removed: list[Path] = []
-    now = time.time()
-    for folder, _dirs, names in os.walk(out_dir, followlinks=False):
-        for name in names:
-            if not _TEMP_NAME.match(name):
-                continue
-            candidate = Path(folder) / name
-            with contextlib.suppress(FileNotFoundError):
-                info = candidate.lstat()
-                if not candidate.is_symlink() and now - info.st_mtime >= min_age_s:
-                    candidate.unlink()
-                    removed.append(candidate)
-    return removed
+    data = render(records, fmt).encode("utf-8", "backslashreplace")
+    return folder.write(relative, data, {**(entry or {}), **output_fingerprint(data)})
+
+
+def output_fingerprint(data: bytes) -> dict[str, Any]:
+    """What the manifest keeps about an output's bytes, to tell later that the file is still whole."""
+    return {"output_sha256": hashlib.sha256(data).hexdigest(), "output_bytes": len(data)}
 
 
 # ------------------------------------------------------------------------------------------- resume
@@ -545,7 +547,7 @@ def settings_fingerprint(settings: Settings) -> str:
     relevant = {str(key): value for key, value in settings.items() if value is not None}
     relevant = {key: value for key, value in relevant.items() if key not in IGNORED_SETTINGS}
     canonical = json.dumps(_canonical(relevant), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _canonical(value: Any) -> Any:
@@ -564,85 +566,63 @@ def _canonical(value: Any) -> Any:
     raise TypeError(f"setting value of type {type(value).__name__} cannot be fingerprinted")
 
 
-class ResumeIndex:
-    """What an earlier run under `out_dir` already finished: `DIR/.monkey-manifest.json`.
+DONE, FAILED, INCOMPLETE = "done", "failed", "incomplete"
+_MAX_RECORDED_ERRORS = 20
 
-    Entries are keyed by the output file's path relative to `out_dir`. The manifest is re-read and merged
-    before each save, so two runs sharing a folder lose at most work (an entry), never a valid file.
-    An unreadable manifest counts as empty (everything is redone) and `warning` says why.
+
+class ResumeIndex:
+    """What earlier runs finished in an output folder, from its manifest (`monkey_cli.output_folder`).
+
+    Each output's entry keeps the input's sha256, a fingerprint of the settings that change answers, the
+    output's own sha256, and a status: `done`; `failed` (every error is one the same input always gives with
+    these settings, such as `--pages 2` on a one-page image: not redone unless asked, and reported again);
+    or `incomplete` (an error of the moment: redone next time). An output counts only while its file is
+    there, a regular file, with exactly the bytes that were written (a truncated or emptied file is redone).
     """
 
-    def __init__(self, out_dir: StrPath) -> None:
-        self.out_dir = Path(out_dir)
-        self.manifest_path = self.out_dir / MANIFEST_NAME
-        self.warning: str | None = None
-        self._entries = self._load()
+    def __init__(self, folder: OutputFolder) -> None:
+        self.folder = folder
 
-    def is_done(self, output: StrPath, input_sha256: str, settings: Settings) -> bool:
-        """True when `output` exists and was made from this exact input with these settings."""
-        key, resolved = self._key(output)
-        entry = self._entries.get(key)
-        return (
-            entry is not None
-            and entry.get("input_sha256") == input_sha256
-            and entry.get("settings_sha256") == settings_fingerprint(settings)
-            and resolved.is_file()
-        )
+    def is_done(self, output: str | PurePosixPath, input_sha256: str, settings: Settings) -> bool:
+        """True when `output` was made from this exact input with these settings, completely, and is intact."""
+        return self._status(output, input_sha256, settings) == DONE
 
-    def mark_done(self, output: StrPath, input_sha256: str, settings: Settings) -> None:
-        key, _ = self._key(output)
-        entry = {"input_sha256": input_sha256, "settings_sha256": settings_fingerprint(settings)}
-        self._save(lambda entries: entries.__setitem__(key, entry))
+    def recorded_errors(self, output: str | PurePosixPath, input_sha256: str, settings: Settings) -> list[str] | None:
+        """The errors an earlier run recorded as permanent for this input and these settings, else None."""
+        if self._status(output, input_sha256, settings) != FAILED:
+            return None
+        errors = self.folder.entry(output).get("errors")  # type: ignore[union-attr]
+        return [str(error) for error in errors] if isinstance(errors, list) and errors else ["failed"]
 
-    def forget(self, output: StrPath) -> None:
-        key, _ = self._key(output)
-        if key in self._entries:
-            self._save(lambda entries: entries.pop(key, None))
+    def _status(self, output: str | PurePosixPath, input_sha256: str, settings: Settings) -> str | None:
+        entry = self.folder.entry(output)
+        if (
+            entry is None
+            or entry.get("input_sha256") != input_sha256
+            or entry.get("settings_sha256") != settings_fingerprint(settings)
+        ):
+            return None
+        data = self.folder.read(output)
+        if not data:
+            return None  # missing, emptied, or not a regular file any more
+        expected = entry.get("output_sha256")
+        if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+            return None
+        status = entry.get("status", DONE)  # manifests written before statuses existed only held done outputs
+        return status if status in (DONE, FAILED) else None
 
-    def update(
-        self,
-        output: StrPath,
-        input_sha256: str,
-        settings: Settings,
-        records: Iterable[Record],
-    ) -> bool:
-        """After writing `output`: mark it done if every record succeeded, else forget it. Returns done."""
-        if all(record.ok for record in records):
-            self.mark_done(output, input_sha256, settings)
-            return True
-        self.forget(output)
-        return False
-
-    def _key(self, output: StrPath) -> tuple[str, Path]:
-        resolved = ensure_inside(self.out_dir, output)
-        return resolved.relative_to(self.out_dir.resolve()).as_posix(), resolved
-
-    def _load(self) -> dict[str, dict[str, str]]:
-        try:
-            text = self.manifest_path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return {}
-        except (OSError, UnicodeDecodeError) as exc:
-            return self._unreadable(f"cannot read it ({exc})")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            return self._unreadable(f"invalid JSON at line {exc.lineno}")
-        if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
-            return self._unreadable(f"not a schema_version {SCHEMA_VERSION} manifest")
-        entries = data.get("entries")
-        if not isinstance(entries, dict) or not all(isinstance(entry, dict) for entry in entries.values()):
-            return self._unreadable("'entries' is not a mapping of output files")
-        return entries
-
-    def _unreadable(self, cause: str) -> dict[str, dict[str, str]]:
-        self.warning = f"{self.manifest_path}: {cause}; ignoring it, so everything will be redone"
-        return {}
-
-    def _save(self, change: Any) -> None:
-        # The file on disk is the truth: another run may have finished documents since we loaded it.
-        entries = self._load()
-        change(entries)
-        self._entries = entries
-        document = {"schema_version": SCHEMA_VERSION, "entries": dict(sorted(entries.items()))}
-        atomic_write_text(self.manifest_path, json.dumps(document, indent=1) + "\n")
+    @staticmethod
+    def entry(
+        input_sha256: str, settings: Settings, records: Sequence[Record], *, permanent: bool
+    ) -> dict[str, Any]:
+        """The manifest entry for a document about to be written (the output's fingerprint is added then)."""
+        errors = [record.error for record in records if record.error is not None]
+        status = DONE if not errors else FAILED if permanent else INCOMPLETE
+        entry: dict[str, Any] = {
+            "status": status,
+            "input_sha256": input_sha256,
+            "settings_sha256": settings_fingerprint(settings),
+        }
+        if errors:
+            entry["errors"] = errors[:_MAX_RECORDED_ERRORS]
+        return entry

@@ -1,22 +1,28 @@
 """The whole flow for a batch of inputs: inputs -> documents -> pages -> engine -> records -> outputs.
 
 `run()` is what `monkey ask|caption|read` call; it is plain Python, usable without the CLI. With an output
-folder, every document becomes one file written atomically, and a document whose input hash and settings
-match a finished earlier run is skipped (resume); without one, records go to the `on_record` callback only.
+folder, every document becomes one file of its own (names planned before any work, never shared), written
+atomically through `monkey_cli.output_folder` (nothing outside the folder, no file monkey did not write
+replaced), and a document whose input hash and settings match a finished earlier run is skipped (resume);
+without one, records go to the `on_record` callback only. Files monkey wrote (listed in a manifest) and the
+output folder itself are never read as inputs.
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import time
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from monkey_cli import documents, output
 from monkey_cli.engine import DocumentEnd, Engine, Job
+from monkey_cli.errors import DocumentError, MonkeyWarning
 from monkey_cli.output import Record
+from monkey_cli.output_folder import OutputError, OutputFolder, OutputFull, OutputsFilter
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,7 @@ class RunOptions:
     out_dir: Path | None = None
     fmt: str = "text"
     overwrite: bool = False
+    retry_failed: bool = False
 
 
 @dataclass
@@ -64,10 +71,10 @@ def _count(n: int, noun: str) -> str:
 
 @dataclass
 class _Pending:
-    """A document to process: its source and, with an output folder, where it goes and its input hash."""
+    """A document to process: its source and, with an output folder, its output file and its input hash."""
 
     source: documents.Source
-    target: Path | None = None
+    target: PurePosixPath | None = None
     sha256: str | None = None
 
 
@@ -86,56 +93,116 @@ def run(
 
     `on_start` gets the number of documents to do (after resume), `on_stage` each stage as it begins
     ("rendering", "loading the model", "answering"), `on_record` and `on_document` the results.
+    With an output folder, `OutputFull` (a MonkeyError) stops the run when the disk is full; every other
+    problem is an error record for its document and the run goes on.
     """
     started = time.perf_counter()
     summary = Summary()
-    sources = documents.expand_inputs(list(options.inputs), stdin)
-    device, quant = _device_and_quant(options.model, options.job)
-    settings = _settings(options, quant)
-    index = output.ResumeIndex(options.out_dir) if options.out_dir else None
-    pending = _pending_documents(sources, options, settings, summary, index)
-    on_start(len(pending))
-    on_stage("rendering")
+    folder = OutputFolder(options.out_dir, overwrite=options.overwrite) if options.out_dir else None
 
-    def load() -> Any:
+    def load(device: str) -> Any:
         on_stage("loading the model")
         model = (load_model or (lambda: _load(options.model, options.job, device)))()
         on_stage("answering")
         return model
 
-    engine = Engine(
-        options.job,
-        load_model=load,
-        model_name=options.model.source,
-        quant=quant,
-        streamer_factory=streamer_factory,
-    )
-    by_name = {item.source.name: item for item in pending}
-    # Rendered lazily: the engine renders and preprocesses ahead on its own thread while the model works.
-    pages = documents.iter_pages(
-        [item.source for item in pending],
-        size=options.size or model_input_size(options.model.source),
-        pages=options.pages,
-        password=options.password,
-    )
     try:
-        for name, records in _per_document(engine.run(pages), on_record, summary):
+        sources = documents.expand_inputs(list(options.inputs), stdin, exclude=OutputsFilter(folder))
+        device, quant = _device_and_quant(options.model, options.job)
+        settings = _settings(options, quant)
+        pending = _pending_documents(sources, options, settings, summary, folder)
+        on_start(len(pending))
+        on_stage("rendering")
+        engine = Engine(
+            options.job,
+            load_model=lambda: load(device),
+            model_name=options.model.source,
+            quant=quant,
+            streamer_factory=streamer_factory,
+        )
+        by_name = {item.source.name: item for item in pending}
+        page_errors = _PageErrors()
+        # Rendered lazily: the engine renders and preprocesses ahead on its own thread while the model works.
+        pages = documents.iter_pages(
+            [item.source for item in pending],
+            size=options.size or model_input_size(options.model.source),
+            pages=options.pages,
+            password=options.password,
+        )
+        for name, records in _per_document(engine.run(page_errors.watch(pages)), on_record, summary):
             on_document(name)
             summary.documents += 1
             item = by_name.get(name)
-            if index is not None and item is not None and item.target is not None:
-                output.write_document(item.target, records, options.fmt)
-                index.update(item.target, item.sha256, settings, records)
-                summary.written.append(item.target)
+            errors = page_errors.pop(name)
+            if folder is not None and item is not None and item.target is not None:
+                _save(folder, item, records, errors, settings, options, summary, on_record)
     finally:
+        if folder is not None:
+            folder.close()
         summary.seconds = time.perf_counter() - started
     return summary
+
+
+class _PageErrors:
+    """The document problems that went into the engine, per source: they tell a permanent failure."""
+
+    def __init__(self) -> None:
+        self._by_source: dict[str, list[documents.PageError]] = {}
+
+    def watch(self, pages: Iterable[documents.Record]) -> Iterator[documents.Record]:
+        for item in pages:
+            if isinstance(item, documents.PageError):
+                self._by_source.setdefault(item.source, []).append(item)
+            yield item
+
+    def pop(self, source: str) -> list[documents.PageError]:
+        return self._by_source.pop(source, [])
+
+
+def _save(
+    folder: OutputFolder,
+    item: _Pending,
+    records: list[Record],
+    page_errors: list[documents.PageError],
+    settings: dict[str, Any],
+    options: RunOptions,
+    summary: Summary,
+    on_record: Callable[[Record], None],
+) -> None:
+    """Write one document's file and its manifest entry; a refused or failed write is an error record."""
+    failed = [record for record in records if not record.ok]
+    # Permanent: every error came from the document itself (same bytes, same settings, same error).
+    permanent = len(failed) == len(page_errors) and not any(error.transient for error in page_errors)
+    entry = output.ResumeIndex.entry(item.sha256 or "", settings, records, permanent=permanent)
+    try:
+        summary.written.append(output.write_document(folder, item.target, records, options.fmt, entry))
+    except OutputFull:
+        raise
+    except OutputError as exc:
+        summary.failed += 1
+        on_record(_failure(item.source.name, options, settings["quant"], str(exc)))
+
+
+def _failure(source: str, options: RunOptions, quant: str, message: str) -> Record:
+    job = options.job
+    prompt = job.questions[0] if job.task == "ask" and len(job.questions) == 1 else job.task
+    return Record.failure(
+        error=message,
+        source=source,
+        page=None,
+        pages=None,
+        task=job.task,
+        prompt=prompt,
+        model=options.model.source,
+        quant=quant,
+    )
 
 
 def _per_document(
     events: Iterator[Record | DocumentEnd], on_record: Callable[[Record], None], summary: Summary
 ) -> Iterator[tuple[str, list[Record]]]:
-    """Group the (input-ordered) records by document, counting pages and failures on the way."""
+    """Group the (input-ordered) records by document, counting pages and failures on the way; a page's
+    warnings reach the user once (as a MonkeyWarning) as well as its records."""
     groups: dict[str, list[Record]] = {}
     for event in events:
         if isinstance(event, DocumentEnd):
@@ -143,8 +210,11 @@ def _per_document(
             continue
         on_record(event)
         group = groups.setdefault(event.source, [])
-        if event.page is not None and all(r.page != event.page for r in group):
-            summary.pages += 1
+        if all(r.page != event.page for r in group):
+            for note in event.warnings:
+                warnings.warn(f"{event.location}: {note}", MonkeyWarning, stacklevel=2)
+            if event.page is not None:
+                summary.pages += 1
         if event.error is not None:
             summary.failed += 1
         group.append(event)
@@ -155,24 +225,45 @@ def _pending_documents(
     options: RunOptions,
     settings: dict[str, Any],
     summary: Summary,
-    index: output.ResumeIndex | None,
+    folder: OutputFolder | None,
 ) -> list[_Pending]:
-    """Sources still to do: with an output folder, those whose output is missing or out of date."""
-    if index is None:
+    """Sources still to do, each with its own output file. Before any work: outputs that cannot be written
+    (a file monkey did not write is in the way, a link on the way) and inputs that cannot be read become
+    errors for their document; finished documents are skipped; documents that failed for good with these
+    settings are reported again without being redone (unless --retry-failed or --overwrite)."""
+    if folder is None:
         return [_Pending(source) for source in sources]
-    output.cleanup_stale_temps(options.out_dir)
-    root = output.common_root([s.path for s in sources if s.path is not None])
+    usable = [source for source in sources if source.error is None]
+    root = output.common_root([source.path for source in usable if source.path is not None])
+    targets = output.plan_outputs(
+        {source.name: source.path for source in usable}, options.fmt, root, blocked=folder.blocked
+    )
+    index = output.ResumeIndex(folder)
     pending = []
     for source in sources:
         if source.error is not None:
             pending.append(_Pending(source))
             continue
-        shown = output.STDIN if source.data is not None else str(source.path)
-        target = output.output_path(options.out_dir, shown, options.fmt, root)
-        sha = hashlib.sha256(source.data).hexdigest() if source.data is not None else output.file_sha256(source.path)
-        if not options.overwrite and index.is_done(target, sha, settings):
-            summary.skipped += 1
+        target = targets[source.name]
+        problem = folder.check(target)
+        if problem is None:
+            try:
+                sha = documents.source_sha256(source)
+            except (OSError, DocumentError) as exc:
+                problem = f"cannot read: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
+        if problem is not None:
+            pending.append(_Pending(dataclasses.replace(source, data=None, error=problem)))
             continue
+        if not options.overwrite:
+            if index.is_done(target, sha, settings):
+                summary.skipped += 1
+                continue
+            recorded = index.recorded_errors(target, sha, settings)
+            if recorded is not None and not options.retry_failed:
+                more = f" (and {len(recorded) - 1} more)" if len(recorded) > 1 else ""
+                message = f"{recorded[0]}{more}; as in an earlier run with these settings (--retry-failed redoes it)"
+                pending.append(_Pending(dataclasses.replace(source, data=None, error=message)))
+                continue
         pending.append(_Pending(source, target, sha))
     return pending
 

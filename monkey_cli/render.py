@@ -17,17 +17,17 @@ and then normalising equals the model's normalise-then-interpolate, up to roundi
 
 from __future__ import annotations
 
+import io
 import os
-import threading
-from collections.abc import Iterable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING
 
 from monkey_cli.documents import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_SIZE,
-    STDIN_NAME,
     Page,
     PageError,
     Source,
@@ -37,7 +37,9 @@ from monkey_cli.documents import (
     parse_size,
     prefetch,
 )
-from monkey_cli.errors import UsageError
+from monkey_cli.errors import MonkeyWarning, UsageError
+from monkey_cli.output import distinct_paths
+from monkey_cli.output_folder import OutputError, OutputFolder, OutputFull, OutputsFilter
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -50,9 +52,9 @@ __all__ = [
     "draw_window_grid",
     "global_view",
     "output_dirs",
+    "page_views",
     "render_documents",
     "window_boxes",
-    "write_page_views",
 ]
 
 WINDOW = 448  # side of one window and of the global view, in pixels
@@ -168,27 +170,27 @@ def output_dirs(sources: Iterable[Source], out_dir: Path) -> dict[str, Path]:
     """Folder under `out_dir` for each source name: its path relative to the sources' common folder.
 
     Every part is sanitised (no separators, no '..', no control characters, nothing hidden), so nothing
-    derived from an input can point outside `out_dir`; names that would collide get a numbered suffix.
+    derived from an input can point outside `out_dir`; folders that would clash (equal up to case, or one
+    inside another's) get their source's hash added (`output.distinct_paths`), the same on every run.
     """
+    return {name: out_dir / relative for name, relative in _relative_dirs(sources).items()}
+
+
+def _relative_dirs(
+    sources: Iterable[Source], *, blocked: Callable[[PurePosixPath], bool] | None = None
+) -> dict[str, PurePosixPath]:
     usable = [source for source in sources if source.error is None]
     located = [source for source in usable if source.path is not None]
     absolute = {source.name: os.path.abspath(source.path) for source in located}  # type: ignore[arg-type]
     common = os.path.commonpath([os.path.dirname(path) for path in absolute.values()]) if absolute else ""
-    planned: dict[str, Path] = {}
-    taken: set[Path] = set()
+    planned: dict[str, PurePosixPath] = {}
     for source in usable:
         if source.name in absolute:
             parts = Path(os.path.relpath(absolute[source.name], common)).parts
         else:
-            parts = (STDIN_NAME,)
-        directory = out_dir.joinpath(*(_safe_part(part) for part in parts))
-        candidate, number = directory, 2
-        while candidate in taken:
-            candidate = directory.with_name(f"{directory.name}-{number}")
-            number += 1
-        taken.add(candidate)
-        planned[source.name] = candidate
-    return planned
+            parts = (source.name,)  # <stdin>, /dev/fd/63: one folder named after the stream
+        planned[source.name] = PurePosixPath(*(_safe_part(part) for part in parts))
+    return distinct_paths(planned, blocked=blocked)
 
 
 def _safe_part(part: str) -> str:
@@ -200,32 +202,21 @@ def _safe_part(part: str) -> str:
     return cleaned[:200]
 
 
-def _save_png(image: Image.Image, path: Path) -> None:
-    """Write atomically: a reader sees the old file or the complete new one, never a partial PNG."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-    try:
-        with open(temporary, "xb") as stream:
-            image.save(stream, format="PNG", compress_level=3)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
-def write_page_views(page: Page, directory: Path) -> list[Path]:
-    """Write the grid, the windows and the global view of one input-size page into `directory`."""
-    directory.mkdir(parents=True, exist_ok=True)
+def page_views(page: Page) -> list[tuple[str, Image.Image]]:
+    """File name and image of the grid, each window and the global view of one input-size page."""
     stem = f"page-{page.page:0{max(3, len(str(page.pages)))}d}"
     windows = crop_windows(page.image)
     digits = len(str(len(windows) - 1))
     views = [(f"{stem}-grid.png", draw_window_grid(page.image))]
     views += [(f"{stem}-window-{index:0{digits}d}.png", window) for index, window in enumerate(windows)]
     views.append((f"{stem}-global.png", global_view(page.image)))
-    written = []
-    for name, image in views:
-        _save_png(image, directory / name)
-        written.append(directory / name)
-    return written
+    return views
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=3)
+    return buffer.getvalue()
 
 
 def render_documents(
@@ -238,41 +229,49 @@ def render_documents(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     stdin: bytes | IO[bytes] | None = None,
     prefetch_depth: int = 2,
+    overwrite: bool = False,
 ) -> Iterator[RenderedPage | PageError]:
     """Render every page of the inputs into `out_dir`; one record per page written or per problem.
 
     Arguments are checked now (UsageError: bad size or pages, `out_dir` not a folder); pages are rendered
-    in a background thread while the previous one is being written.
+    in a background thread while the previous one is being written. Files are written through
+    `monkey_cli.output_folder`: nothing outside `out_dir`, no file monkey did not write replaced (unless
+    `overwrite`), each file whole or not at all; files monkey wrote are never read as inputs.
     """
     window_size = check_window_size(size)
     selection = parse_pages(pages)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a folder")
+    folder = OutputFolder(out_dir, overwrite=overwrite)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"--out {out}: cannot create folder ({exc.strerror or exc})") from exc
-    sources = expand_inputs(list(inputs), stdin)
-    records = iter_pages(sources, size=window_size, pages=selection, password=password, max_pixels=max_pixels)
-    return _write_all(prefetch(records, prefetch_depth), output_dirs(sources, out), out.resolve())
+        sources = expand_inputs(list(inputs), stdin, exclude=OutputsFilter(folder))
+        records = iter_pages(sources, size=window_size, pages=selection, password=password, max_pixels=max_pixels)
+        directories = _relative_dirs(sources, blocked=lambda path: folder.blocked(path, folder=True))
+    except BaseException:
+        folder.close()
+        raise
+    return _write_all(prefetch(records, prefetch_depth), directories, folder)
 
 
 def _write_all(
-    records: Iterator[Page | PageError], directories: dict[str, Path], out_root: Path
+    records: Iterator[Page | PageError], directories: dict[str, PurePosixPath], folder: OutputFolder
 ) -> Iterator[RenderedPage | PageError]:
-    for record in records:
-        if isinstance(record, PageError):
-            yield record
-            continue
-        directory = directories[record.source]
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            if not directory.resolve().is_relative_to(out_root):  # e.g. a symlink planted inside --out
-                raise PermissionError(f"{directory} leads outside --out")
-            files = write_page_views(record, directory)
-        except OSError as exc:
-            message = f"cannot write into {directory}: {exc.strerror or exc}"
-            yield PageError(record.source, record.page, message, pages=record.pages, path=record.path)
-            continue
-        yield RenderedPage(record.source, record.page, record.pages, directory, tuple(files))
+    try:
+        for record in records:
+            if isinstance(record, PageError):
+                yield record
+                continue
+            for note in record.warnings:  # a repaired PDF, unreadable EXIF: the user hears of it, per page
+                warnings.warn(f"{record.source} p.{record.page}: {note}", MonkeyWarning, stacklevel=2)
+            directory = directories[record.source]
+            try:
+                files = [(directory / name, _png(image)) for name, image in page_views(record)]
+                written = folder.write_files(files, {str(relative): {"render": True} for relative, _ in files})
+            except OutputFull:
+                raise
+            except OutputError as exc:
+                yield PageError(record.source, record.page, str(exc), pages=record.pages, path=record.path)
+                continue
+            yield RenderedPage(
+                record.source, record.page, record.pages, folder.root / directory, tuple(written)
+            )
+    finally:
+        folder.close()

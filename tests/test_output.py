@@ -9,18 +9,16 @@ import json
 import os
 import subprocess
 import sys
-import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
-from monkey_cli import output
-from monkey_cli.errors import DocumentError, MonkeyError, UsageError
+from monkey_cli import output, output_folder
+from monkey_cli.errors import DocumentError, MonkeyError, MonkeyWarning, UsageError
 from monkey_cli.output import (
     SCHEMA_VERSION,
     Record,
     ResumeIndex,
-    cleanup_stale_temps,
     common_root,
     file_sha256,
     make_writer,
@@ -28,6 +26,7 @@ from monkey_cli.output import (
     settings_fingerprint,
     write_document,
 )
+from monkey_cli.output_folder import OutputFolder
 
 RECORD_KEYS = [
     "source",
@@ -41,6 +40,7 @@ RECORD_KEYS = [
     "quant",
     "seconds",
     "error",
+    "warnings",
 ]
 
 
@@ -262,94 +262,66 @@ def test_common_root_is_the_deepest_shared_folder(tmp_path):
     assert common_root([tmp_path / "d" / "a.pdf"]) == tmp_path / "d"
 
 
-def test_output_path_refuses_a_symlinked_folder_leading_outside(tmp_path):
-    root, out, outside = tmp_path / "docs", tmp_path / "out", tmp_path / "outside"
-    out.mkdir()
-    outside.mkdir()
-    (out / "sub").symlink_to(outside, target_is_directory=True)
-    with pytest.raises(MonkeyError, match="outside the output folder"):
-        output_path(out, root / "sub" / "a.pdf", "json", root)
-
-
-def test_output_path_refuses_an_existing_symlink_as_the_file(tmp_path):
-    root, out = tmp_path / "docs", tmp_path / "out"
-    out.mkdir()
-    (out / "a.pdf.json").symlink_to(tmp_path / "victim.json")
-    with pytest.raises(MonkeyError):
-        output_path(out, root / "a.pdf", "json", root)
-
-
-@pytest.mark.parametrize("escape", ["../evil.json", "/etc/evil.json", "sub/../../evil.json"])
-def test_ensure_inside_refuses_escapes(tmp_path, escape):
-    out = tmp_path / "out"
-    out.mkdir()
-    with pytest.raises(MonkeyError):
-        output.ensure_inside(out, out / escape)
+def test_plan_outputs_gives_every_source_its_own_file(tmp_path):
+    root = tmp_path / "docs"
+    plan = output.plan_outputs({"a.pdf": root / "a.pdf", "sub/b.png": root / "sub" / "b.png"}, "json", root)
+    assert plan == {"a.pdf": PurePosixPath("a.pdf.json"), "sub/b.png": PurePosixPath("sub/b.png.json")}
 
 
 # -------------------------------------------------------------------------------------- atomic files
 
 
+def _folder(tmp_path: Path, **options) -> OutputFolder:
+    return OutputFolder(tmp_path / "out", **options)
+
+
 def test_write_document_writes_every_format_without_temp_files(tmp_path):
     records = [answer(page=1), failure(page=2)]
+    folder = _folder(tmp_path)
     for fmt in ("text", "json", "jsonl", "md"):
-        path = tmp_path / "out" / "nested" / f"a.pdf{output.extension_for(fmt)}"
-        write_document(path, records, fmt)
+        path = write_document(folder, f"nested/a.pdf{output.extension_for(fmt)}", records, fmt)
         assert path.read_text(encoding="utf-8") == output.render(records, fmt)
-    assert json.loads((tmp_path / "out" / "nested" / "a.pdf.json").read_text())["records"][1]["error"]
-    assert [p.name for p in (tmp_path / "out" / "nested").iterdir() if ".tmp-" in p.name] == []
+    folder.close()
+    out = tmp_path / "out"
+    assert json.loads((out / "nested" / "a.pdf.json").read_text())["records"][1]["error"]
+    assert sorted(p.name for p in out.iterdir()) == [output.MANIFEST_NAME, "nested"], "a temp file was left"
 
 
 def test_new_files_get_ordinary_permissions_not_0600(tmp_path):
     previous = os.umask(0o022)
     try:
-        write_document(tmp_path / "a.json", [answer()], "json")
+        path = write_document(_folder(tmp_path), "a.json", [answer()], "json")
     finally:
         os.umask(previous)
-    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 @pytest.mark.parametrize("interruption", [OSError("disk full"), KeyboardInterrupt()])
 def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch, interruption):
-    path = tmp_path / "a.pdf.json"
-    path.write_text("old results\n")
+    folder = _folder(tmp_path)
+    path = write_document(folder, "a.pdf.json", [answer(answer="old")], "json")
+    old = path.read_bytes()
 
     def fail_mid_write(fd: int) -> None:
-        # The temp file exists and holds the new bytes at this point.
-        assert [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
         raise interruption
 
-    monkeypatch.setattr(output.os, "fsync", fail_mid_write)
-    with pytest.raises(type(interruption)):
-        write_document(path, [answer()], "json")
-    assert path.read_text() == "old results\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pdf.json"]
+    monkeypatch.setattr(output_folder.os, "fsync", fail_mid_write)
+    with pytest.raises((type(interruption), MonkeyError)):
+        write_document(folder, "a.pdf.json", [answer(answer="new")], "json")
+    monkeypatch.undo()
+    folder.close()
+    assert path.read_bytes() == old
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [output.MANIFEST_NAME, "a.pdf.json"]
 
 
 def test_a_rendering_failure_never_touches_the_file(tmp_path):
-    path = tmp_path / "a.pdf.json"
-    path.write_text("old\n")
+    folder = _folder(tmp_path)
+    path = write_document(folder, "a.pdf.json", [answer()], "json")
+    old = path.read_bytes()
     unserialisable = answer(page=2, answer=object())  # json.dump fails halfway through the document
     with pytest.raises(TypeError):
-        write_document(path, [answer(page=1), unserialisable], "json")
-    assert path.read_text() == "old\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pdf.json"]
-
-
-def test_stale_temps_are_removed_and_fresh_ones_and_outputs_kept(tmp_path):
-    nested = tmp_path / "sub"
-    nested.mkdir()
-    stale = nested / ".a.pdf.json.tmp-1a2b3c4d"
-    fresh = tmp_path / ".b.pdf.json.tmp-deadbeef"
-    keep = [tmp_path / "a.pdf.json", tmp_path / ".hidden", tmp_path / "x.tmp-1234.json"]
-    for path in (stale, fresh, *keep):
-        path.write_text("x")
-    an_hour_ago = time.time() - 3600
-    os.utime(stale, (an_hour_ago, an_hour_ago))
-    assert cleanup_stale_temps(tmp_path) == [stale]
-    assert not stale.exists() and fresh.exists() and all(path.exists() for path in keep)
-    assert cleanup_stale_temps(tmp_path, min_age_s=0) == [fresh]
-    assert cleanup_stale_temps(tmp_path / "missing") == []
+        write_document(folder, "a.pdf.json", [answer(page=1), unserialisable], "json")
+    assert path.read_bytes() == old
 
 
 # -------------------------------------------------------------------------------------------- resume
@@ -386,64 +358,75 @@ def test_fingerprint_ignores_batch_size_order_and_none_but_not_answer_settings()
     assert settings_fingerprint(base) == base
 
 
-def _written(out: Path, name: str = "a.pdf.json") -> Path:
-    path = out / name
-    write_document(path, [answer()], "json")
-    return path
+def _written(folder: OutputFolder, name: str = "a.pdf.json", sha: str = "sha-1", records=None) -> str:
+    records = records or [answer()]
+    entry = ResumeIndex.entry(sha, SETTINGS, records, permanent=True)
+    write_document(folder, name, records, "json", entry)
+    return name
 
 
-def test_resume_index_matches_only_the_same_input_settings_and_existing_file(tmp_path):
-    out = tmp_path / "out"
-    path = _written(out)
-    index = ResumeIndex(out)
-    assert not index.is_done(path, "sha-1", SETTINGS)
-    index.mark_done(path, "sha-1", SETTINGS)
-    assert [p.name for p in out.iterdir()] and not [p for p in out.iterdir() if ".tmp-" in p.name]
+def test_resume_index_matches_only_the_same_input_settings_and_intact_file(tmp_path):
+    folder = _folder(tmp_path)
+    name = _written(folder)
+    folder.close()
 
-    reloaded = ResumeIndex(out)  # a later run reads the manifest back
-    assert reloaded.warning is None
-    assert reloaded.is_done(path, "sha-1", SETTINGS)
-    assert reloaded.is_done(path, "sha-1", {**SETTINGS, "batch_size": 1})
-    assert not reloaded.is_done(path, "sha-2", SETTINGS)
-    assert not reloaded.is_done(path, "sha-1", {**SETTINGS, "max_new_tokens": 65})
-    assert not reloaded.is_done(out / "other.pdf.json", "sha-1", SETTINGS)
+    index = ResumeIndex(_folder(tmp_path))  # a later run reads the manifest back
+    assert index.folder.warning is None
+    assert index.is_done(name, "sha-1", SETTINGS)
+    assert index.is_done(name, "sha-1", {**SETTINGS, "batch_size": 1})
+    assert not index.is_done(name, "sha-2", SETTINGS)
+    assert not index.is_done(name, "sha-1", {**SETTINGS, "max_new_tokens": 65})
+    assert not index.is_done("other.pdf.json", "sha-1", SETTINGS)
+    path = tmp_path / "out" / name
+    path.write_bytes(path.read_bytes()[:-5])  # truncated: no longer what was written
+    assert not index.is_done(name, "sha-1", SETTINGS)
+    path.write_bytes(b"")
+    assert not index.is_done(name, "sha-1", SETTINGS)
     path.unlink()
-    assert not reloaded.is_done(path, "sha-1", SETTINGS)
+    assert not index.is_done(name, "sha-1", SETTINGS)
 
 
-def test_update_marks_only_documents_without_errors(tmp_path):
-    out = tmp_path / "out"
-    path = _written(out)
-    index = ResumeIndex(out)
-    assert index.update(path, "sha-1", SETTINGS, [answer(page=1), answer(page=2)])
-    assert ResumeIndex(out).is_done(path, "sha-1", SETTINGS)
-    # Rerun with --overwrite that now fails on a page: the old "done" must not survive.
-    assert not index.update(path, "sha-1", SETTINGS, [answer(page=1), failure(page=2)])
-    assert not ResumeIndex(out).is_done(path, "sha-1", SETTINGS)
+def test_documents_with_errors_are_failed_for_good_or_incomplete(tmp_path):
+    folder = _folder(tmp_path)
+    index = ResumeIndex(folder)
+    records = [answer(page=1), failure(page=2)]
+    write_document(folder, "a.json", records, "json", ResumeIndex.entry("s", SETTINGS, records, permanent=True))
+    write_document(folder, "b.json", records, "json", ResumeIndex.entry("s", SETTINGS, records, permanent=False))
+    assert not index.is_done("a.json", "s", SETTINGS) and not index.is_done("b.json", "s", SETTINGS)
+    assert index.recorded_errors("a.json", "s", SETTINGS) == ["can't render"]
+    assert index.recorded_errors("a.json", "s", {**SETTINGS, "pages": "1"}) is None  # other settings: redo
+    assert index.recorded_errors("b.json", "s", SETTINGS) is None  # an error of the moment: redo
 
 
 def test_manifest_keeps_entries_written_by_another_run(tmp_path):
-    out = tmp_path / "out"
-    first, second = _written(out, "a.pdf.json"), _written(out, "b.pdf.json")
-    run_one, run_two = ResumeIndex(out), ResumeIndex(out)
-    run_one.mark_done(first, "sha-a", SETTINGS)
-    run_two.mark_done(second, "sha-b", SETTINGS)
-    after = ResumeIndex(out)
-    assert after.is_done(first, "sha-a", SETTINGS) and after.is_done(second, "sha-b", SETTINGS)
+    run_one, run_two = _folder(tmp_path), _folder(tmp_path)
+    _written(run_one, "a.pdf.json", "sha-a")
+    _written(run_two, "b.pdf.json", "sha-b")
+    run_one.close()
+    run_two.close()
+    after = ResumeIndex(_folder(tmp_path))
+    assert after.is_done("a.pdf.json", "sha-a", SETTINGS) and after.is_done("b.pdf.json", "sha-b", SETTINGS)
 
 
-def test_an_unreadable_manifest_means_redo_everything_with_a_warning(tmp_path):
-    out = tmp_path / "out"
-    path = _written(out)
-    (out / output.MANIFEST_NAME).write_text('{"schema_version": 1, "entries": {')
-    index = ResumeIndex(out)
-    assert index.warning and output.MANIFEST_NAME in index.warning
-    assert not index.is_done(path, "sha-1", SETTINGS)
-    index.mark_done(path, "sha-1", SETTINGS)  # rewrites a valid manifest
-    assert ResumeIndex(out).is_done(path, "sha-1", SETTINGS)
+def test_an_unreadable_manifest_means_nothing_is_reused_or_replaced_with_a_warning(tmp_path):
+    folder = _folder(tmp_path)
+    name = _written(folder)
+    folder.close()
+    (tmp_path / "out" / output.MANIFEST_NAME).write_text('{"schema_version": 1, "entries": {')
+    with pytest.warns(MonkeyWarning, match="no longer knows which files it wrote"):
+        folder = _folder(tmp_path)
+    index = ResumeIndex(folder)
+    assert output.MANIFEST_NAME in folder.warning
+    assert not index.is_done(name, "sha-1", SETTINGS)
+    assert "not written by monkey" in folder.check(name)  # the file is no longer known to be monkey's
+    with pytest.raises(MonkeyError, match="not written by monkey"):
+        _written(folder)
+    with pytest.warns(MonkeyWarning):
+        assert _folder(tmp_path, overwrite=True).check(name) is None
 
 
-def test_resume_index_refuses_paths_outside_its_folder(tmp_path):
-    index = ResumeIndex(tmp_path / "out")
+@pytest.mark.parametrize("escape", ["../evil.json", "/etc/evil.json", "sub/../../evil.json", "./a.json", ""])
+def test_the_output_folder_refuses_paths_outside_it(tmp_path, escape):
     with pytest.raises(MonkeyError):
-        index.mark_done(tmp_path / "elsewhere.json", "sha", SETTINGS)
+        _folder(tmp_path).write(escape, b"x")
+    assert not (tmp_path / "evil.json").exists()

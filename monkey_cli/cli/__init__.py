@@ -33,6 +33,18 @@ def _root(
     ),
 ) -> None:
     """Document understanding with Monkey."""
+    _show_warnings_as_lines()
+
+
+def _show_warnings_as_lines() -> None:
+    """Library warnings (an input skipped, a damaged file repaired, the slow-CPU note) as one stderr line
+    each, every time (two documents with the same problem get a line each), control characters escaped."""
+    import warnings
+
+    from monkey_cli.errors import MonkeyWarning
+
+    warnings.showwarning = _show_warning
+    warnings.simplefilter("always", MonkeyWarning)
 
 
 def _register_commands() -> None:
@@ -46,6 +58,31 @@ def _register_commands() -> None:
 _COMMAND_MODULES: list[str] = ["run", "render", "doctor", "eval"]
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    import contextlib
+    import sys
+
+    from monkey_cli.printing import terminal_line
+
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # stderr gone (SIGHUP, closed): never fail
+        print(f"warning: {terminal_line(message)}", file=sys.stderr, flush=True)
+
+
 def main() -> None:
-    _register_commands()
-    app()
+    """The `monkey` command. SIGINT, SIGTERM and SIGHUP end it with 128 + signal, finished results kept."""
+    from monkey_cli import signals
+
+    try:
+        signals.install()  # already done by `monkey_cli.__main__`, which installs it before any import
+        _show_warnings_as_lines()  # also before a command runs (warnings while imports happen)
+        _register_commands()
+        app()
+    except KeyboardInterrupt:  # outside any command (while registering them, or in the argument parser)
+        raise SystemExit(signals.exit_code()) from None
+    except SystemExit:
+        # typer reports an interrupt as 130 whatever the signal was; the status must name the signal.
+        if signals.received() is not None:
+            raise SystemExit(signals.exit_code()) from None
+        raise
+    finally:
+        signals.leaving()

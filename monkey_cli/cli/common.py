@@ -22,7 +22,9 @@ from typer._click.exceptions import NoArgsIsHelpError
 from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperCommand
 
+from monkey_cli import signals
 from monkey_cli.errors import MonkeyError
+from monkey_cli.printing import terminal_line
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
@@ -39,12 +41,13 @@ status_line: Any = None
 
 
 def warn(message: str) -> None:
-    """One line on stderr (stdout carries results only), never glued onto a progress line."""
+    """One line on stderr (stdout carries results only), control characters made visible, never glued
+    onto a progress line."""
     status = status_line
     if status is not None:
         status.suspend()
     try:
-        print(message, file=sys.stderr, flush=True)
+        print(terminal_line(message), file=sys.stderr, flush=True)
     finally:
         if status is not None:
             status.resume()
@@ -64,12 +67,17 @@ def user_errors(verbose: bool = False) -> Iterator[None]:
     """
     route_library_output(verbose)
     try:
-        yield
+        try:
+            yield
+        except Exception as exc:
+            if signals.caused(exc):  # a library turned the interrupt into an error of its own
+                raise KeyboardInterrupt from exc
+            raise
     except typer.Exit:
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP (monkey_cli.signals): 128 + signal
         warn("interrupted")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        raise typer.Exit(signals.exit_code(EXIT_INTERRUPTED)) from None
     except MonkeyError as exc:  # UsageError included: both are the user's to fix (exit 2)
         if verbose:
             traceback.print_exc()

@@ -6,7 +6,6 @@ therefore torch); `eval score` and `eval datasets` never do.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -238,6 +237,7 @@ def score_command(
     """
     with user_errors(verbose):
         from monkey_cli.evaluation.scoring import score_predictions_file
+        from monkey_cli.printing import json_text
 
         report = score_predictions_file(
             predictions,
@@ -253,7 +253,7 @@ def score_command(
             fail(f"{predictions}: no prediction could be scored", EXIT_SOME_FAILED)
         if output_format == "json":
             payload = {**result.to_dict(), "n_failed": len(report.errors), "predictions": str(predictions)}
-            typer.echo(json.dumps(payload, ensure_ascii=False))
+            typer.echo(json_text(payload))
         else:
             typer.echo(_score_line(result.metric, result.score, result.n, result.details))
         if report.errors:

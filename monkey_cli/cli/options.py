@@ -233,8 +233,18 @@ Out = Annotated[
 ]
 Overwrite = Annotated[
     bool,
-    typer.Option("--overwrite", rich_help_panel=OUTPUT, help="Redo documents whose output is already up to date."),
-]
+    typer.Option(
+        "--overwrite", rich_help_panel=OUTPUT,
+        help="Redo every document, and replace files in --out that monkey did not write.",
+    ),
+]  # fmt: skip
+RetryFailed = Annotated[
+    bool,
+    typer.Option(
+        "--retry-failed", rich_help_panel=OUTPUT,
+        help="Redo documents that failed for good with the same settings in an earlier run.",
+    ),
+]  # fmt: skip
 Verbose = Annotated[
     bool,
     typer.Option("--verbose", "-v", rich_help_panel=OUTPUT,

@@ -9,7 +9,7 @@ import typer
 
 from monkey_cli.cli import app
 from monkey_cli.cli.common import EXIT_SOME_FAILED, Command, user_errors, warn
-from monkey_cli.cli.options import INPUT, Inputs, Pages, Password, Size, Verbose, out_option, positive_int
+from monkey_cli.cli.options import INPUT, OUTPUT, Inputs, Pages, Password, Size, Verbose, out_option, positive_int
 from monkey_cli.documents import DEFAULT_MAX_PIXELS  # the documents module imports nothing heavy
 
 RenderOut = Annotated[Path, out_option("Folder to write into; nothing is written outside it.")]
@@ -30,6 +30,13 @@ def render(
     size: Size = None,
     password: Password = None,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", rich_help_panel=OUTPUT,
+            help="Replace files in --out that monkey did not write (never done otherwise).",
+        ),
+    ] = False,
     verbose: Verbose = False,
 ) -> None:
     """Write each page at the model's input size with its 448-pixel windows outlined and numbered, every
@@ -37,18 +44,25 @@ def render(
     failed = 0
     with user_errors(verbose):
         from monkey_cli.documents import DEFAULT_SIZE, PageError
+        from monkey_cli.printing import terminal_line
         from monkey_cli.render import render_documents
 
         written = 0
         records = render_documents(
-            inputs, out, size=size or DEFAULT_SIZE, pages=pages, password=password, max_pixels=max_pixels
+            inputs,
+            out,
+            size=size or DEFAULT_SIZE,
+            pages=pages,
+            password=password,
+            max_pixels=max_pixels,
+            overwrite=overwrite,
         )
         for record in records:
             if isinstance(record, PageError):
                 warn(f"error: {record}")
                 failed += 1
             else:
-                typer.echo(str(record.grid))
+                typer.echo(terminal_line(record.grid))
                 written += 1
         noun = "page" if written == 1 else "pages"
         warn(f"rendered {written} {noun} into {out}" + (f"; {failed} failed" if failed else ""))

@@ -5,6 +5,7 @@ stdout carries results only (text, json, jsonl or md); errors, progress and the 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from monkey_cli.cli.options import (
     QuantVision,
     Questions,
     QuestionsFile,
+    RetryFailed,
     Size,
     Verbose,
 )
@@ -68,6 +70,7 @@ def _document_options(
     fmt: Format = "text",
     out: Out = None,
     overwrite: Overwrite = False,
+    retry_failed: RetryFailed = False,
     verbose: Verbose = False,
 ) -> None:
     """The options ask, caption and read share: only its signature is used (see `_with_document_options`)."""
@@ -197,11 +200,13 @@ def _run(
         out_dir=args["out"],
         fmt=args["fmt"],
         overwrite=args["overwrite"],
+        retry_failed=args["retry_failed"],
     )
     _execute(options)
 
 
 def _execute(options: Any) -> None:
+    from monkey_cli import signals
     from monkey_cli.cli.progress import Progress
     from monkey_cli.output import make_writer
     from monkey_cli.pipeline import run
@@ -251,22 +256,31 @@ def _execute(options: Any) -> None:
                 stdin=stdin,
                 streamer_factory=streamer if streaming else None,
             )
-    except KeyboardInterrupt:
-        if writer is not None:
-            writer.close()
-        if options.out_dir is not None:
-            warn("interrupted: finished documents are saved; run the same command again to do the rest")
-        else:
-            warn("interrupted")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
     except BrokenPipeError:  # `monkey ... | head`: the reader left; not an error worth a traceback
         sys.stderr.close()
         raise typer.Exit(EXIT_OK) from None
+    except BaseException as exc:  # Ctrl-C, SIGTERM or SIGHUP (monkey_cli.signals): keep what is finished
+        if not signals.caused(exc):
+            raise
+        _interrupted(writer, options)
     if writer is not None:
         writer.close()
     warn(summary.line())
     if failed:
         raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def _interrupted(writer: Any, options: Any) -> None:
+    from monkey_cli import signals
+
+    with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+        if writer is not None:
+            writer.close()
+        if options.out_dir is not None:
+            warn("interrupted: finished documents are saved; run the same command again to do the rest")
+        else:
+            warn("interrupted: the results finished so far were written")
+    raise typer.Exit(signals.exit_code(EXIT_INTERRUPTED)) from None
 
 
 def _single_page(options: Any) -> bool:
@@ -294,6 +308,7 @@ def _single_page(options: Any) -> bool:
 def _stdout_streamer(tokenizer: Any, printed: list[str]) -> Any:
     """Print an answer's text to stdout as its tokens are decoded, keeping what was printed in `printed`."""
     from monkey_cli.engine.streaming import IncrementalDecoder
+    from monkey_cli.printing import terminal_text
 
     decoder = IncrementalDecoder(tokenizer)
 
@@ -301,7 +316,7 @@ def _stdout_streamer(tokenizer: Any, printed: list[str]) -> Any:
         piece = decoder.push(token)
         if piece:
             printed.append(piece)
-            sys.stdout.write(piece)
+            sys.stdout.write(terminal_text(piece))  # control characters made visible, like every answer
             sys.stdout.flush()
 
     return on_token

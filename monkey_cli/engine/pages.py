@@ -237,6 +237,7 @@ class Engine:
             quant=getattr(self.model, "quant", self.quant),
             seconds=seconds,
             error=None,
+            warnings=list(page.warnings),
         )
 
     def _text_layer_record(self, page: Page) -> Record:
@@ -253,6 +254,7 @@ class Engine:
             quant=None,
             seconds=0.0,
             error=None,
+            warnings=list(page.warnings),
         )
 
     def _failure(

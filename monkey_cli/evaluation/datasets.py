@@ -14,12 +14,14 @@ torch or PIL.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from monkey_cli.errors import UsageError
 from monkey_cli.evaluation.metrics import METRICS
@@ -29,6 +31,8 @@ VIZWIZ_PROMPT = (
     '<img>{image}</img> {question} When the provided information is insufficient, respond with "Unanswerable". Answer:'
 )
 DEFAULT_MAX_NEW_TOKENS = 100
+MAX_LINE_BYTES = 16 << 20  # one question or prediction per line: far more than any real one
+_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -185,7 +189,7 @@ def file_task(
     validate_prompt(template)
     default_tokens = 10 if metric == "vqa_score" else DEFAULT_MAX_NEW_TOKENS
     return EvalTask(
-        name=name or data_file.stem,
+        name=check_dataset_name(data_file.stem if name is None else name, given=name is not None),
         metric=metric,
         max_new_tokens=max_new_tokens or default_tokens,
         prompt=template,
@@ -195,6 +199,17 @@ def file_task(
         gqa_postprocess=gqa_postprocess,
         image_dirs=_image_dirs(image_root, data_file, None),
     )
+
+
+_UNSAFE_NAME = re.compile(r"[/\\\x00-\x1f\x7f-\x9f]")
+
+
+def check_dataset_name(name: str, *, given: bool = True) -> str:
+    """A dataset name is part of output file names (NAME.predictions.jsonl): no separators, no controls."""
+    if name in ("", ".", "..") or name.startswith(".") or _UNSAFE_NAME.search(name) or len(name) > 200:
+        what = f"--name {name!r}" if given else f"dataset name {name!r} (from the file name; give --name)"
+        raise UsageError(f"{what}: use letters, digits, '-' or '_' (it names the output files)")
+    return name
 
 
 def check_data_root(data_root: Path) -> None:
@@ -349,22 +364,47 @@ def normalize_annotations(value: Any) -> list[str] | None:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A finite number (NaN and infinities, which a JSON array parsed leniently can hold, are not answers)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def iter_json_lines(path: Path) -> Iterator[tuple[int, Any | ItemError]]:
-    """(line number, parsed value or ItemError) for every non-blank line of a JSON-lines file."""
+def iter_json_lines(path: Path, *, handle: BinaryIO | None = None) -> Iterator[tuple[int, Any | ItemError]]:
+    """(line number, parsed value or ItemError) for every non-blank line of a JSON-lines file.
+
+    Whatever a line holds is an error for that line only: invalid UTF-8 or JSON, NaN or Infinity (not JSON),
+    an integer too long to convert, nesting deeper than Python can parse, or more than MAX_LINE_BYTES."""
     source = str(path)
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+    with contextlib.ExitStack() as stack:
+        if handle is None:
+            handle = stack.enter_context(path.open("rb"))
+        number = 0
+        while raw := handle.readline(MAX_LINE_BYTES + 1):
+            number += 1
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while (rest := handle.readline(_CHUNK)) and not rest.endswith(b"\n"):
+                    pass  # the rest of an overlong line is skipped, never held in memory
+                yield number, ItemError(source, number, f"line longer than {MAX_LINE_BYTES >> 20} MiB")
+                continue
             if not raw.strip():
                 continue
-            try:
-                yield number, json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                yield number, ItemError(source, number, f"not UTF-8 text ({exc.reason} at byte {exc.start})")
-            except json.JSONDecodeError as exc:
-                yield number, ItemError(source, number, f"malformed JSON ({exc.msg} at column {exc.colno})")
+            yield number, _parse_line(raw, source, number)
+
+
+def _parse_line(raw: bytes, source: str, number: int) -> Any | ItemError:
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError as exc:
+        return ItemError(source, number, f"not UTF-8 text ({exc.reason} at byte {exc.start})")
+    except json.JSONDecodeError as exc:
+        return ItemError(source, number, f"malformed JSON ({exc.msg} at column {exc.colno})")
+    except RecursionError:
+        return ItemError(source, number, "malformed JSON (nested too deeply)")
+    except ValueError as exc:  # NaN/Infinity, or an integer of thousands of digits
+        return ItemError(source, number, f"malformed JSON ({' '.join(str(exc).split())})")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def read_items(path: Path, *, require_answer: bool = True) -> Iterator[VQAItem | ItemError]:
@@ -495,8 +535,8 @@ def _load_json(path: Path) -> Any:
             return json.load(handle)
     except FileNotFoundError:
         raise UsageError(f"{path} not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{path}: not valid JSON ({exc})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSON, integers too long
+        raise UsageError(f"{path}: not valid JSON ({' '.join(str(exc).split()) or type(exc).__name__})") from None
 
 
 def human_answers_for(annotations: Mapping[str, VQAAnnotation], question_id: Any) -> Sequence[dict[str, Any]] | None:

@@ -18,6 +18,7 @@ and for the whole run: results.json (merged with earlier runs' datasets) and res
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -25,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from monkey_cli.evaluation.datasets import (
     EvalTask,
@@ -36,14 +37,18 @@ from monkey_cli.evaluation.datasets import (
     image_search_description,
     iter_json_lines,
     load_vqa_annotations,
+    question_key,
     read_items,
     resolve_image,
 )
 from monkey_cli.evaluation.scoring import ScoreReport, record_question_id, score_records
+from monkey_cli.output_folder import OutputFolder
+from monkey_cli.printing import json_text, terminal_text
 
 RESULTS_SCHEMA = "monkey-cli/eval-results/1"
 RESULTS_JSON = "results.json"
 RESULTS_MARKDOWN = "results.md"
+_MAX_RESULTS_BYTES = 64 << 20
 
 Reporter = Callable[[str], None]
 
@@ -125,7 +130,7 @@ class DatasetRun:
 def run_task(
     model: AnswerModel,
     task: EvalTask,
-    out_dir: Path,
+    out_dir: Path | OutputFolder,
     *,
     batch_size: int = 1,
     limit: int | None = None,
@@ -135,39 +140,42 @@ def run_task(
     """Answer every not-yet-answered item of `task`, appending to its predictions file, then score it.
 
     Bad items are reported (one line each through `report`, stderr by default), recorded in the errors
-    file, and skipped. A KeyboardInterrupt propagates after the finished batches have been saved.
+    file, and skipped. A KeyboardInterrupt propagates after the finished batches have been saved. Files
+    are written through `monkey_cli.output_folder` (no link followed, nothing outside `out_dir`).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     report = report or _stderr_line
-    out_dir.mkdir(parents=True, exist_ok=True)
-    vqa_annotations = (
-        load_vqa_annotations(task.annotations_file, task.questions_file) if task.annotations_file else None
-    )
-    items, read_errors = _task_items(task, vqa_annotations, limit)
-    predictions_file = predictions_path(out_dir, task.name)
-    answered = _answered(predictions_file, report)
-    pending = [item for item in items if item.key not in answered]
+    with _opened(out_dir) as folder:
+        vqa_annotations = (
+            load_vqa_annotations(task.annotations_file, task.questions_file) if task.annotations_file else None
+        )
+        items, read_errors = _task_items(task, vqa_annotations, limit)
+        predictions_name = predictions_path(Path(), task.name).name
+        answered = _answered(folder, predictions_name, report)
+        pending = [item for item in items if item.key not in answered]
 
-    errors = _ErrorLog(errors_path(out_dir, task.name), task.name, report)
-    try:
-        errors.add_all(read_errors)
-        with (
-            _PredictionWriter(predictions_file, task.name) as writer,
-            _progress(show_progress, task.name, len(pending)) as advance,
-        ):
-            for batch in _loaded_batches(pending, task, batch_size, errors, advance):
-                for item, answer, error in _answer_batch(model, batch, task):
-                    if error is None:
-                        writer.add(item, task, answer)
-                    else:
-                        errors.add(error)
-                writer.flush()
-                advance(len(batch))
-    finally:
-        errors.close()
+        errors = _ErrorLog(folder, errors_path(Path(), task.name).name, task.name, report)
+        try:
+            errors.add_all(read_errors)
+            with (
+                _PredictionWriter(folder, predictions_name, task.name) as writer,
+                _progress(show_progress, task.name, len(pending)) as advance,
+            ):
+                for batch in _loaded_batches(pending, task, batch_size, errors, advance):
+                    for item, answer, error in _answer_batch(model, batch, task):
+                        if error is None:
+                            writer.add(item, task, answer)
+                        else:
+                            errors.add(error)
+                    writer.flush()
+                    advance(len(batch))
+        finally:
+            errors.close()
 
-    score = _score_task(task, items, predictions_file, vqa_annotations)
+        score = _score_task(task, items, folder, predictions_name, vqa_annotations)
+        predictions_file = folder.root / predictions_name
+        errors_file = folder.root / errors.name
     return DatasetRun(
         task=task,
         items=len(items) + len(read_errors),
@@ -176,8 +184,21 @@ def run_task(
         failed=errors.count,
         report=score,
         predictions_file=predictions_file,
-        errors_file=errors.path if errors.count else None,
+        errors_file=errors_file if errors.count else None,
     )
+
+
+@contextmanager
+def _opened(out_dir: Path | OutputFolder) -> Iterator[OutputFolder]:
+    """The output folder (opened here and closed after, unless the caller passes one it keeps open).
+
+    The files in it are the evaluation's own, by name (an earlier version wrote them without a manifest),
+    so the folder is opened to replace them: still nothing is written outside it or through a link."""
+    if isinstance(out_dir, OutputFolder):
+        yield out_dir
+        return
+    with OutputFolder(out_dir, overwrite=True) as folder:
+        yield folder
 
 
 def _task_items(
@@ -201,22 +222,26 @@ def _task_items(
     return items, errors
 
 
-def _answered(predictions_file: Path, report: Reporter) -> dict[str, dict[str, Any]]:
+def _answered(folder: OutputFolder, name: str, report: Reporter) -> dict[str, dict[str, Any]]:
     """Question key -> first answered record of an existing predictions file (the resume state)."""
     answered: dict[str, dict[str, Any]] = {}
-    if not predictions_file.exists():
+    handle = folder.open_read(name)
+    if handle is None:
         return answered
-    for line, record in iter_json_lines(predictions_file):
-        if isinstance(record, ItemError):
-            # Only a line cut short by a kill is expected here; it is re-asked, not fatal.
-            report(f"{record}; line ignored")
-            continue
-        if not isinstance(record, dict) or not isinstance(record.get("answer"), str):
-            report(f"{predictions_file}:{line}: not a prediction record; line ignored")
-            continue
-        question_id = record_question_id(record)
-        if question_id is not None:
-            answered.setdefault(str(question_id), record)
+    shown = folder.shown(name)
+    with handle:
+        for line, record in iter_json_lines(Path(shown), handle=handle):
+            if isinstance(record, ItemError):
+                # Only a line cut short by a kill is expected here; it is re-asked, not fatal.
+                report(f"{record}; line ignored")
+                continue
+            question_id = record_question_id(record) if isinstance(record, dict) else None
+            if not isinstance(record.get("answer") if isinstance(record, dict) else None, str) or not (
+                isinstance(question_id, str) or (isinstance(question_id, int) and not isinstance(question_id, bool))
+            ):
+                report(f"{shown}:{line}: not a prediction record (answer and question id); line ignored")
+                continue
+            answered.setdefault(question_key(question_id), record)
     return answered
 
 
@@ -252,6 +277,9 @@ def _loaded_batches(
 def _open_image(item: VQAItem, task: EvalTask) -> Any:
     from PIL import Image
 
+    from monkey_cli.documents import BYTES_PER_ALLOWED_PIXEL, DEFAULT_MAX_PIXELS, open_regular
+    from monkey_cli.documents.images import bytes_per_pixel
+
     def error(message: str) -> ItemError:
         return ItemError(str(task.data_file), item.line, message, question_id=item.question_id, image=item.image)
 
@@ -259,8 +287,12 @@ def _open_image(item: VQAItem, task: EvalTask) -> Any:
     if path is None:
         return error(f"image {item.image} not found (looked in: {image_search_description(task)})")
     try:
-        image = Image.open(path)
-        image.load()  # decode now, so a truncated file fails here and not inside a batch
+        with open_regular(path) as stream:  # never a FIFO or a device, whatever the data file names
+            image = Image.open(stream)
+            decoded = image.width * image.height * bytes_per_pixel(image.mode)
+            if decoded > BYTES_PER_ALLOWED_PIXEL * DEFAULT_MAX_PIXELS:
+                return error(f"image {path} would take {decoded:,} bytes decoded (possible decompression bomb)")
+            image.load()  # decode now, so a truncated file fails here and not inside a batch
     except Exception as exc:  # PIL raises OSError, ValueError, DecompressionBombError, ...
         return error(f"cannot read image {path}: {_one_line(exc)}")
     return image
@@ -300,11 +332,12 @@ def _generate(model: AnswerModel, batch: list[_Loaded], task: EvalTask) -> list[
 def _score_task(
     task: EvalTask,
     items: Sequence[VQAItem],
-    predictions_file: Path,
+    folder: OutputFolder,
+    predictions_name: str,
     vqa_annotations: dict[str, VQAAnnotation] | None,
 ) -> ScoreReport:
     """Score the dataset's answered items, in dataset order, against the dataset's CURRENT annotations."""
-    answered = _answered(predictions_file, lambda _message: None)
+    answered = _answered(folder, predictions_name, lambda _message: None)
     records = []
     for item in items:
         prediction = answered.get(item.key)
@@ -323,11 +356,10 @@ def _score_task(
 class _PredictionWriter:
     """Appends prediction records; `flush()` after each batch makes them durable for a resume."""
 
-    def __init__(self, path: Path, dataset: str) -> None:
-        self.path = path
+    def __init__(self, folder: OutputFolder, name: str, dataset: str) -> None:
         self.dataset = dataset
-        _end_with_newline(path)
-        self._handle = path.open("a", encoding="utf-8")
+        self._handle = folder.open_file(name, append=True)
+        _end_with_newline(self._handle)
         self.count = 0
 
     def add(self, item: VQAItem, task: EvalTask, answer: str) -> None:
@@ -340,7 +372,7 @@ class _PredictionWriter:
             "answer": answer,
             "annotation": item.annotations,
         }
-        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._handle.write((json_text(record) + "\n").encode("utf-8"))
         self.count += 1
 
     def flush(self) -> None:
@@ -354,14 +386,13 @@ class _PredictionWriter:
         self._handle.close()
 
 
-def _end_with_newline(path: Path) -> None:
+def _end_with_newline(handle: BinaryIO) -> None:
     """A kill can leave a partial last line; start appending on a fresh line so no record is glued to it."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    with path.open("rb+") as handle:
-        handle.seek(-1, os.SEEK_END)
+    size = handle.seek(0, os.SEEK_END)
+    if size:
+        handle.seek(size - 1)
         if handle.read(1) != b"\n":
-            handle.write(b"\n")
+            handle.write(b"\n")  # the handle appends: this goes at the end whatever the position
 
 
 class _ErrorLog:
@@ -370,17 +401,18 @@ class _ErrorLog:
     The file is rewritten by every run (failed items are retried), and removed when a run has none.
     """
 
-    def __init__(self, path: Path, dataset: str, report: Reporter) -> None:
-        self.path = path
+    def __init__(self, folder: OutputFolder, name: str, dataset: str, report: Reporter) -> None:
+        self.folder = folder
+        self.name = name
         self.dataset = dataset
         self.report = report
         self.count = 0
-        self._handle: Any = None
+        self._handle: BinaryIO | None = None
 
     def add(self, error: ItemError) -> None:
         if self._handle is None:
-            self._handle = self.path.open("w", encoding="utf-8")
-        self._handle.write(json.dumps(error.to_record(self.dataset), ensure_ascii=False) + "\n")
+            self._handle = self.folder.open_file(self.name, append=False)
+        self._handle.write((json_text(error.to_record(self.dataset)) + "\n").encode("utf-8"))
         self._handle.flush()
         self.count += 1
         self.report(f"{self.dataset}: {error}")
@@ -392,8 +424,8 @@ class _ErrorLog:
     def close(self) -> None:
         if self._handle is not None:
             self._handle.close()
-        elif self.path.exists():
-            self.path.unlink()  # a previous run's errors, all resolved now
+        else:
+            self.folder.remove(self.name)  # a previous run's errors, all resolved now
 
 
 @contextmanager
@@ -428,58 +460,89 @@ def run_tasks(
     report: Reporter | None = None,
     show_progress: bool = False,
 ) -> list[DatasetRun]:
-    """Run the tasks in order; results.json and results.md are updated after each dataset."""
+    """Run the tasks in order; results.json and results.md are updated after each dataset.
+
+    An existing results.json is checked first, so a damaged entry is reported before any model work."""
+    report = report or _stderr_line
     runs: list[DatasetRun] = []
-    for task in tasks:
-        run = run_task(
-            model, task, out_dir, batch_size=batch_size, limit=limit, report=report, show_progress=show_progress
-        )
-        runs.append(run)
-        write_results(out_dir, runs, model_name=model_name, model_info=model_info)
+    with _opened(out_dir) as folder:
+        _read_results(folder, report)
+        for task in tasks:
+            run = run_task(
+                model, task, folder, batch_size=batch_size, limit=limit, report=report, show_progress=show_progress
+            )
+            runs.append(run)
+            write_results(folder, runs, model_name=model_name, model_info=model_info)
     return runs
 
 
 def write_results(
-    out_dir: Path,
+    out_dir: Path | OutputFolder,
     runs: Sequence[DatasetRun],
     *,
     model_name: str | None = None,
     model_info: dict[str, Any] | None = None,
+    report: Reporter | None = None,
 ) -> dict[str, Any]:
-    """Merge these runs into out_dir/results.json (other datasets are kept) and rewrite results.md."""
-    path = out_dir / RESULTS_JSON
-    results = _read_results(path)
-    results["schema"] = RESULTS_SCHEMA
-    if model_name is not None:
-        results["model"] = model_name
-    if model_info is not None:
-        results["model_settings"] = model_info  # how the model ran (device, dtype, quantization)
-    results["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    for run in runs:
-        # Per dataset too: a later run with other settings may add datasets to the same folder.
-        results["datasets"][run.task.name] = {**run.to_dict(), "model": model_name, "model_settings": model_info}
-    _write_atomically(path, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    _write_atomically(out_dir / RESULTS_MARKDOWN, results_markdown(results))
+    """Merge these runs into out_dir/results.json (other datasets are kept) and rewrite results.md.
+
+    Entries of the existing file that are not dataset results are reported through `report` and left out."""
+    with _opened(out_dir) as folder:
+        results = _read_results(folder, report or (lambda _message: None))
+        results["schema"] = RESULTS_SCHEMA
+        if model_name is not None:
+            results["model"] = model_name
+        if model_info is not None:
+            results["model_settings"] = model_info  # how the model ran (device, dtype, quantization)
+        results["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        for run in runs:
+            # Per dataset too: a later run with other settings may add datasets to the same folder.
+            results["datasets"][run.task.name] = {**run.to_dict(), "model": model_name, "model_settings": model_info}
+        folder.write(RESULTS_JSON, (json_text(results, indent=2) + "\n").encode("utf-8"))
+        folder.write(RESULTS_MARKDOWN, terminal_text(results_markdown(results)).encode("utf-8"))
     return results
 
 
-def _read_results(path: Path) -> dict[str, Any]:
+def _read_results(folder: OutputFolder, report: Reporter) -> dict[str, Any]:
+    """The existing results.json, its damaged parts reported and left out (a damaged file: rebuilt)."""
     fresh: dict[str, Any] = {"schema": RESULTS_SCHEMA, "datasets": {}}
-    if not path.exists():
+    shown = folder.shown(RESULTS_JSON)
+    handle = folder.open_read(RESULTS_JSON)
+    if handle is None:
         return fresh
     try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return fresh  # an unreadable earlier summary is rebuilt from this run
-    if not isinstance(results, dict) or not isinstance(results.get("datasets"), dict):
+        with handle:
+            results = json.loads(handle.read(_MAX_RESULTS_BYTES + 1).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSON, huge numbers
+        report(f"{shown}: unreadable ({_one_line(exc)}); rebuilt from this run's datasets")
         return fresh
+    if not isinstance(results, dict) or not isinstance(results.get("datasets"), dict):
+        report(f"{shown}: not a results file (no 'datasets' mapping); rebuilt from this run's datasets")
+        return fresh
+    datasets = {}
+    for key, entry in results["datasets"].items():
+        problem = _entry_problem(entry)
+        if problem:
+            report(f"{shown}: dataset entry {key!r} left out: {problem}")
+        else:
+            datasets[key] = entry
+    results["datasets"] = datasets
     return results
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+def _entry_problem(entry: Any) -> str | None:
+    """Why a results.json dataset entry cannot be shown in the table, or None."""
+    if not isinstance(entry, dict):
+        return f"expected an object, got {type(entry).__name__}"
+    for name, kind in (("dataset", str), ("metric", str), ("n_scored", int), ("n_items", int), ("n_failed", int)):
+        if name not in entry:
+            return f"missing field {name!r}"
+        if not isinstance(entry[name], kind) or isinstance(entry[name], bool):
+            return f"field {name!r} must be {'a string' if kind is str else 'an integer'}"
+    percent = entry.get("percent")
+    if percent is not None and (not isinstance(percent, int | float) or not math.isfinite(percent)):
+        return "field 'percent' must be a finite number"
+    return None
 
 
 def table_rows(entries: Sequence[dict[str, Any]]) -> list[list[str]]:

@@ -117,8 +117,10 @@ def read_prediction_records(path: Path) -> Iterator[tuple[int | None, Any]]:
     if _starts_with_array(path):
         try:
             document = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UsageError(f"{path}: not valid JSON ({exc})") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: JSON, integers too long
+            raise UsageError(f"{path}: not valid JSON ({' '.join(str(exc).split()) or type(exc).__name__})") from None
+        if not isinstance(document, list):
+            raise UsageError(f"{path}: expected a JSON array of predictions")
         yield from enumerate(document, start=1)
         return
     yield from iter_json_lines(path)

@@ -90,7 +90,9 @@ class Engine:
     """Turns a stream of pages into a stream of records. `load_model` is called at most once, lazily.
 
     `streamer_factory(tokenizer)`, if given, returns an `on_token(token_id)` callback for the answers (the CLI
-    prints a single page's answer as it is decoded).
+    prints a single page's answer as it is decoded). `loop`, if given, is an `EngineLoop` that already drives
+    the model's scheduler on its own thread (a server): requests go through it and this engine only waits for
+    them, instead of stepping the scheduler itself.
     """
 
     job: Job
@@ -98,6 +100,7 @@ class Engine:
     model_name: str
     quant: str
     streamer_factory: Callable[[Any], Callable[[int], None]] | None = None
+    loop: Any = None
     model: Any = field(default=None, init=False)
     # prompt -> its token ids, or why the model cannot take it (checked once per prompt, not per page)
     _prompt_ids: dict[tasks.Prompt, list[int] | str] = field(default_factory=dict, init=False)
@@ -123,7 +126,7 @@ class Engine:
                     self._submit(slot, pixels, image_key)
                 pending.append(slot)
             while self._in_flight(pending) >= IN_FLIGHT_PER_SLOT * self.batch_size:
-                self._scheduler().step()
+                self._advance(pending)
                 yield from self._pop_ready(pending)
             yield from self._pop_ready(pending)
         if current is not None:
@@ -131,7 +134,7 @@ class Engine:
         while pending:
             yield from self._pop_ready(pending)
             if pending:
-                self._scheduler().step()
+                self._advance(pending)
 
     def _with_pixels(self, pages: Iterable[Page | PageError]) -> Iterator[tuple[Page | PageError, Any]]:
         """Each page with its vision-tower input, made on the prefetch thread that also renders the pages, so
@@ -186,6 +189,14 @@ class Engine:
     def _scheduler(self) -> Any:
         return self._model().scheduler(self.batch_size)
 
+    def _advance(self, pending: deque[_Slot]) -> None:
+        """Make progress: one scheduler step, or (when a loop drives it) wait for the oldest request."""
+        if self.loop is None:
+            self._scheduler().step()
+            return
+        oldest = next(slot.handle for slot in pending if slot.handle is not None and not slot.handle.done())
+        oldest.wait_done()
+
     def _submit(self, slot: _Slot, pixels: Any, image_key: tuple[str, int]) -> None:
         """One request for `slot`'s question (whose prompt `_prompt_error` has checked)."""
         from monkey_cli.engine.scheduler import GenerationRequest
@@ -199,7 +210,7 @@ class Engine:
             params=model.sampling_params(self.job.max_new_tokens),
             on_token=on_token,
         )
-        slot.handle = self._scheduler().submit(request)
+        slot.handle = (self.loop or self._scheduler()).submit(request)
 
     def _in_flight(self, pending: deque[_Slot]) -> int:
         return sum(1 for slot in pending if slot.handle is not None and not slot.handle.done())

@@ -81,6 +81,10 @@ class RequestHandle:
     def done(self) -> bool:
         return self._done.is_set()
 
+    def wait_done(self, timeout: float | None = None) -> bool:
+        """Block until the request is finished (or failed, or cancelled); False if `timeout` s passed first."""
+        return self._done.wait(timeout)
+
     def wait(self, timeout: float | None = None) -> GenerationResult:
         """The result; re-raises what failed this request; TimeoutError if not done within `timeout` s."""
         if not self._done.wait(timeout):

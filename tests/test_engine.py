@@ -466,3 +466,15 @@ def test_incremental_decoder_never_splits_a_character() -> None:
     assert "".join(pieces) == text.lstrip()
     assert not any("\ufffd" in piece for piece in pieces)
     assert sum(piece == "" for piece in pieces) > 0, "some tokens end inside a character: the test must see one"
+
+
+def test_memory_plan_counts_the_engine_cache() -> None:
+    """The plan's KV term is what the engine allocates: its slots' cache and the kept image prefixes."""
+    from monkey_cli.engine.cache import round_up_length
+    from monkey_cli.model.memory import KEPT_PREFIXES, plan
+
+    config = model("tiny-monkey-sharp", "float32").config
+    estimate = plan(config, "none", "float32", batch_size=3, prompt_tokens=1300, max_new_tokens=40)
+    cache = SlotCache(config, 3, round_up_length(1300 + 40), torch.float32, "cpu")
+    prefixes = KEPT_PREFIXES * 2 * config.num_hidden_layers * 1300 * config.hidden_size * 4
+    assert estimate.kv_cache_bytes == cache.nbytes + prefixes

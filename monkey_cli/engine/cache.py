@@ -15,10 +15,7 @@ from __future__ import annotations
 import torch
 
 from monkey_cli.model.configuration import MonkeyConfig
-
-# Sequences are allocated in whole blocks so that a slightly longer prompt does not need a new cache (and a
-# new compiled graph).
-LENGTH_BLOCK = 256
+from monkey_cli.model.memory import KV_LENGTH_BLOCK as LENGTH_BLOCK  # the memory plan counts the same blocks
 
 
 def round_up_length(length: int) -> int:

@@ -31,6 +31,7 @@ import torch
 from monkey_cli.engine.cache import SlotCache, round_up_length
 from monkey_cli.engine.sampling import SamplingParams, choose_tokens
 from monkey_cli.engine.step import DecodeStep, bucket_for
+from monkey_cli.model.memory import KEPT_PREFIXES
 
 FINISH_STOP = "stop"  # the model wrote <|endoftext|>
 FINISH_LENGTH = "length"  # max_new_tokens reached
@@ -147,7 +148,7 @@ class Scheduler:
         slots: int = 4,
         compile: bool = False,
         vision_batch: int | None = None,
-        keep_prefixes: int = 2,
+        keep_prefixes: int = KEPT_PREFIXES,
         keep_features: int = 4,
     ) -> None:
         if slots < 1:

@@ -41,6 +41,12 @@ NF4_BLOCKSIZE = 64
 NF4_NESTED_BLOCKSIZE = 256
 NF4_CONSTANT_BYTES = (16 + 256 + 1) * 4  # per tensor: the NF4 code, the nested dynamic code, the offset
 
+# The generation engine's KV cache (monkey_cli.engine): one row per decode slot, its length rounded up to whole
+# blocks so that a slightly longer prompt does not need a new cache (and a new compiled graph); and the image
+# prefixes it keeps for the other questions of a page (each the KV of one prompt up to the end of its image).
+KV_LENGTH_BLOCK = 256
+KEPT_PREFIXES = 2
+
 # Defaults for a plan when the caller does not know the prompt yet.
 DEFAULT_MAX_NEW_TOKENS = 512  # long enough for `read` on a dense page
 DEFAULT_TEXT_TOKENS = 64  # the words around the image span in a VQA / caption prompt
@@ -356,11 +362,14 @@ def plan(
             unquantized += tensor.numel * count
             weight_bytes += tensor.numel * width * count
 
-    tokens = prompt_tokens + max_new_tokens
+    tokens = -(-(prompt_tokens + max_new_tokens) // KV_LENGTH_BLOCK) * KV_LENGTH_BLOCK
     vision = _vision_working_set(config, batch_size, width)
-    decoder = _decoder_working_set(config, batch_size, prompt_tokens, width)
-    # K and V for every layer, every sequence of the batch, every position the answer can reach.
-    kv_cache = 2 * config.num_hidden_layers * batch_size * tokens * config.hidden_size * width
+    # The engine prefills one prompt at a time (its pages' vision features are batched).
+    decoder = _decoder_working_set(config, 1, prompt_tokens, width)
+    # K and V for every layer: every decode slot (batch_size of them) at every position an answer can reach,
+    # and the image prefixes kept for the other questions of a page.
+    per_position = 2 * config.num_hidden_layers * config.hidden_size * width
+    kv_cache = per_position * (batch_size * tokens + KEPT_PREFIXES * prompt_tokens)
     # Next-token logits in float32 (the model keeps only the last position's), and the processed
     # scores / probabilities generate() derives from them.
     logits = 2 * batch_size * config.vocab_size * 4

@@ -60,6 +60,8 @@ def test_the_readme_python_example_runs_as_written(eager_eos_dir: Path) -> None:
     """The README's example, with the checkpoint swapped for a tiny one (whose answers are one token long)."""
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     (example,) = re.findall(r"From Python:\s*```python\n(.*?)```", readme, re.DOTALL)
+    (engine_example,) = re.findall(r"drive the scheduler yourself:\s*```python\n(.*?)```", readme, re.DOTALL)
+    example += engine_example  # it goes on with the same `m`
     assert 'Monkey.load("echo840/Monkey-Chat")' in example
     code = example.replace('"echo840/Monkey-Chat"', repr(str(eager_eos_dir)))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)

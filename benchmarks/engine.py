@@ -206,14 +206,14 @@ def engine_decode_ms(
     return statistics.median(steps)
 
 
-def first_token_ms(monkey: Any, page: Any, prompt_ids: list[int], compile: bool | None) -> float:
+def first_token_ms(monkey: Any, page: Any, prompt: Any, compile: bool | None) -> float:
     """One page to its first token: preprocessing, ViT, prefill. compile None: transformers' generate()."""
     from monkey_cli.engine.scheduler import GenerationRequest, Scheduler
 
     device = model_bench.model_device(monkey)
     if compile is None:
-        prompt = monkey.tokenizer.decode(prompt_ids)  # the prompt's text (its image span is empty)
         return model_bench.time_ms(lambda: monkey.hf_generate_ids([page], [prompt], max_new_tokens=1), device, 3)
+    prompt_ids = monkey.check_prompt(prompt, 1)
     scheduler = Scheduler(monkey.model, monkey.encode_images, slots=1, compile=compile)
     return model_bench.time_ms(
         lambda: scheduler.run([GenerationRequest(prompt_ids, image=page, params=forced(1))]), device, 3
@@ -284,7 +284,7 @@ def run_variant(folder: Path, variant: str, device: str, args: argparse.Namespac
 
     page = model_bench.synthetic_pages(1)[0]
     prompt = tasks.vqa_prompt(model_bench.QUESTION)
-    prompt_ids = monkey.tokenizer.encode(prompt)
+    prompt_ids = monkey.check_prompt(prompt, args.new_tokens)
     features = monkey.encode_images([page])
     result["prompt_tokens"] = len(prompt_ids)
 
@@ -306,8 +306,8 @@ def run_variant(folder: Path, variant: str, device: str, args: argparse.Namespac
     result["decode"] = rows
 
     result["first_token"] = {
-        "eager_ms": first_token_ms(monkey, page, prompt_ids, None),
-        "compiled_ms": first_token_ms(monkey, page, prompt_ids, True),
+        "eager_ms": first_token_ms(monkey, page, prompt, None),
+        "compiled_ms": first_token_ms(monkey, page, prompt, True),
     }
     pages = model_bench.synthetic_pages(args.pages, seed=1)
     for kind in ("ask", "read"):

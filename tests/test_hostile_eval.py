@@ -96,7 +96,7 @@ class EchoModel:
     def __init__(self) -> None:
         self.asked: list[str] = []
 
-    def generate(self, images, prompts, max_new_tokens):
+    def generate(self, images, prompts, max_new_tokens, min_new_tokens):
         self.asked.extend(prompts)
         return ["cat"] * len(prompts)
 
@@ -150,9 +150,9 @@ def test_a_results_entry_without_a_dataset_is_reported_before_any_work(tmp_path)
     events: list[str] = []
 
     class Model(EchoModel):
-        def generate(self, images, prompts, max_new_tokens):
+        def generate(self, images, prompts, max_new_tokens, min_new_tokens):
             events.append("generate")
-            return super().generate(images, prompts, max_new_tokens)
+            return super().generate(images, prompts, max_new_tokens, min_new_tokens)
 
     runs = run_tasks(Model(), [task], out, report=events.append)
     assert runs[0].score == 1.0
@@ -204,7 +204,7 @@ from pathlib import Path
 from monkey_cli.evaluation.datasets import file_task
 from monkey_cli.evaluation.runner import run_task
 class Model:
-    def generate(self, images, prompts, max_new_tokens):
+    def generate(self, images, prompts, max_new_tokens, min_new_tokens):
         return ["cat"] * len(prompts)
 run = run_task(Model(), file_task(Path({str(tmp_path / "data.jsonl")!r}), "accuracy"), Path({str(tmp_path / "out")!r}),
                report=print)

@@ -436,7 +436,7 @@ def test_a_folder_in_place_of_the_manifest_fails_each_document_not_the_run(tmp_p
 def test_out_naming_a_file_is_a_usage_error(tmp_path):
     (tmp_path / "file").write_text("x")
     result = _read(tmp_path / "file", "--out", tmp_path / "file")
-    assert result.exit_code == 2 and "exists and is not a folder" in result.stderr
+    assert result.exit_code == 2 and "is a file, not a folder" in result.stderr
 
 
 def test_the_folder_lock_never_hangs_a_run(tmp_path, monkeypatch, never_load):

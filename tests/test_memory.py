@@ -221,8 +221,8 @@ def test_stronger_quantization_needs_less() -> None:
 def test_kv_cache_and_logits_terms() -> None:
     config = real_monkey_config()
     p = plan(config, "4bit", "bfloat16", batch_size=8, prompt_tokens=1400, max_new_tokens=100)
-    # The engine's slots hold 1500 tokens rounded up to whole blocks of 256, plus two kept image prefixes.
-    assert p.kv_cache_bytes == 2 * 32 * (8 * 1536 + 2 * 1400) * 4096 * 2
+    # The engine's slots hold 1500 tokens rounded up to whole blocks of 256, plus one kept image prefix.
+    assert p.kv_cache_bytes == 2 * 32 * (8 * 1536 + 1400) * 4096 * 2
     assert p.logits_bytes >= 8 * 151936 * 4
     default = plan(config)
     assert default.prompt_tokens > 1280  # one image span plus its text
@@ -249,7 +249,7 @@ def test_plan_for_tiny_config(tiny_monkey_dir: Path) -> None:
     p = plan(config, "none", "float32", batch_size=2, prompt_tokens=1300, max_new_tokens=20)
     n = sum(parameter_counts(config).values())
     assert p.weight_bytes == 4 * n
-    assert p.kv_cache_bytes == 2 * config.num_hidden_layers * (2 * 1536 + 2 * 1300) * config.hidden_size * 4
+    assert p.kv_cache_bytes == 2 * config.num_hidden_layers * (2 * 1536 + 1300) * config.hidden_size * 4
     assert p.total_bytes == p.weight_bytes + p.activation_bytes + p.overhead_bytes
     assert p.fits is None
     data = p.to_dict()
@@ -395,14 +395,14 @@ def test_unknown_budget_takes_the_most_faithful() -> None:
 @pytest.mark.parametrize("quant", ["auto", "8bit"])
 def test_batch_size_is_lowered_to_the_largest_that_fits(quant: str) -> None:
     config = real_monkey_config()
-    budget = plan(config, "8bit", "bfloat16", batch_size=5).total_bytes + 1
+    budget = plan(config, "8bit", "bfloat16", batch_size=4).total_bytes + 1
     assert plan(config, "none", "bfloat16").total_bytes > budget  # auto takes 8bit here
     choice = choose(config, budget, quant=quant, device="cuda:0", dtype="bfloat16", batch_size=64)
-    assert (choice.plan.quant, choice.batch_size) == ("8bit", 5)
-    assert plan(config, "8bit", "bfloat16", batch_size=6).total_bytes > budget
-    assert "--batch-size 64 lowered to 5, what fits with --quant 8bit in the" in choice.note
-    untouched = choose(config, budget, quant="8bit", device="cuda:0", dtype="bfloat16", batch_size=5)
-    assert untouched.batch_size == 5 and untouched.note is None
+    assert (choice.plan.quant, choice.batch_size) == ("8bit", 4)
+    assert plan(config, "8bit", "bfloat16", batch_size=5).total_bytes > budget
+    assert "--batch-size 64 lowered to 4, what fits with --quant 8bit in the" in choice.note
+    untouched = choose(config, budget, quant="8bit", device="cuda:0", dtype="bfloat16", batch_size=4)
+    assert untouched.batch_size == 4 and untouched.note is None
 
 
 def test_explicit_quant_that_does_not_fit_names_what_would() -> None:

@@ -45,7 +45,7 @@ NF4_CONSTANT_BYTES = (16 + 256 + 1) * 4  # per tensor: the NF4 code, the nested 
 # blocks so that a slightly longer prompt does not need a new cache (and a new compiled graph); and the image
 # prefixes it keeps for the other questions of a page (each the KV of one prompt up to the end of its image).
 KV_LENGTH_BLOCK = 256
-KEPT_PREFIXES = 2
+KEPT_PREFIXES = 1
 
 # Defaults for a plan when the caller does not know the prompt yet.
 DEFAULT_MAX_NEW_TOKENS = 512  # long enough for `read` on a dense page

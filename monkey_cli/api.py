@@ -40,6 +40,7 @@ class Monkey:
     name: str = "monkey"
     quant: str = "none"
     caption_as_question: bool = False
+    adapter: str | None = None  # the LoRA adapter folder applied on top of the checkpoint, if any
 
     @classmethod
     def load(
@@ -51,11 +52,13 @@ class Monkey:
         quant: str | None = None,
         quant_vision: bool = False,
         seq_length: int | None = None,
+        adapter: str | Path | None = None,
     ) -> Monkey:
         """Load a checkpoint from a local folder or a Hugging Face hub id (downloaded into the HF cache).
 
         device: "auto" (the GPU with the most free memory, else CPU), "cpu", "cuda" or "cuda:N".
         dtype: "auto"/None, "bfloat16", "float16" or "float32". quant: None/"auto", "none", "8bit", "4bit".
+        adapter: a LoRA adapter folder from `monkey finetune`, applied unmerged (so it works on a quantized base).
         """
         from monkey_cli.model.loading import load_model
         from monkey_cli.model.processor import MonkeyImageProcessor
@@ -63,6 +66,10 @@ class Monkey:
         from monkey_cli.model.sources import resolve_device, resolve_source, warn_if_slow
         from monkey_cli.model.tokenizer import QWenTokenizer
 
+        if adapter is not None:  # a bad folder fails now, not after loading the weights
+            from monkey_cli.finetune.adapters import check_adapter_dir
+
+            check_adapter_dir(adapter)
         folder = resolve_source(source)
         device = resolve_device(device)
         quant = resolve_quant(quant, device)
@@ -71,6 +78,10 @@ class Monkey:
         model = load_model(
             folder, device=device, dtype=dtype, quant=quant, quant_vision=quant_vision, config_overrides=overrides
         )
+        if adapter is not None:
+            from monkey_cli.finetune.adapters import apply_adapter
+
+            model = apply_adapter(model, adapter)
         warn_if_slow(device, model.num_parameters())
         config = model.config
         tokenizer = QWenTokenizer.from_dir(folder, image_token_span=config.tokens_per_image)
@@ -82,6 +93,7 @@ class Monkey:
             name=str(source),
             quant=quant,
             caption_as_question=card.caption_as_question if card else False,
+            adapter=str(adapter) if adapter is not None else None,
         )
 
     @staticmethod

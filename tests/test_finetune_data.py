@@ -145,7 +145,9 @@ def test_pdf_page_by_suffix_or_field_and_the_pixels_are_that_page(tmp_path, toke
     items = [item("doc.pdf#page=2"), item("doc.pdf", page=3), item("doc.pdf#page=2", page=2)]
     loaded = load(write_json(tmp_path / "train.json", items), tokenizer)
     assert [(e.image.name, e.page) for e in loaded.examples] == [("doc.pdf", 2), ("doc.pdf", 3), ("doc.pdf", 2)]
-    dataset = MonkeyDataset(loaded.examples, MonkeyImageProcessor(load_config(require_parity("tiny-monkey-sharp")).vision))
+    dataset = MonkeyDataset(
+        loaded.examples, MonkeyImageProcessor(load_config(require_parity("tiny-monkey-sharp")).vision)
+    )
     page2, page3, again = (dataset[i]["pixel_values"] for i in range(3))
     assert page2.shape == (5, 3, 448, 448)
     assert torch.equal(page2, again) and not torch.equal(page2, page3)
@@ -168,7 +170,7 @@ def test_file_level_problems_are_fatal(tmp_path, tokenizer):
     (tmp_path / "bad.json").write_text("[{", encoding="utf-8")
     with pytest.raises(DataError, match="not valid JSON"):
         load(tmp_path / "bad.json", tokenizer)
-    (tmp_path / "obj.json").write_text('[1, 2]', encoding="utf-8")
+    (tmp_path / "obj.json").write_text("[1, 2]", encoding="utf-8")
     loaded = load(tmp_path / "obj.json", tokenizer)
     assert len(loaded.skipped) == 2
     with pytest.raises(DataError, match=r"no usable item \(all 2 items were skipped\)"):
@@ -186,18 +188,23 @@ def test_a_bad_json_line_is_one_skipped_item(tmp_path, tokenizer):
     assert loaded.skipped == ["t.jsonl: line 2: not valid JSON (Expecting property name enclosed in double quotes)"]
 
 
-def test_collator_right_pads_without_loss_on_padding(tmp_path, tokenizer, sharp):
+def test_collator_left_pads_without_loss_on_padding_and_keeps_only_the_answer_logits(tmp_path, tokenizer, sharp):
     png(tmp_path / "a.png")
     items = [item("a.png", answer="short"), item("a.png", "A much longer question than the other?", "long answer")]
     loaded = load(write_json(tmp_path / "train.json", items), tokenizer)
     dataset = MonkeyDataset(loaded.examples, MonkeyImageProcessor(load_config(sharp).vision))
     batch = MonkeyCollator(pad_id=tokenizer.eod_id)([dataset[0], dataset[1]])
     lengths = [len(e.input_ids) for e in loaded.examples]
-    assert lengths[0] < lengths[1]
+    pad = lengths[1] - lengths[0]
+    assert pad > 0
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, lengths[1])
     assert batch["pixel_values"].shape == (2, 5, 3, 448, 448)
-    assert batch["attention_mask"][0].tolist() == [1] * lengths[0] + [0] * (lengths[1] - lengths[0])
-    assert batch["input_ids"][0, : lengths[0]].tolist() == loaded.examples[0].input_ids
-    assert (batch["input_ids"][0, lengths[0] :] == tokenizer.eod_id).all()
-    assert (batch["labels"][0, lengths[0] :] == IGNORE_INDEX).all()
+    assert batch["attention_mask"][0].tolist() == [0] * pad + [1] * lengths[0]
+    assert batch["input_ids"][0, pad:].tolist() == loaded.examples[0].input_ids
+    assert (batch["input_ids"][0, :pad] == tokenizer.eod_id).all()
+    assert (batch["labels"][0, :pad] == IGNORE_INDEX).all()
     assert batch["labels"][1].tolist() == loaded.examples[1].labels
+    # The longest answer ("long answer" + <|endoftext|>) and the position predicting its first token.
+    targets = max(sum(label != IGNORE_INDEX for label in e.labels) for e in loaded.examples)
+    assert targets == len(tokenizer.encode("long answer")) + 1
+    assert batch["logits_to_keep"] == targets + 1

@@ -43,7 +43,7 @@ def _register_commands() -> None:
         importlib.import_module(f"monkey_cli.cli.{name}")
 
 
-_COMMAND_MODULES: list[str] = ["run", "render", "doctor", "eval"]
+_COMMAND_MODULES: list[str] = ["run", "render", "doctor", "eval", "finetune"]
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:  # noqa: ANN001

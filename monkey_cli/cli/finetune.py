@@ -87,7 +87,7 @@ def train_command(
     ),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 where supported), bfloat16, float16 or float32."),
     quant: str = typer.Option(
-        "auto", "--quant", envvar="MONKEY_QUANT", help="auto (4bit on CUDA, none on CPU), none or 4bit (QLoRA)."
+        "auto", "--quant", envvar="MONKEY_QUANT", help="auto (4bit on CUDA, none on CPU), none, 8bit or 4bit (QLoRA)."
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks for errors."),
 ) -> None:
@@ -131,15 +131,20 @@ def train_command(
         finally:
             for callback in callbacks:
                 callback.close()
-        data_note = f"{len(result.train_data.examples)} of {result.train_data.total} items"
         if result.interrupted:
-            warn(
-                f"interrupted after step {result.steps} of {result.max_steps} ({data_note}); checkpoint saved; "
-                f"run the same command with --resume to continue"
-            )
+            if result.main_process:
+                warn(
+                    f"interrupted after step {result.steps} of {result.max_steps}; checkpoint saved; "
+                    "run the same command with --resume to continue"
+                )
             raise typer.Exit(EXIT_INTERRUPTED)
-        loss = f", last loss {result.final_loss:.4f}" if result.final_loss is not None else ""
-        warn(f"trained {result.steps} steps on {data_note}{loss}; adapter in {result.out}")
+        if result.main_process:
+            data = result.train_data
+            loss = f", last loss {result.final_loss:.4f}" if result.final_loss is not None else ""
+            warn(
+                f"trained {result.steps} steps on {len(data.examples)} of {data.total} items{loss}; "
+                f"adapter in {result.out}"
+            )
 
 
 @finetune_app.command("merge")

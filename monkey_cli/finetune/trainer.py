@@ -139,6 +139,7 @@ class TrainResult:
     steps: int
     max_steps: int
     interrupted: bool
+    main_process: bool  # False in the other processes of a multi-GPU run (they report nothing)
     final_loss: float | None
     train_data: LoadedData
     eval_data: LoadedData | None
@@ -168,7 +169,7 @@ def _train(options: FinetuneOptions, callbacks: Sequence[TrainerCallback], log: 
         _write_training_args(options, fingerprint, args, train_data, eval_data)
         _truncate_loss_log(options.out / LOSS_LOG_FILE, checkpoint_step(checkpoint))
 
-    stop = StopOnInterrupt()
+    stop = StopOnInterrupt(announce=main_process)
     loss_log = LossLog(options.out / LOSS_LOG_FILE)
     evaluations: list[dict[str, Any]] = []
     all_callbacks: list[TrainerCallback] = [stop, loss_log, *callbacks]
@@ -191,6 +192,7 @@ def _train(options: FinetuneOptions, callbacks: Sequence[TrainerCallback], log: 
         steps=trainer.state.global_step,
         max_steps=trainer.state.max_steps,
         interrupted=stop.requested,
+        main_process=main_process,
         final_loss=loss_log.last_loss,
         train_data=train_data,
         eval_data=eval_data,
@@ -291,7 +293,8 @@ def training_arguments(options: FinetuneOptions, monkey: Monkey) -> TrainingArgu
         ddp_find_unused_parameters=False,
         report_to="none",
         disable_tqdm=True,  # our own progress bar (rich, stderr, terminals only)
-        log_level="warning",
+        log_level="error",  # the Trainer's notices (checkpoint rotation and the like) are not the user's business
+        log_level_replica="error",
     )
 
 
@@ -470,8 +473,9 @@ class StopOnInterrupt(TrainerCallback):
     process that went on alone would wait forever for the others.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.requested = False
+        self.announce = announce  # only one process of a multi-GPU run says so
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -485,7 +489,8 @@ class StopOnInterrupt(TrainerCallback):
                 signal.signal(signal.SIGINT, previous)
                 raise KeyboardInterrupt
             self.requested = True
-            _stderr("stopping after this step and saving a checkpoint (Ctrl-C again to stop now)")
+            if self.announce:
+                _stderr("stopping after this step and saving a checkpoint (Ctrl-C again to stop now)")
 
         signal.signal(signal.SIGINT, on_sigint)
         try:

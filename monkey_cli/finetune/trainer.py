@@ -174,7 +174,8 @@ def _train(options: FinetuneOptions, callbacks: Sequence[TrainerCallback], log: 
     evaluations: list[dict[str, Any]] = []
     all_callbacks: list[TrainerCallback] = [stop, loss_log, *callbacks]
     if eval_data is not None:
-        all_callbacks.append(HeldOutEval(monkey, eval_data.examples, options.eval_metric, loss_log, evaluations, log))
+        held_out = HeldOutEval(monkey, eval_data.examples, options.eval_metric, loss_log, evaluations, log, stop)
+        all_callbacks.append(held_out)
     trainer = AnswerLossTrainer(
         model=model,
         args=args,
@@ -546,7 +547,10 @@ class LossLog(TrainerCallback):
 
 
 class HeldOutEval(TrainerCallback):
-    """After each epoch: greedy answers to the held-out questions, scored with the eval metric."""
+    """After each epoch: greedy answers to the held-out questions, scored with the eval metric.
+
+    Not after Ctrl-C (the Trainer ends the epoch early when it stops): the user is waiting to get out.
+    """
 
     def __init__(
         self,
@@ -556,8 +560,10 @@ class HeldOutEval(TrainerCallback):
         loss_log: LossLog,
         evaluations: list[dict[str, Any]],
         log: Log,
+        stop: StopOnInterrupt,
     ) -> None:
         self.monkey = monkey
+        self.stop = stop
         self.examples = list(examples)
         self.metric = metric
         self.loss_log = loss_log
@@ -567,7 +573,7 @@ class HeldOutEval(TrainerCallback):
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if not state.is_world_process_zero:
+        if not state.is_world_process_zero or self.stop.requested:
             return
         started = time.perf_counter()
         result = evaluate(self.monkey, self.examples, self.metric, batch_size=args.per_device_train_batch_size)

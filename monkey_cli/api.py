@@ -68,6 +68,7 @@ class Monkey:
     batch_size: int = 1
     sampling: dict[str, Any] = field(default_factory=dict)
     compile: bool = False
+    adapter: str | None = None  # the LoRA adapter folder applied on top of the checkpoint, if any
     _scheduler: Scheduler | None = field(default=None, init=False, repr=False)
     _calls: Any = field(default_factory=itertools.count, init=False, repr=False)
 
@@ -86,6 +87,7 @@ class Monkey:
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         prompts: Sequence[Prompt | str] = (),
         compile: bool | None = None,
+        adapter: str | Path | None = None,
     ) -> Monkey:
         """Load a checkpoint from a local folder or a Hugging Face hub id (downloaded into the HF cache).
 
@@ -100,6 +102,7 @@ class Monkey:
         decides), "chat" or "base".
         compile: capture the engine's decode step with torch.compile (CUDA graphs on a GPU); None: on for
         CUDA, off for the CPU (where compiling costs more than it saves). Both give the same tokens.
+        adapter: a LoRA adapter folder from `monkey finetune`, applied unmerged (so it works on a quantized base).
         """
         from monkey_cli.model.configuration import load_config
         from monkey_cli.model.loading import load_model, sampling_defaults
@@ -108,6 +111,10 @@ class Monkey:
         from monkey_cli.model.tokenizer import QWenTokenizer
 
         tasks.is_chat_checkpoint(style=prompt_style)  # a bad style fails before any work
+        if adapter is not None:  # a bad folder fails now, not after loading the weights
+            from monkey_cli.finetune.adapters import check_adapter_dir
+
+            check_adapter_dir(adapter)
         folder = resolve_source(source)
         device = resolve_device(device)
         overrides = {"seq_length": _positive(seq_length, "seq_length")} if seq_length is not None else None
@@ -130,6 +137,10 @@ class Monkey:
             quant_vision=choice.plan.quant_vision,
             config_overrides=overrides,
         )
+        if adapter is not None:
+            from monkey_cli.finetune.adapters import apply_adapter
+
+            model = apply_adapter(model, adapter)
         warn_if_slow(device, model.num_parameters())
         return cls(
             model=model,
@@ -141,6 +152,7 @@ class Monkey:
             batch_size=choice.batch_size,
             sampling=sampling_defaults(folder),
             compile=device.startswith("cuda") if compile is None else bool(compile),
+            adapter=str(adapter) if adapter is not None else None,
         )
 
     @staticmethod

@@ -37,6 +37,7 @@ class MonkeyPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["QWenBlock", "VisionBlock"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
+    supports_gradient_checkpointing = True  # QWenBlock is a GradientCheckpointingLayer (used by finetune)
     # Keys the original's .bin checkpoints may carry as buffers; they hold nothing the model needs.
     _keys_to_ignore_on_load_unexpected = [r"attn\.masked_bias", r"attn\.bias$", r"rotary_emb\.inv_freq"]
 

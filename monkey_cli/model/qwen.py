@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from monkey_cli.model.configuration import MonkeyConfig
 
@@ -143,7 +144,9 @@ class QWenMLP(nn.Module):
         return self.c_proj(self.w1(hidden_states) * F.silu(self.w2(hidden_states)))
 
 
-class QWenBlock(nn.Module):
+class QWenBlock(GradientCheckpointingLayer):
+    """Pre-norm attention + MLP. Recomputed in the backward pass when gradient checkpointing is on (training)."""
+
     def __init__(self, config: MonkeyConfig, layer_idx: int) -> None:
         super().__init__()
         self.ln_1 = RMSNorm(config.hidden_size, config.layer_norm_epsilon)

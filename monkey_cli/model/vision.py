@@ -120,7 +120,8 @@ class LoraBank(nn.ModuleList):
         scale = torch.cat([adapter.lora_scale for adapter in self])[routing.adapters]  # [M]
         routed = x.index_select(0, routing.views)  # [M, L, in]
         delta = torch.bmm(torch.bmm(routed, down.transpose(1, 2)), up.transpose(1, 2))  # [M, L, out]
-        return output.index_add(0, routing.views, delta * scale.view(-1, 1, 1))
+        # .to: a fine-tuned bank may hold float32 weights while the tower runs in bfloat16 (monkey finetune).
+        return output.index_add(0, routing.views, (delta * scale.view(-1, 1, 1)).to(output.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------

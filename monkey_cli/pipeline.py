@@ -34,6 +34,7 @@ class ModelOptions:
     quant_vision: bool = False
     prompt_style: str = "auto"
     compile: bool | None = None  # None: on for CUDA, off for the CPU
+    adapter: str | None = None  # a LoRA adapter folder (monkey finetune) applied on top of `source`
 
 
 @dataclass(frozen=True)
@@ -277,6 +278,7 @@ def _settings(options: RunOptions, quant: str) -> dict[str, Any]:
         "quant": quant,
         "quant_vision": options.model.quant_vision,
         "prompt_style": options.model.prompt_style,
+        "adapter": _adapter_fingerprint(options.model.adapter),
         "task": job.task,
         "questions": [str(question) for question in job.questions],
         "template": job.template,
@@ -285,6 +287,15 @@ def _settings(options: RunOptions, quant: str) -> dict[str, Any]:
         "pages": options.pages,
         "size": options.size,
     }
+
+
+def _adapter_fingerprint(adapter: str | None) -> str | None:
+    """The adapter's content hash: a rerun with a retrained adapter redoes the documents."""
+    if adapter is None:
+        return None
+    from monkey_cli.finetune.adapters import adapter_fingerprint
+
+    return adapter_fingerprint(adapter)
 
 
 def _device_and_quant(model: ModelOptions, job: Job) -> tuple[str, str]:
@@ -317,6 +328,7 @@ def _load(model: ModelOptions, job: Job, device: str) -> Any:
         prompt_style=model.prompt_style,
         prompts=prompts,
         compile=model.compile,
+        adapter=model.adapter,
         **options,
     )
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import signal
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 import torch
 from conftest import require_parity
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 from typer.testing import CliRunner
 
@@ -199,9 +200,29 @@ def test_overfitting_four_examples_then_the_adapter_reproduces_each_answer(overf
     tuned = Monkey.load(sharp, device="cpu", adapter=overfit.out)
     base = Monkey.load(sharp, device="cpu")
     for number, (question, answer) in enumerate(QA):
-        # The CLI form, once `ask` takes --adapter: monkey ask IMAGE -q QUESTION --model SHARP --adapter OUT
         assert tuned.ask(image_of(data, number), question, max_new_tokens=16) == answer
         assert base.ask(image_of(data, number), question, max_new_tokens=16) != answer
+    # The command line: `monkey ask IMAGE -q QUESTION --adapter OUT`.
+    for number, (question, answer) in enumerate(QA):
+        image, args = str(image_of(data, number)), ["--model", str(sharp), "--max-new-tokens", "16", "-f", "jsonl"]
+        result = CliRunner().invoke(app, ["ask", image, "-q", question, *args, "--adapter", str(overfit.out)])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["answer"] == answer
+
+
+def test_a_changed_adapter_redoes_resumed_documents(overfit, data, sharp, tmp_path):
+    """The resume fingerprint holds the adapter's content hash: another adapter is another answer."""
+    image, out = str(image_of(data, 0)), tmp_path / "out"
+    args = ["ask", image, "-q", QA[0][0], "--model", str(sharp), "--max-new-tokens", "4", "-o", str(out)]
+    assert CliRunner().invoke(app, [*args, "--adapter", str(overfit.out)]).exit_code == 0
+    again = CliRunner().invoke(app, [*args, "--adapter", str(overfit.out)])
+    assert "1 already done" in again.stderr
+    changed = tmp_path / "changed"
+    shutil.copytree(overfit.out, changed)
+    weights = load_file(str(changed / "adapter_model.safetensors"))
+    save_file({k: v * 0.5 for k, v in weights.items()}, str(changed / "adapter_model.safetensors"))
+    redone = CliRunner().invoke(app, [*args, "--adapter", str(changed)])
+    assert redone.exit_code == 0 and "already done" not in redone.stderr
 
 
 def test_the_reloaded_adapter_gives_bit_identical_logits(overfit, data, sharp):

@@ -17,7 +17,9 @@ from monkey_cli.cli import app
 from monkey_cli.cli.common import EXIT_SOME_FAILED, Command, fail, user_errors, warn
 from monkey_cli.cli.options import (
     OUTPUT,
+    Adapter,
     BatchSize,
+    Compile,
     Device,
     Dtype,
     MaxNewTokens,
@@ -89,6 +91,8 @@ def run_command(
     device: Device = "auto",
     dtype: Dtype = "auto",
     quant: Quant = "auto",
+    adapter: Adapter = None,
+    compile: Compile = None,
     verbose: Verbose = False,
 ) -> None:
     """Answer the questions of one or more datasets, save predictions as they come, and score them.
@@ -121,7 +125,7 @@ def run_command(
             tasks = _registry_tasks(
                 data_root, datasets, prompt=prompt, max_new_tokens=max_new_tokens, image_root=image_root
             )
-        loaded = _load_model(model, device, dtype, quant)
+        loaded = _load_model(model, device, dtype, quant, adapter, compile, batch_size)
         runs = runner.run_tasks(
             loaded,
             tasks,
@@ -129,7 +133,12 @@ def run_command(
             batch_size=batch_size,
             limit=limit,
             model_name=model,
-            model_info={"device": device, "dtype": dtype, "quant": getattr(loaded, "quant", quant)},
+            model_info={
+                "device": device,
+                "dtype": dtype,
+                "quant": getattr(loaded, "quant", quant),
+                "adapter": None if adapter is None else str(adapter),
+            },
             report=warn,
             show_progress=sys.stderr.isatty(),
         )
@@ -206,10 +215,14 @@ def _present(data_root: Path, spec: DatasetSpec) -> bool:
     return all((data_root / relative).is_file() for relative in spec.files())
 
 
-def _load_model(model: str, device: str, dtype: str, quant: str) -> AnswerModel:
+def _load_model(
+    model: str, device: str, dtype: str, quant: str, adapter: Path | None, compile: bool | None, batch_size: int
+) -> AnswerModel:
     from monkey_cli import Monkey
 
-    return Monkey.load(model, device=device, dtype=dtype, quant=quant)
+    return Monkey.load(
+        model, device=device, dtype=dtype, quant=quant, adapter=adapter, compile=compile, batch_size=batch_size
+    )
 
 
 @eval_app.command("score", cls=Command)

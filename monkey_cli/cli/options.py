@@ -198,6 +198,14 @@ Dtype = Annotated[
         "released Monkeys), float16 on a GPU without bfloat16, float32 for a float16 checkpoint on the CPU.",
     ),
 ]  # fmt: skip
+Adapter = Annotated[
+    Path | None,
+    typer.Option(
+        "--adapter", envvar="MONKEY_ADAPTER", metavar="DIR", rich_help_panel=MODEL,
+        help="A LoRA adapter from `monkey finetune`, applied on top of --model (resumed runs notice a "
+        "changed adapter by its content hash).",
+    ),
+]  # fmt: skip
 Compile = Annotated[
     bool | None,
     typer.Option(

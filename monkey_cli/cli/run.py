@@ -18,6 +18,7 @@ from monkey_cli.cli import app
 from monkey_cli.cli.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, Command, user_errors, warn
 from monkey_cli.cli.options import (
     INPUT,
+    Adapter,
     BatchSize,
     Compile,
     Device,
@@ -64,6 +65,7 @@ def _document_options(
     quant_vision: QuantVision = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    adapter: Adapter = None,
     compile: Compile = None,
     max_new_tokens: MaxNewTokens = 512,
     batch_size: BatchSize = 4,
@@ -193,6 +195,7 @@ def _run(
             quant_vision=args["quant_vision"],
             prompt_style=args["prompt_style"],
             compile=args["compile"],
+            adapter=None if args["adapter"] is None else str(args["adapter"]),
         ),
         pages=args["pages"],
         password=args["password"],

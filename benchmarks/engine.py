@@ -182,19 +182,16 @@ def eager_decode_ms(monkey: Any, prompt_ids: list[int], features: Any, batch: in
     return clock.median_step_ms()
 
 
-def engine_decode_ms(
-    monkey: Any, prompt_ids: list[int], features: Any, batch: int, tokens: int, compile: bool
-) -> float:
-    """Median decode step of the engine with `batch` busy slots (compiled graphs warmed up first)."""
-    from monkey_cli.engine.scheduler import GenerationRequest, Scheduler
+def engine_decode_ms(scheduler: Any, prompt_ids: list[int], features: Any, batch: int, tokens: int) -> float:
+    """Median decode step of the engine with `batch` busy slots (the bucket's graph warmed up first)."""
+    from monkey_cli.engine.scheduler import GenerationRequest
 
-    device = model_bench.model_device(monkey)
-    scheduler = Scheduler(monkey.model, monkey.encode_images, slots=batch, compile=compile)
+    device = str(features.device)
 
     def requests(count: int) -> list[Any]:
         return [GenerationRequest(prompt_ids, image_embeds=features[0], params=forced(count)) for _ in range(batch)]
 
-    scheduler.run(requests(tokens))  # warm-up: allocation, compilation, CUDA graph capture
+    scheduler.run(requests(3))  # warm-up: this bucket's compilation, CUDA graph capture
     handles = [scheduler.submit(request) for request in requests(tokens)]
     scheduler.step()  # admission (prefills) and the first step
     steps = []
@@ -206,15 +203,14 @@ def engine_decode_ms(
     return statistics.median(steps)
 
 
-def first_token_ms(monkey: Any, page: Any, prompt: Any, compile: bool | None) -> float:
-    """One page to its first token: preprocessing, ViT, prefill. compile None: transformers' generate()."""
-    from monkey_cli.engine.scheduler import GenerationRequest, Scheduler
+def first_token_ms(monkey: Any, page: Any, prompt: Any, scheduler: Any | None) -> float:
+    """One page to its first token: preprocessing, ViT, prefill. No scheduler: transformers' generate()."""
+    from monkey_cli.engine.scheduler import GenerationRequest
 
     device = model_bench.model_device(monkey)
-    if compile is None:
+    if scheduler is None:
         return model_bench.time_ms(lambda: monkey.hf_generate_ids([page], [prompt], max_new_tokens=1), device, 3)
     prompt_ids = monkey.check_prompt(prompt, 1)
-    scheduler = Scheduler(monkey.model, monkey.encode_images, slots=1, compile=compile)
     return model_bench.time_ms(
         lambda: scheduler.run([GenerationRequest(prompt_ids, image=page, params=forced(1))]), device, 3
     )
@@ -240,17 +236,13 @@ def eager_pages_per_s(monkey: Any, pages: list[Any], prompt: str, lengths: list[
     return len(pages) / (time.perf_counter() - started)
 
 
-def engine_pages_per_s(
-    monkey: Any, pages: list[Any], prompt_ids: list[int], lengths: list[int], slots: int, compile: bool
-) -> float:
-    """Continuous batching over `slots` slots; every compiled bucket is warmed up before the clock starts."""
-    from monkey_cli.engine.scheduler import GenerationRequest, Scheduler
+def engine_pages_per_s(scheduler: Any, pages: list[Any], prompt_ids: list[int], lengths: list[int]) -> float:
+    """Continuous batching over the scheduler's slots; every bucket is warmed up before the clock starts."""
+    from monkey_cli.engine.scheduler import GenerationRequest
     from monkey_cli.engine.step import buckets
 
-    device = model_bench.model_device(monkey)
-    scheduler = Scheduler(monkey.model, monkey.encode_images, slots=slots, compile=compile)
-    scheduler.reserve(len(prompt_ids) + max(lengths))
-    for size in buckets(slots):  # each bucket's graph (and CUDA graph) once, before the clock starts
+    device = str(scheduler.model.transformer.wte.weight.device)
+    for size in buckets(scheduler.slots):  # each bucket's graph (and CUDA graph) once, before the clock starts
         scheduler.run([GenerationRequest(prompt_ids, image=pages[0], params=forced(2)) for _ in range(size)])
     model_bench.synchronize(device)
     started = time.perf_counter()
@@ -271,6 +263,7 @@ def timed_section(device: str, fn: Callable[[], float]) -> tuple[float, int]:
 
 def run_variant(folder: Path, variant: str, device: str, args: argparse.Namespace) -> dict[str, Any]:
     from monkey_cli import Monkey, tasks
+    from monkey_cli.engine.scheduler import Scheduler
 
     quant, dtype = VARIANTS[variant]
     monkey = Monkey.load(folder, device=device, dtype=dtype, quant=quant)
@@ -287,6 +280,13 @@ def run_variant(folder: Path, variant: str, device: str, args: argparse.Namespac
     prompt_ids = monkey.check_prompt(prompt, args.new_tokens)
     features = monkey.encode_images([page])
     result["prompt_tokens"] = len(prompt_ids)
+    # One scheduler per path for every figure: one cache (reserved for the longest answer) and so one set of
+    # compiled graphs, as a long-running process has.
+    slots = max(*args.batches, args.slots)
+    engines = {}
+    for compile in (False, True):
+        engines[compile] = Scheduler(monkey.model, monkey.encode_images, slots=slots, compile=compile)
+        engines[compile].reserve(len(prompt_ids) + max(args.new_tokens, args.read[1]))
 
     rows = []
     for batch in args.batches:
@@ -295,8 +295,9 @@ def run_variant(folder: Path, variant: str, device: str, args: argparse.Namespac
             device, lambda b=batch: eager_decode_ms(monkey, prompt_ids, features, b, args.new_tokens)
         )
         for name, compile in (("engine", False), ("compiled", True)):
+            engine = engines[compile]
             row[f"{name}_ms"], row[f"{name}_peak"] = timed_section(
-                device, lambda b=batch, c=compile: engine_decode_ms(monkey, prompt_ids, features, b, args.new_tokens, c)
+                device, lambda b=batch, e=engine: engine_decode_ms(e, prompt_ids, features, b, args.new_tokens)
             )
         row["speedup"] = row["eager_ms"] / row["compiled_ms"]
         row["bandwidth_fraction"] = limit_ms / row["compiled_ms"]
@@ -307,17 +308,17 @@ def run_variant(folder: Path, variant: str, device: str, args: argparse.Namespac
 
     result["first_token"] = {
         "eager_ms": first_token_ms(monkey, page, prompt, None),
-        "compiled_ms": first_token_ms(monkey, page, prompt, True),
+        "compiled_ms": first_token_ms(monkey, page, prompt, engines[True]),
     }
     pages = model_bench.synthetic_pages(args.pages, seed=1)
     for kind in ("ask", "read"):
         lengths = answer_lengths(kind, args.pages, args.read)
-        section: dict[str, Any] = {"pages": args.pages, "slots": args.slots, "mean_tokens": statistics.mean(lengths)}
+        section: dict[str, Any] = {"pages": args.pages, "slots": slots, "mean_tokens": statistics.mean(lengths)}
         section["eager_pages_s"], section["eager_peak"] = timed_section(
-            device, lambda lengths=lengths: eager_pages_per_s(monkey, pages, prompt, lengths, args.slots)
+            device, lambda lengths=lengths: eager_pages_per_s(monkey, pages, prompt, lengths, slots)
         )
         section["compiled_pages_s"], section["compiled_peak"] = timed_section(
-            device, lambda lengths=lengths: engine_pages_per_s(monkey, pages, prompt_ids, lengths, args.slots, True)
+            device, lambda lengths=lengths: engine_pages_per_s(engines[True], pages, prompt_ids, lengths)
         )
         section["speedup"] = section["compiled_pages_s"] / section["eager_pages_s"]
         result[kind] = section
@@ -394,7 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--variants", help="comma-separated, from " + ", ".join(VARIANTS))
     parser.add_argument("--batches", help="decode batch sizes (GPU default 1,8,32; CPU 1,8)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens per timed decode run")
-    parser.add_argument("--slots", type=int, help="decode slots for the pages/s runs (GPU 32, CPU 8)")
+    parser.add_argument(
+        "--slots", type=int, help="decode slots (and static batch size) of the pages/s runs, at least the largest batch"
+    )
     parser.add_argument("--pages", type=int, help="pages per pages/s run (GPU 64, CPU 16)")
     parser.add_argument("--read", help="answer lengths of the read run, LOW-HIGH (GPU 50-500, CPU 8-64)")
     parser.add_argument("--tokenizer", type=Path, help="the real qwen.tiktoken (default: a synthetic one)")

@@ -39,6 +39,7 @@ def collect() -> dict[str, Any]:
         "torch": _probe(_torch),
         "devices": _probe(_devices),
         "bitsandbytes": _probe(_bitsandbytes),
+        "compile": _probe(_compile),
         "transformers": _probe(_transformers),
         "huggingface_hub": _probe(_huggingface_hub),
     }
@@ -92,6 +93,23 @@ def _torch() -> dict[str, Any]:
         "device_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
         "mps_available": bool(mps is not None and mps.is_available()),
         "threads": torch.get_num_threads(),
+    }
+
+
+def _compile() -> dict[str, Any]:
+    """Whether `--compile` can work here: torch.compile's backend needs Triton on a GPU and a C++ compiler
+    on the CPU (found, not run: doctor stays quick)."""
+    import importlib.util
+    import shutil
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {
+        "default": "on" if cuda else "off",
+        "triton": importlib.util.find_spec("triton") is not None,
+        "cxx": shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++") or shutil.which("clang++"),
+        "cuda": cuda,
     }
 
 

@@ -19,7 +19,7 @@ from monkey_cli.model.memory import AUTO_OPTIONS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {
-    "monkey_cli", "python", "torch", "devices", "bitsandbytes", "transformers", "huggingface_hub", "memory",
+    "monkey_cli", "python", "torch", "devices", "bitsandbytes", "compile", "transformers", "huggingface_hub", "memory",
     "problems",
 }
 
@@ -77,6 +77,15 @@ def test_text_report(cuda: bool) -> None:
     assert "--quant 4bit --quant-vision" in out
     if not cuda:
         assert "CUDA" in out and "not available" in out
+        assert "off (CPU; --compile to force)" in out  # the engine's default here, and what it needs
+
+
+def test_compile_probe_finds_what_the_backend_needs(json_report: dict, cuda: bool) -> None:
+    import shutil
+
+    probe = json_report["compile"]
+    assert probe["default"] == ("on" if cuda else "off")
+    assert bool(probe["cxx"]) == bool(shutil.which("g++") or shutil.which("c++") or shutil.which("clang++"))
 
 
 def test_bad_format_is_a_usage_error() -> None:

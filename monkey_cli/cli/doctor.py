@@ -90,6 +90,7 @@ def _environment_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("torch", error_or(torch_info, f"{torch_info.get('version')}, {torch_info.get('build')} build")),
         ("CUDA", error_or(torch_info, _cuda_summary(torch_info))),
         ("bitsandbytes", _bitsandbytes_summary(bnb)),
+        ("torch.compile", error_or(report["compile"], _compile_summary(report["compile"]))),
         (
             "transformers",
             error_or(
@@ -107,6 +108,14 @@ def _environment_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     # from the other commands unless --verbose, shown here because this is where one looks for it.
     rows += [("bitsandbytes said", line) for line in dict.fromkeys(bnb.get("warnings", []))]
     return rows
+
+
+def _compile_summary(info: dict[str, Any]) -> str:
+    """What --compile does by default here, and whether its backend has what it needs."""
+    gpu = "Triton found" if info.get("triton") else "no Triton: --compile falls back to eager on a GPU"
+    cpu = f"C++ compiler {info['cxx']}" if info.get("cxx") else "no C++ compiler: --compile fails on the CPU"
+    default = "on (CUDA)" if info.get("default") == "on" else "off (CPU; --compile to force)"
+    return f"{default}; {gpu if info.get('cuda') else cpu}"
 
 
 def _cuda_summary(torch_info: dict[str, Any]) -> str:

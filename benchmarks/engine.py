@@ -447,16 +447,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     for variant in variants:
         print(f"{variant}: running", file=sys.stderr, flush=True)
-        with tempfile.TemporaryDirectory() as scratch:
-            out = Path(scratch) / "result.json"
-            command = child_command(args, "--child", variant, "--checkpoint", str(folder), "--child-out", str(out))
-            status, log = run_child(command, args.timeout)
-            if status == 0 and out.is_file():
-                result = json.loads(out.read_text())
-                report.setdefault("machine", result["machine"])
-            else:
-                result = {"variant": variant, "error": log.splitlines()[0] if log else f"exit {status}", "log": log}
-                print(f"{variant}: FAILED\n{log}", file=sys.stderr, flush=True)
+        command = child_command(args, "--child", variant, "--checkpoint", str(folder))
+        result = quant_bench.run_json_child(command, variant, args.timeout)
+        if "error" in result:
+            print(f"{variant}: FAILED ({result['error']})\n{result['log_tail']}", file=sys.stderr, flush=True)
+        else:
+            report.setdefault("machine", result["machine"])
         report["results"].append(result)
         if args.json:
             args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

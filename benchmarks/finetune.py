@@ -22,7 +22,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -148,35 +147,22 @@ def run_variant(checkpoint: Path, variant: str, device: str, steps: int, warmup:
 
 def run_in_child(checkpoint: Path, variant: str, args: argparse.Namespace, timeout: float) -> dict[str, Any]:
     """One variant in a fresh interpreter; a crash or a timeout becomes a row with the error."""
-    with tempfile.TemporaryDirectory() as scratch:
-        out = Path(scratch) / "row.json"
-        command = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--child",
-            variant,
-            "--checkpoint",
-            str(checkpoint),
-            "--device",
-            args.device,
-            "--steps",
-            str(args.steps),
-            "--warmup",
-            str(args.warmup),
-            "--child-out",
-            str(out),
-        ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if args.threads:
-            env["OMP_NUM_THREADS"] = str(args.threads)
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-        except subprocess.TimeoutExpired:
-            return {"variant": variant, "error": f"timed out after {timeout:.0f} s"}
-        if done.returncode != 0 or not out.is_file():
-            tail = quant_bench.log_tail(done.stdout + done.stderr)
-            return {"variant": variant, "error": f"exit status {done.returncode}", "log_tail": tail}
-        return json.loads(out.read_text())
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        variant,
+        "--checkpoint",
+        str(checkpoint),
+        "--device",
+        args.device,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ]
+    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
+    return quant_bench.run_json_child(command, variant, timeout, env)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -281,32 +281,19 @@ def log_tail(text: str, chars: int = 4000) -> str:
     return "\n".join(lines)[-chars:]
 
 
-def run_in_child(args: argparse.Namespace, variant: str, folder: Path, timeout: float) -> dict[str, Any]:
-    """Run one variant in a fresh interpreter; a crash or a timeout becomes a result with the error."""
+def run_json_child(
+    command: list[str], variant: str, timeout: float, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run `command` (a benchmark's child mode, which writes its result as JSON to the path given after
+    --child-out) in a fresh interpreter; a crash or a timeout becomes a result with the error and the log."""
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch) / "result.json"
-        command = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--child",
-            variant,
-            "--checkpoint",
-            str(folder),
-            "--device",
-            args.device,
-            "--batches",
-            ",".join(map(str, args.batches)),
-            "--new-tokens",
-            str(args.new_tokens),
-            "--repeats",
-            str(args.repeats),
-            "--child-out",
-            str(out),
-        ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         started = time.perf_counter()
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+            done = subprocess.run(
+                [*command, "--child-out", str(out)], capture_output=True, text=True, timeout=timeout, env=env
+            )
         except subprocess.TimeoutExpired as exc:
             tail = exc.stderr or b""
             tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
@@ -318,6 +305,27 @@ def run_in_child(args: argparse.Namespace, variant: str, folder: Path, timeout: 
                 "log_tail": log_tail(done.stdout + done.stderr),
             }
         return json.loads(out.read_text())
+
+
+def run_in_child(args: argparse.Namespace, variant: str, folder: Path, timeout: float) -> dict[str, Any]:
+    """Run one variant in a fresh interpreter; a crash or a timeout becomes a result with the error."""
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        variant,
+        "--checkpoint",
+        str(folder),
+        "--device",
+        args.device,
+        "--batches",
+        ",".join(map(str, args.batches)),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--repeats",
+        str(args.repeats),
+    ]
+    return run_json_child(command, variant, timeout)
 
 
 def print_table(results: Sequence[dict[str, Any]]) -> None:

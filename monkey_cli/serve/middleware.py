@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from monkey_cli.serve.errors import APIError, too_large
 
 # The web page's own files hold no data: a browser loads them without a key, and the page asks for it.
-PUBLIC_PATHS = ("/",)
+PUBLIC_PATHS = ("/", "/favicon.ico")
 PUBLIC_PREFIXES = ("/static/",)
 
 

@@ -6,7 +6,9 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { file: null, thumbnails: new Map(), cards: new Map(), json: "", running: false, ready: false };
+const state = {
+  file: null, thumbnails: new Map(), cards: new Map(), questions: [], json: "", running: false, ready: false,
+};
 
 function authHeaders() {
   const key = $("api-key").value.trim();
@@ -140,6 +142,7 @@ async function run(event) {
   state.running = true;
   updateButton();
   state.cards.clear();
+  state.questions = asked;
   $("answers").replaceChildren();
   $("json-box").hidden = true;
   const form = new FormData();
@@ -220,7 +223,11 @@ function cardFor(page, prompt) {
   const body = document.createElement("div");
   body.append(question, text, meta);
   box.append(page === null ? document.createElement("div") : figureFor(page, state.thumbnails.get(page)), body);
-  $("answers").append(box);
+  // Answers arrive in the order they finish decoding; cards stay in page order, questions in the asked order.
+  const order = (page === null ? 0 : page) * 1e6 + Math.max(state.questions.indexOf(prompt), 0);
+  box.dataset.order = String(order);
+  const after = [...$("answers").children].find((other) => Number(other.dataset.order) > order);
+  $("answers").insertBefore(box, after || null);
   card = { box, text, meta };
   state.cards.set(key, card);
   return card;

@@ -89,6 +89,7 @@ def _arguments() -> argparse.Namespace:
     where.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=8, help="the started server's decode slots")
+    parser.add_argument("--threads", type=int, help="the started server's torch CPU threads (OMP_NUM_THREADS)")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=30.0, help="how long clients keep sending")
     parser.add_argument("--max-requests", type=int, default=10_000, help="stop sending after this many")
@@ -103,7 +104,8 @@ def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], st
     command = [sys.executable, "-m", "monkey_cli", "serve", "--port", "0", "--model", args.model,
                "--device", args.device, "--batch-size", str(args.batch_size),
                "--max-new-tokens", str(args.max_tokens)]  # fmt: skip
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=REPO_ROOT)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=REPO_ROOT, env=env)
     assert process.stderr is not None
     url = None
     deadline = time.monotonic() + 600
@@ -250,8 +252,10 @@ def _figures(tally: Tally, elapsed: float, args: argparse.Namespace, before: dic
         "first_token_s": _summary(tally.first_tokens),
         "engine": engine,
         "server": {key: after.get(key) for key in ("model", "quant", "device", "slots")},
+        "threads": getattr(args, "threads", None),
         "errors": tally.errors[:20],
         "machine": {
+            "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(),

@@ -38,6 +38,7 @@ class LiveServer:
             stderr=self._log,
             cwd=REPO_ROOT,
             env=self.env,
+            preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + STARTUP_SECONDS
         while not self.base:
@@ -88,6 +89,14 @@ class LiveServer:
                 process.wait(10)
         self._log.close()
         return process.returncode
+
+
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM if the test process dies without stopping it (killed, say)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def data_url(path: Path | str, media_type: str = "image/png", page: int | None = None) -> str:

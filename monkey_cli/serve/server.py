@@ -50,7 +50,7 @@ def serve(settings: ServeSettings, *, verbose: bool = False) -> None:
         app,
         log_config=None,  # our stderr handler shows our lines, and the others' only with --verbose
         log_level="info" if verbose else "warning",
-        access_log=verbose,
+        access_log=False,
         server_header=False,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )

@@ -285,7 +285,10 @@ function wire() {
       $("run").textContent = chosenTask() === "ask" ? "Ask" : chosenTask() === "caption" ? "Caption" : "Read";
     });
   }
-  $("api-key").addEventListener("change", watchHealth);
+  $("api-key").addEventListener("change", () => {
+    watchHealth();
+    showPreview();
+  });
   $("ask").addEventListener("submit", run);
   $("copy").addEventListener("click", copyJson);
   watchHealth();

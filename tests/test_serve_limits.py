@@ -75,10 +75,12 @@ def test_a_client_that_leaves_has_its_work_dropped_and_a_full_queue_says_429(one
     client = threading.Thread(target=stream_then_leave, daemon=True)
     client.start()
     assert first_piece.wait(60), "the long answer never started"
-    assert one_slot.health()["pending"] == 1
+    health = one_slot.health()
+    assert health["requests"] == 1 and health["pending"] == 1
     busy = openai.OpenAI(base_url=f"{one_slot.base}/v1", api_key="x", max_retries=0, timeout=60)
-    with pytest.raises(openai.RateLimitError, match="busy"):
+    with pytest.raises(openai.RateLimitError, match="busy") as refused:
         busy.chat.completions.create(**{**_long_request(), "max_tokens": 2})
+    assert refused.value.code == "queue_full" and refused.value.response.headers["retry-after"] == "1"
     leave.set()
     client.join(60)
     _wait_for(lambda: one_slot.health()["pending"] == 0, 30, "the request of the client that left still runs")

@@ -208,3 +208,26 @@ def test_a_model_that_fails_to_load_is_reported_and_stops_the_server() -> None:
         error = client.get("/v1/models").json()["error"]
         assert error["code"] == "model_unavailable" and "truncated" not in error["message"]
     assert isinstance(failures[0], CheckpointError)
+
+
+def test_an_unexpected_error_is_a_json_500_that_names_nothing_internal(caplog) -> None:
+    from fastapi.testclient import TestClient
+
+    from monkey_cli.serve.app import create_app
+    from monkey_cli.serve.service import ModelService
+
+    service = ModelService(ServeSettings(model="tiny"), load_model=lambda: (_ for _ in ()).throw(MemoryError()))
+
+    def broken_health() -> dict:
+        raise RuntimeError("/srv/monkey/secret.py: state corrupted")
+
+    service.health = broken_health
+    with TestClient(create_app(service), raise_server_exceptions=False) as client:
+        response = client.get("/health")
+    assert response.status_code == 500
+    assert response.json()["error"] == {
+        "message": "internal error (see the server's log)", "type": "server_error", "param": None,
+        "code": "internal_error",
+    }  # fmt: skip
+    assert "secret" not in response.text and "Traceback" not in response.text
+    assert any("state corrupted" in record.getMessage() for record in caplog.records)  # the log says what

@@ -85,7 +85,7 @@ MaxQueue = Annotated[
     int,
     typer.Option(
         "--max-queue", metavar="N", parser=positive_int, rich_help_panel=SERVER,
-        help="Most generations waiting or running at once; more get 429 (busy, retry).",
+        help="Most requests in progress at once (answers, documents); more get 429 (busy, retry).",
     ),
 ]  # fmt: skip
 RequestTimeout = Annotated[

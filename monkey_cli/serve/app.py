@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 
 from monkey_cli import __version__
 from monkey_cli.serve.errors import APIError, bad_request, too_large
-from monkey_cli.serve.middleware import ApiKeyMiddleware, BodyLimitMiddleware
+from monkey_cli.serve.middleware import AdmissionMiddleware, ApiKeyMiddleware, BodyLimitMiddleware
 from monkey_cli.serve.routers import chat, documents, health, models, web
 from monkey_cli.serve.service import ClientGone, ModelService
 
@@ -63,8 +63,10 @@ def create_app(
         app.include_router(router)
     app.mount("/static", StaticFiles(packages=[("monkey_cli.serve", "static")]), name="static")
     _install_error_handlers(app, service, verbose)
+    # The last added runs first: the key, then the queue limit, then the body size.
     app.add_middleware(BodyLimitMiddleware, limit=service.settings.max_upload_bytes)
-    if service.settings.api_key:  # added last, so it runs first: no body is read without the key
+    app.add_middleware(AdmissionMiddleware, service=service)
+    if service.settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=service.settings.api_key)
     return app
 

@@ -1,20 +1,24 @@
-"""What every request passes before it reaches a route: the API key, then the body size limit.
+"""What every request passes before it reaches a route: the API key, the queue limit, the body size limit.
 
-Both are plain ASGI middleware (nothing is buffered, streams stay streams) and answer with a JSON error in
-OpenAI's shape. The key is checked before a byte of the body is read, so a client without it cannot make
-the server read an upload; the size limit refuses a declared Content-Length at once and stops a body that
-turns out larger while it is read.
+All are plain ASGI middleware (nothing is buffered, streams stay streams) and answer with a JSON error in
+OpenAI's shape, before a byte of the body is read: a client without the key cannot make the server read an
+upload, and a busy server does not hold more uploads in memory than its queue allows. The size limit
+refuses a declared Content-Length at once and stops a body that turns out larger while it is read.
 """
 
 from __future__ import annotations
 
 import hmac
+from typing import TYPE_CHECKING
 
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from monkey_cli.serve.errors import APIError, too_large
+
+if TYPE_CHECKING:  # pragma: no cover
+    from monkey_cli.serve.service import ModelService
 
 # The web page's own files hold no data: a browser loads them without a key, and the page asks for it.
 PUBLIC_PATHS = ("/", "/favicon.ico")
@@ -59,6 +63,37 @@ class ApiKeyMiddleware:
 
 def _is_public(path: str) -> bool:
     return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+class AdmissionMiddleware:
+    """429 at once when `service.settings.max_queue` requests for the model (every POST: chat completions,
+    documents, previews) are in progress, counted from their arrival until their answer is sent (a stream
+    included). All of it runs on the event loop: the count needs no lock."""
+
+    def __init__(self, app: ASGIApp, service: ModelService) -> None:
+        self.app = app
+        self.service = service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        service, limit = self.service, self.service.settings.max_queue
+        if service.in_progress >= limit:
+            error = APIError(
+                429,
+                f"the server is busy: {service.in_progress} requests are in progress, its limit (--max-queue); "
+                "retry shortly",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            )
+            await JSONResponse(error.body(), status_code=429, headers=error.headers)(scope, receive, send)
+            return
+        service.in_progress += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            service.in_progress -= 1
 
 
 class BodyLimitMiddleware:

@@ -147,6 +147,7 @@ class Health(BaseModel):
     quant: str | None = None
     device: str | None = None
     slots: int | None = None
+    requests: int = Field(0, description="Requests for the model in progress (limit: max_queue).")
     pending: int = Field(0, description="Generations submitted and not finished (waiting or decoding).")
     max_queue: int
     engine: EngineStats | None = None

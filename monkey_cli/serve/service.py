@@ -82,7 +82,8 @@ class ModelService:
         self.state = "loading"
         self.failure: BaseException | None = None
         self.created = int(time.time())
-        # Threads that wait for answers (and run documents, which mostly wait): one per queued request.
+        self.in_progress = 0  # requests for the model being served now (see middleware.AdmissionMiddleware)
+        # Threads that wait for answers (and run documents, which mostly wait): one per request in progress.
         self._waiters = ThreadPoolExecutor(max_workers=settings.max_queue + 4, thread_name_prefix="monkey-wait")
 
     # --- life cycle ---------------------------------------------------------------------------------------
@@ -133,7 +134,12 @@ class ModelService:
 
     def health(self) -> dict[str, Any]:
         monkey, loop = self.monkey, self.loop
-        health: dict[str, Any] = {"status": self.state, "model": self.model_name, "max_queue": self.settings.max_queue}
+        health: dict[str, Any] = {
+            "status": self.state,
+            "model": self.model_name,
+            "requests": self.in_progress,
+            "max_queue": self.settings.max_queue,
+        }
         if monkey is not None and loop is not None:
             health.update(
                 quant=monkey.quant,
@@ -181,15 +187,8 @@ class ModelService:
             raise bad_request(message, param, code="context_length_exceeded") from None
 
     def _submit(self, request: GenerationRequest) -> RequestHandle:
-        loop = self.loop
-        assert loop is not None
-        if loop.pending >= self.settings.max_queue:
-            raise APIError(
-                429,
-                f"the server is busy: {loop.pending} generations are queued, its limit (--max-queue); retry shortly",
-                code="queue_full",
-            )
-        return loop.submit(request)
+        assert self.loop is not None
+        return self.loop.submit(request)
 
     async def finish(self, handle: RequestHandle, client_gone: Callable[[], Awaitable[None]]) -> GenerationResult:
         """The handle's result; cancels it when the client leaves (ClientGone) or the time runs out (504)."""
@@ -252,7 +251,7 @@ class ModelService:
 
     # --- documents ----------------------------------------------------------------------------------------
     async def check_document(self, job: DocumentJob) -> None:
-        """400 (or 429) before any work when the document cannot be opened, its page selection cannot be
+        """400 before any work when the document cannot be opened, its page selection cannot be
         read or takes too many pages, or a question cannot fit in the model's context."""
         monkey = self.ready()
         await asyncio.to_thread(self._check_document, monkey, job)
@@ -264,8 +263,6 @@ class ModelService:
         self._check_pages(monkey, Source(job.name, data=job.data), job.pages, job.password)
         for _shown, prompt, _error in Job(task=job.task, questions=job.questions).prompts(chat=monkey.chat):
             self._prompt_ids(monkey, prompt, job.max_tokens, "question" if job.task == "ask" else "task")
-        if self.loop is not None and self.loop.pending >= self.settings.max_queue:
-            raise APIError(429, "the server is busy (--max-queue); retry shortly", code="queue_full")
 
     async def run_document(
         self,

@@ -20,9 +20,9 @@ DEFAULT_MAX_PAGES = 64
 class ServeSettings:
     """`model` ... `compile` load the model as `Monkey.load` does; `slots` is the number of decode slots (the
     CLI's --batch-size, lowered to what fits). `max_new_tokens` is the longest answer a request gets (its
-    default, and the cap on a client's `max_tokens`). Limits: `max_queue` unfinished generations (a request
-    beyond them gets 429), `request_timeout` seconds per HTTP request (a whole document included),
-    `max_upload_bytes` per request body (413), `max_pages` per document request."""
+    default, and the cap on a client's `max_tokens`). Limits: `max_queue` requests in progress at once (one
+    beyond them gets 429 before its body is read), `request_timeout` seconds per HTTP request (a whole
+    document included), `max_upload_bytes` per request body (413), `max_pages` per document request."""
 
     model: str = DEFAULT_MODEL
     device: str = "auto"

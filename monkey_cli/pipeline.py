@@ -87,7 +87,7 @@ def run(
     on_start: Callable[[int], None] = lambda documents: None,
     on_stage: Callable[[str], None] = lambda stage: None,
     stdin: IO[bytes] | bytes | None = None,
-    streamer_factory: Callable[[Any], Any] | None = None,
+    streamer_factory: Callable[[Any, Any, str], Any] | None = None,
     load_model: Callable[[], Any] | None = None,
 ) -> Summary:
     """Process every input; returns counts. KeyboardInterrupt propagates after finished documents are saved.

@@ -243,7 +243,7 @@ def _execute(options: Any) -> None:
         elif writer is not None:
             writer.write(record)
 
-    def streamer(tokenizer: Any) -> Any:
+    def streamer(tokenizer: Any, *_page_and_prompt: Any) -> Any:  # one page, one prompt: nothing to tell apart
         progress.stop()  # the answer's tokens take the terminal from here on
         return _stdout_streamer(tokenizer, streamed)
 

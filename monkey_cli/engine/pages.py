@@ -24,6 +24,9 @@ from monkey_cli.output import Record
 # Requests kept submitted per decode slot: enough for the vision look-ahead to batch the next pages, few
 # enough that pages do not pile up in memory.
 IN_FLIGHT_PER_SLOT = 2
+# The scheduler caches vision features and image prefixes by image key: keys are unique in the process, so
+# engines sharing one scheduler (a server running several documents at once) never get each other's pages.
+_PAGE_KEYS = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -89,8 +92,9 @@ class _Slot:
 class Engine:
     """Turns a stream of pages into a stream of records. `load_model` is called at most once, lazily.
 
-    `streamer_factory(tokenizer)`, if given, returns an `on_token(token_id)` callback for the answers (the CLI
-    prints a single page's answer as it is decoded). `loop`, if given, is an `EngineLoop` that already drives
+    `streamer_factory(tokenizer, page, prompt)`, if given, returns an `on_token(token_id)` callback for the
+    answer to `prompt` (as its record shows it) about `page` (the CLI prints a single page's answer as it is
+    decoded; a server streams every answer to its client). `loop`, if given, is an `EngineLoop` that already drives
     the model's scheduler on its own thread (a server): requests go through it and this engine only waits for
     them, instead of stepping the scheduler itself.
     """
@@ -99,12 +103,11 @@ class Engine:
     load_model: Callable[[], Any]
     model_name: str
     quant: str
-    streamer_factory: Callable[[Any], Callable[[int], None]] | None = None
+    streamer_factory: Callable[[Any, Page, str], Callable[[int], None]] | None = None
     loop: Any = None
     model: Any = field(default=None, init=False)
     # prompt -> its token ids, or why the model cannot take it (checked once per prompt, not per page)
     _prompt_ids: dict[tasks.Prompt, list[int] | str] = field(default_factory=dict, init=False)
-    _page_keys: Any = field(default_factory=itertools.count, init=False)
 
     @property
     def batch_size(self) -> int:
@@ -120,7 +123,7 @@ class Engine:
             if item.source != current and current is not None:
                 pending.append(_Slot(None, "", record=DocumentEnd(current)))
             current = item.source
-            image_key = ("page", next(self._page_keys))  # the questions of one page share its features
+            image_key = ("page", next(_PAGE_KEYS))  # the questions of one page share its features
             for slot in self._slots_for(item):
                 if slot.record is None:
                     self._submit(slot, pixels, image_key)
@@ -202,7 +205,8 @@ class Engine:
         from monkey_cli.engine.scheduler import GenerationRequest
 
         model = self._model()
-        on_token = None if self.streamer_factory is None else self.streamer_factory(model.tokenizer)
+        streamer = self.streamer_factory
+        on_token = None if streamer is None else streamer(model.tokenizer, slot.page, slot.shown_prompt)
         request = GenerationRequest(
             self._prompt_ids[slot.model_prompt],
             image=pixels if pixels is not None else slot.page.image,

@@ -1,0 +1,19 @@
+"""`monkey serve`: one loaded model shared by many clients over HTTP.
+
+An OpenAI-compatible API (`/v1/chat/completions`, `/v1/models`), the CLI's records over HTTP
+(`/v1/documents`) and a web page (`/`), all served by one process from one model (FastAPI + uvicorn, the
+optional `serve` extra). Every request goes through one queue into the engine's continuous batching
+(`monkey_cli.engine.EngineLoop`), so concurrent clients share the device instead of waiting for each other.
+
+Modules: `settings` (what the server is started with), `service` (the bridge to the engine: queue, limits,
+timeouts, cancellation), `uploads` (data URLs and uploaded bytes -> pages, as the CLI reads them), `schemas`
+(OpenAI's request, response and error shapes), `errors`, `middleware` (API key, body size), `routers/*`,
+`app` (`create_app`), `server` (the socket and uvicorn), `static/` (the web page: no build step, no CDN).
+Only `settings` is light; the rest imports FastAPI.
+"""
+
+from __future__ import annotations
+
+from monkey_cli.serve.settings import ServeSettings
+
+__all__ = ["ServeSettings"]

@@ -1,0 +1,456 @@
+"""The bridge between HTTP requests and the engine: one model, one queue, limits, timeouts, cancellation.
+
+All model work happens on the engine's own thread (`EngineLoop`): requests only submit to it and wait. The
+CPU work of a request (decoding its image, rendering a PDF page, tokenizing its question) runs in worker
+threads, never on the event loop. Waiting is done by threads of a pool sized to the queue limit, blocked
+on the request's completion event, so thirty-two waiting clients cost thirty-two idle threads, not a
+poll loop. A request whose client disconnects, or whose time runs out, is cancelled: the engine frees its
+slot at its next step and the others go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import io
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from monkey_cli import tasks
+from monkey_cli.serve import uploads
+from monkey_cli.serve.errors import APIError, bad_request
+from monkey_cli.serve.settings import ServeSettings
+
+if TYPE_CHECKING:  # pragma: no cover
+    from monkey_cli.api import Monkey
+    from monkey_cli.engine import EngineLoop, GenerationRequest, GenerationResult, RequestHandle
+
+log = logging.getLogger("monkey_cli.serve")
+
+_END = object()  # the request is finished (or failed, or its time ran out)
+_GONE = object()  # the client disconnected
+
+
+class ClientGone(Exception):
+    """The client left before its answer was ready: its work was dropped."""
+
+
+class _Abandoned(Exception):
+    """A document run stopped because its client left or its time ran out."""
+
+
+@dataclass(frozen=True)
+class ChatJob:
+    """What a chat request asks for, once read: one question about one page."""
+
+    question: str
+    image: uploads.ImageRef
+    image_param: str
+    max_tokens: int
+    sampling: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DocumentJob:
+    """What a /v1/documents request asks for: the CLI's `monkey TASK FILE` on uploaded bytes."""
+
+    data: bytes
+    name: str
+    task: str
+    questions: tuple[str, ...]
+    pages: str | None
+    password: str | None
+    force_ocr: bool
+    max_tokens: int
+
+
+class ModelService:
+    """One loaded model and its engine loop, shared by every request of the server."""
+
+    def __init__(self, settings: ServeSettings, load_model: Callable[[], Monkey] | None = None) -> None:
+        self.settings = settings
+        self._load_model = load_model or self._load_from_settings
+        self.monkey: Monkey | None = None
+        self.loop: EngineLoop | None = None
+        self.state = "loading"
+        self.failure: BaseException | None = None
+        self.created = int(time.time())
+        self.in_progress = 0  # requests for the model being served now (see middleware.AdmissionMiddleware)
+        # Threads that wait for answers (and run documents, which mostly wait): one per request in progress.
+        self._waiters = ThreadPoolExecutor(max_workers=settings.max_queue + 4, thread_name_prefix="monkey-wait")
+
+    # --- life cycle ---------------------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self.settings.model
+
+    def load(self) -> None:
+        """Load the model and start the engine (blocking: run it in a thread). Raises what loading raised."""
+        from monkey_cli.engine import EngineLoop
+
+        try:
+            monkey = self._load_model()
+            loop = EngineLoop(monkey.scheduler(monkey.batch_size))
+        except BaseException as exc:
+            self.failure, self.state = exc, "failed"
+            raise
+        self.monkey, self.loop, self.state = monkey, loop, "ready"
+
+    def _load_from_settings(self) -> Monkey:
+        from monkey_cli.api import Monkey
+
+        s = self.settings
+        return Monkey.load(
+            s.model,
+            device=s.device,
+            dtype=s.dtype,
+            quant=s.quant,
+            quant_vision=s.quant_vision,
+            prompt_style=s.prompt_style,
+            batch_size=s.slots,
+            max_new_tokens=s.max_new_tokens,
+            compile=s.compile,
+        )
+
+    def close(self) -> None:
+        """Stop the engine (requests still running are failed) and the waiting threads."""
+        if self.loop is not None:
+            self.loop.close()
+        self._waiters.shutdown(wait=False, cancel_futures=True)
+
+    def ready(self) -> Monkey:
+        if self.state == "ready" and self.monkey is not None:
+            return self.monkey
+        if self.state == "failed":
+            raise APIError(503, "the model failed to load (see the server's log)", code="model_unavailable")
+        raise APIError(503, "the model is still loading: GET /health says when it is ready", code="model_loading")
+
+    def health(self) -> dict[str, Any]:
+        monkey, loop = self.monkey, self.loop
+        health: dict[str, Any] = {
+            "status": self.state,
+            "model": self.model_name,
+            "requests": self.in_progress,
+            "max_queue": self.settings.max_queue,
+        }
+        if monkey is not None and loop is not None:
+            health.update(
+                quant=monkey.quant,
+                device=str(monkey.model.transformer.wte.weight.device),
+                slots=loop.scheduler.slots,
+                pending=loop.pending,
+                engine=dataclasses.asdict(loop.scheduler.stats),
+            )
+        return health
+
+    def max_tokens(self, asked: int | None) -> int:
+        """A client's max_tokens, capped at the server's --max-new-tokens (its default too)."""
+        return min(asked or self.settings.max_new_tokens, self.settings.max_new_tokens)
+
+    # --- chat ---------------------------------------------------------------------------------------------
+    async def start_chat(self, job: ChatJob, on_token: Callable[[int], None] | None = None) -> RequestHandle:
+        """Read the image and the question (off the event loop) and queue the generation."""
+        monkey = self.ready()
+        request = await asyncio.to_thread(self._chat_request, monkey, job, on_token)
+        return self._submit(request)
+
+    def _chat_request(
+        self, monkey: Monkey, job: ChatJob, on_token: Callable[[int], None] | None
+    ) -> GenerationRequest:
+        from monkey_cli.engine import GenerationRequest
+
+        ids = self._prompt_ids(monkey, tasks.vqa_prompt(job.question), job.max_tokens, "messages")
+        page = uploads.open_page(job.image, monkey.processor.input_size, job.image_param)
+        return GenerationRequest(
+            ids,
+            image=monkey.preprocess(page.image),
+            image_key=job.image.key,
+            params=monkey.sampling_params(job.max_tokens, **job.sampling),
+            on_token=on_token,
+        )
+
+    @staticmethod
+    def _prompt_ids(monkey: Monkey, prompt: tasks.Prompt, max_tokens: int, param: str) -> list[int]:
+        from monkey_cli.api import PromptTooLongError
+
+        try:
+            return monkey.check_prompt(prompt, max_tokens)
+        except PromptTooLongError as exc:
+            message = str(exc).replace("(or lower --max-new-tokens)", "(or ask for fewer max_tokens)")
+            raise bad_request(message, param, code="context_length_exceeded") from None
+
+    def _submit(self, request: GenerationRequest) -> RequestHandle:
+        assert self.loop is not None
+        return self.loop.submit(request)
+
+    async def finish(self, handle: RequestHandle, client_gone: Callable[[], Awaitable[None]]) -> GenerationResult:
+        """The handle's result; cancels it when the client leaves (ClientGone) or the time runs out (504)."""
+        finished = asyncio.get_running_loop().run_in_executor(
+            self._waiters, handle.wait_done, self.settings.request_timeout
+        )
+        gone = asyncio.ensure_future(client_gone())
+        try:
+            await asyncio.wait({finished, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not finished.done() or not finished.result():
+                handle.cancel()
+        if not finished.done():
+            raise ClientGone
+        if not finished.result():
+            raise self.timeout()
+        return handle.wait(0)
+
+    def timeout(self) -> APIError:
+        limit = self.settings.request_timeout
+        return APIError(504, f"the request took longer than this server's limit of {limit:g} s (--request-timeout)",
+                        code="timeout")
+
+    async def stream_tokens(
+        self, handle: RequestHandle, tokens: asyncio.Queue[Any], client_gone: Callable[[], Awaitable[None]]
+    ) -> AsyncIterator[int]:
+        """The handle's tokens as they come (`tokens` is fed by the request's `on_token`); then the caller
+        reads `handle.wait(0)`. Cancels the request when the client leaves (ClientGone) or the time runs out
+        (504), and whenever the caller stops early."""
+        finished = asyncio.get_running_loop().run_in_executor(
+            self._waiters, handle.wait_done, self.settings.request_timeout
+        )
+        finished.add_done_callback(lambda _: tokens.put_nowait(_END))  # after every token already queued
+        watcher = asyncio.ensure_future(_signal_when_gone(client_gone, tokens))
+        try:
+            while (item := await tokens.get()) is not _END:
+                if item is _GONE:
+                    raise ClientGone
+                yield item
+            if not finished.result():
+                raise self.timeout()
+        finally:
+            watcher.cancel()
+            if not handle.done():
+                handle.cancel()
+
+    def token_feed(self) -> tuple[asyncio.Queue[Any], Callable[[int], None]]:
+        """A queue on the event loop and the `on_token` (called on the engine thread) that fills it."""
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        return queue, _threadsafe_put(asyncio.get_running_loop(), queue)
+
+    def answer_text(self, result: GenerationResult) -> str:
+        assert self.monkey is not None
+        return tasks.clean_answer(self.monkey.tokenizer.decode(result.token_ids, skip_special_tokens=True))
+
+    def text_stream(self) -> AnswerText:
+        assert self.monkey is not None
+        return AnswerText(self.monkey.tokenizer)
+
+    # --- documents ----------------------------------------------------------------------------------------
+    async def check_document(self, job: DocumentJob) -> None:
+        """400 before any work when the document cannot be opened, its page selection cannot be
+        read or takes too many pages, or a question cannot fit in the model's context."""
+        monkey = self.ready()
+        await asyncio.to_thread(self._check_document, monkey, job)
+
+    def _check_document(self, monkey: Monkey, job: DocumentJob) -> None:
+        from monkey_cli.documents import Source
+        from monkey_cli.engine import Job
+
+        self._check_pages(monkey, Source(job.name, data=job.data), job.pages, job.password)
+        for _shown, prompt, _error in Job(task=job.task, questions=job.questions).prompts(chat=monkey.chat):
+            self._prompt_ids(monkey, prompt, job.max_tokens, "question" if job.task == "ask" else "task")
+
+    async def run_document(
+        self,
+        job: DocumentJob,
+        client_gone: Callable[[], Awaitable[None]],
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> str:
+        """The CLI's JSON document (`--format json`) for a checked document (`check_document`), its text
+        identical to the CLI's. With `on_event`, it also gets (on the event loop) `delta` events as the
+        answers are decoded and a `record` event as each record is ready, in input order."""
+        monkey = self.ready()
+        run = _DocumentRun(self.loop)
+        loop = asyncio.get_running_loop()
+        emit = None if on_event is None else _threadsafe_call(loop, on_event)
+        work = loop.run_in_executor(self._waiters, self._document_records, monkey, job, run, emit)
+        work.add_done_callback(_retrieve)
+        gone = asyncio.ensure_future(client_gone())
+        try:
+            done, _ = await asyncio.wait(
+                {work, gone}, timeout=self.settings.request_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        except BaseException:  # cancelled (the stream carrying it was closed): drop the work
+            run.abort()
+            raise
+        finally:
+            gone.cancel()
+        if work not in done:
+            run.abort()
+            raise ClientGone if gone in done else self.timeout()
+        return work.result()
+
+    def _document_records(
+        self, monkey: Monkey, job: DocumentJob, run: _DocumentRun, emit: Callable[[dict[str, Any]], None] | None
+    ) -> str:
+        """Runs in a worker thread: the CLI's pages flow, its generations submitted to the engine loop."""
+        from monkey_cli.documents import Source, iter_pages
+        from monkey_cli.engine import Engine, Job
+        from monkey_cli.output import Record, make_writer
+
+        model_job = Job(
+            task=job.task,
+            questions=job.questions,
+            max_new_tokens=job.max_tokens,
+            batch_size=monkey.batch_size,
+            force_ocr=job.force_ocr,
+        )
+        engine = Engine(
+            model_job,
+            load_model=lambda: monkey,
+            model_name=self.model_name,
+            quant=monkey.quant,
+            loop=run,
+            streamer_factory=None if emit is None else _delta_streamer(emit),
+        )
+        source = Source(job.name, data=job.data)
+        size = monkey.processor.input_size
+        pages = uploads.serialized(iter_pages([source], size=size, pages=job.pages, password=job.password))
+        buffer = io.StringIO()
+        writer = make_writer("json", buffer)
+        for event in engine.run(pages):
+            if isinstance(event, Record):
+                writer.write(event)
+                if emit is not None:
+                    emit({"type": "record", "record": event.to_dict()})
+        writer.close()
+        return buffer.getvalue()
+
+    async def preview(self, data: bytes, name: str, pages: str | None, password: str | None) -> dict[str, Any]:
+        """Small images of the selected pages, for the web page."""
+        monkey = self.ready()
+        return await asyncio.to_thread(self._preview, monkey, data, name, pages, password)
+
+    def _preview(self, monkey: Monkey, data: bytes, name: str, pages: str | None, password: str | None) -> dict:
+        from monkey_cli.documents import Source, iter_pages
+
+        source = Source(name, data=data)
+        self._check_pages(monkey, source, pages, password)
+        size = monkey.processor.input_size
+        shown, errors = uploads.preview(iter_pages([source], size=size, pages=pages, password=password))
+        return {"source": name, "pages": shown, "errors": errors}
+
+    def _check_pages(self, monkey: Monkey, source: Any, pages: str | None, password: str | None) -> None:
+        count = uploads.selected_pages(source, pages, password, monkey.processor.input_size)
+        if count > self.settings.max_pages:
+            raise bad_request(
+                f"{count} pages selected; this server takes at most {self.settings.max_pages} per request "
+                "(--max-pages): choose some with `pages`",
+                "pages",
+                code="too_many_pages",
+            )
+
+
+class AnswerText:
+    """An answer's text piece by piece as its tokens come; the pieces joined equal the final answer.
+
+    `IncrementalDecoder` never splits a character and drops the leading space; the final answer is also
+    stripped at its end (`tasks.clean_answer`), so whitespace is held back until more text follows it."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        from monkey_cli.engine.streaming import IncrementalDecoder
+
+        self._decoder = IncrementalDecoder(tokenizer)
+        self._sent: list[str] = []
+        self._held = ""
+
+    def push(self, token: int) -> str:
+        text = self._held + self._decoder.push(token)
+        piece = text.rstrip()
+        self._held = text[len(piece) :]
+        if piece:
+            self._sent.append(piece)
+        return piece
+
+    def finish(self, answer: str) -> str:
+        """What of `answer` has not been sent yet (a character whose last bytes never came, say)."""
+        sent = "".join(self._sent)
+        return answer[len(sent) :] if answer.startswith(sent) else ""
+
+
+class _DocumentRun:
+    """The engine loop as one document's `Engine` sees it: every generation it submits can be cancelled at
+    once (the client left, or the request's time ran out), after which it can submit no more."""
+
+    def __init__(self, loop: Any) -> None:
+        self.loop = loop
+        self._handles: list[RequestHandle] = []
+        self._aborted = False
+        self._lock = threading.Lock()
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        with self._lock:
+            if self._aborted:
+                raise _Abandoned
+            handle = self.loop.submit(request)
+            self._handles.append(handle)
+            return handle
+
+    def abort(self) -> None:
+        with self._lock:
+            self._aborted = True
+            handles = list(self._handles)
+        for handle in handles:
+            handle.cancel()
+
+
+def _delta_streamer(emit: Callable[[dict[str, Any]], None]) -> Callable[..., Callable[[int], None]]:
+    """An Engine `streamer_factory` whose answers become `delta` events: {page, prompt, index, text}."""
+    counter = iter(range(1 << 62))
+
+    def factory(tokenizer: Any, page: Any, prompt: str) -> Callable[[int], None]:
+        text, index, lock = AnswerText(tokenizer), next(counter), threading.Lock()
+
+        def on_token(token: int) -> None:  # on the engine thread: decode there, it is cheap next to a step
+            with lock:
+                piece = text.push(token)
+            if piece:
+                emit({"type": "delta", "index": index, "page": page.page, "prompt": prompt, "text": piece})
+
+        return on_token
+
+    return factory
+
+
+def _threadsafe_put(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any]) -> Callable[[Any], None]:
+    return _threadsafe_call(loop, queue.put_nowait)
+
+
+def _threadsafe_call(loop: asyncio.AbstractEventLoop, function: Callable[[Any], None]) -> Callable[[Any], None]:
+    """`function(item)` scheduled on `loop` from any thread; dropped once the loop is closed (shutdown)."""
+
+    def call(item: Any) -> None:
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(function, item)
+
+    return call
+
+
+async def _signal_when_gone(client_gone: Callable[[], Awaitable[None]], tokens: asyncio.Queue[Any]) -> None:
+    await client_gone()
+    tokens.put_nowait(_GONE)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a worker's outcome as seen (an abandoned run's error is expected and needs no log line)."""
+    if not future.cancelled():
+        future.exception()
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+

@@ -1,0 +1,54 @@
+"""What a server is started with: the model, where it listens, and the limits every request is held to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from monkey_cli.tasks import DEFAULT_MODEL
+
+DEFAULT_HOST = "127.0.0.1"  # loopback only, unless the user says otherwise
+DEFAULT_PORT = 8000
+DEFAULT_SLOTS = 8
+DEFAULT_MAX_NEW_TOKENS = 512
+DEFAULT_MAX_QUEUE = 128
+DEFAULT_REQUEST_TIMEOUT = 300.0
+DEFAULT_MAX_UPLOAD_BYTES = 64 * 2**20
+DEFAULT_MAX_PAGES = 64
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """`model` ... `compile` load the model as `Monkey.load` does; `slots` is the number of decode slots (the
+    CLI's --batch-size, lowered to what fits). `max_new_tokens` is the longest answer a request gets (its
+    default, and the cap on a client's `max_tokens`). Limits: `max_queue` requests in progress at once (one
+    beyond them gets 429 before its body is read), `request_timeout` seconds per HTTP request (a whole
+    document included), `max_upload_bytes` per request body (413), `max_pages` per document request."""
+
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    dtype: str | None = None
+    quant: str = "auto"
+    quant_vision: bool = False
+    prompt_style: str = "auto"
+    compile: bool | None = None
+    slots: int = DEFAULT_SLOTS
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    api_key: str | None = None
+    max_queue: int = DEFAULT_MAX_QUEUE
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    max_pages: int = DEFAULT_MAX_PAGES
+
+    def __post_init__(self) -> None:
+        for name in ("slots", "max_new_tokens", "max_queue", "max_upload_bytes", "max_pages"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.request_timeout > 0:
+            raise ValueError(f"request_timeout must be positive, got {self.request_timeout!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key must not be empty")

@@ -402,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--read", help="answer lengths of the read run, LOW-HIGH (GPU 50-500, CPU 8-64)")
     parser.add_argument("--tokenizer", type=Path, help="the real qwen.tiktoken (default: a synthetic one)")
     parser.add_argument("--workdir", type=Path, help="where the checkpoint goes (default: /dev/shm or tmp)")
-    parser.add_argument("--timeout", type=int, default=1500, help="seconds allowed per variant")
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds allowed per variant")
     parser.add_argument("--json", type=Path, help="write every figure here (rewritten after every variant)")
     parser.add_argument("--child", choices=tuple(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)

@@ -478,3 +478,23 @@ def test_memory_plan_counts_the_engine_cache() -> None:
     cache = SlotCache(config, 3, round_up_length(1300 + 40), torch.float32, "cpu")
     prefixes = KEPT_PREFIXES * 2 * config.num_hidden_layers * 1300 * config.hidden_size * 4
     assert estimate.kv_cache_bytes == cache.nbytes + prefixes
+
+
+def test_a_step_that_cannot_compile_runs_eagerly(monkeypatch) -> None:
+    """A backend failure (a kernel library without compile support, a CUDA graph capture refused) is one
+    warning, then the eager step: the same tokens, never a failed request."""
+    sharp = model("tiny-monkey-sharp", "float32")
+    request = GenerationRequest(_prompt_ids("Title?"), image=_image(IMAGES[0]), params=SamplingParams(6))
+
+    def broken_compile(function, **_options):
+        def fails(*_args):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+        return fails
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    scheduler = _scheduler(sharp, slots=1, compile=True)
+    with pytest.warns(UserWarning, match="could not be compiled, running it eagerly"):
+        result = scheduler.run([copy.copy(request)])[0]
+    assert result.token_ids == _alone(sharp, request)
+    assert not scheduler._step.compiled

@@ -44,6 +44,7 @@ class DecodeStep:
         self.model = model
         self.cache = cache
         self.compiled = compile
+        self._proven: set[int] = set()  # batch sizes whose compiled step (and CUDA graph) has run once
         self._forward: Callable[..., torch.Tensor] = self._eager
         if compile:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
@@ -60,14 +61,19 @@ class DecodeStep:
                 torch._dynamo.mark_dynamic(tensor, 0)
         if cache.tokens.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been consumed
-        try:
+        if batch in self._proven:
             return self._forward(*inputs)
-        except torch._dynamo.exc.TorchDynamoException as exc:
-            # A model this torch cannot compile (e.g. a kernel library without compile support) still runs.
+        try:
+            logits = self._forward(*inputs)
+        except Exception as exc:  # noqa: BLE001 - compiling or capturing failed: the eager step still runs
+            # A model or kernel library this torch cannot compile, or whose kernels cannot be captured in a CUDA
+            # graph, still answers. Re-running eagerly is safe: the step writes the same keys at the same places.
             reason = _first_line(exc)
             warnings.warn(f"the decode step could not be compiled, running it eagerly ({reason})", stacklevel=2)
             self.compiled = False
             return self._eager(*inputs)
+        self._proven.add(batch)
+        return logits
 
     def _eager(
         self, tokens: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, trained_length: torch.Tensor

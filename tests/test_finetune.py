@@ -481,3 +481,21 @@ def test_cli_data_without_a_usable_item_is_fatal(sharp, tmp_path):
         f"error: {bad}: no usable item (all 1 items were skipped)",
     ]
     assert not (tmp_path / "o").exists()
+
+
+def test_serve_answers_with_the_adapter(overfit, data, sharp, tmp_path):
+    """`monkey serve --adapter`: the chat API gives the trained answers (a live server, the openai client)."""
+    from openai import OpenAI
+    from serve_helpers import LiveServer, data_url, image_message
+
+    server = LiveServer(tmp_path, "--model", str(sharp), "--adapter", str(overfit.out), "--max-new-tokens", "16")
+    server.start()
+    try:
+        client = OpenAI(base_url=f"{server.base}/v1", api_key="unused", max_retries=0, timeout=120)
+        for number, (question, answer) in enumerate(QA):
+            reply = client.chat.completions.create(
+                model="monkey", messages=[image_message(data_url(image_of(data, number)), question)]
+            )
+            assert reply.choices[0].message.content == answer
+    finally:
+        server.stop()

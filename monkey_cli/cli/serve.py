@@ -9,6 +9,7 @@ import typer
 from monkey_cli.cli import app
 from monkey_cli.cli.common import Command, user_errors
 from monkey_cli.cli.options import (
+    Adapter,
     BatchSize,
     Compile,
     Device,
@@ -125,6 +126,7 @@ def serve(
     quant_vision: QuantVision = False,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    adapter: Adapter = None,
     compile: Compile = None,
     prompt_style: PromptStyle = "auto",
     batch_size: BatchSize = defaults.DEFAULT_SLOTS,
@@ -147,6 +149,7 @@ def serve(
             quant=quant,
             quant_vision=quant_vision,
             prompt_style=prompt_style,
+            adapter=None if adapter is None else str(adapter),
             compile=compile,
             slots=batch_size,
             max_new_tokens=max_new_tokens,

@@ -117,6 +117,7 @@ class ModelService:
             batch_size=s.slots,
             max_new_tokens=s.max_new_tokens,
             compile=s.compile,
+            adapter=s.adapter,
         )
 
     def close(self) -> None:

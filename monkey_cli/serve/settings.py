@@ -30,6 +30,7 @@ class ServeSettings:
     quant: str = "auto"
     quant_vision: bool = False
     prompt_style: str = "auto"
+    adapter: str | None = None  # a LoRA adapter folder (monkey finetune) applied on top of `model`
     compile: bool | None = None
     slots: int = DEFAULT_SLOTS
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS

@@ -302,8 +302,8 @@ class FakeMonkey:
     model: SizeModel = SizeModel()
 
     @classmethod
-    def load(cls, path, device="cpu", dtype=None, quant=None):
-        cls.loads.append((path, device, dtype, quant))
+    def load(cls, path, device="cpu", dtype=None, quant=None, adapter=None, compile=None, batch_size=None):
+        cls.loads.append((path, device, dtype, quant, adapter, compile))
         return cls.model
 
 
@@ -334,7 +334,7 @@ def test_cli_run_on_registry_datasets(tmp_path, fake_monkey):
     result = CliRunner().invoke(app, [*args, "--model", "some/model", "--quant", "none"])
 
     assert result.exit_code == 0, result.output
-    assert fake_monkey.loads == [("some/model", "auto", "auto", "none")]  # --dtype auto: the checkpoint's
+    assert fake_monkey.loads == [("some/model", "auto", "auto", "none", None, None)]  # --dtype auto: the checkpoint's
     assert result.stdout.splitlines() == ["docvqa\tanls\t1.0", "vizwiz\tvqa_score\t100.0"]
     assert "Evaluation results" in result.stderr  # the rich table goes to stderr
     assert fake_monkey.model.asked[-1] == VIZWIZ_PROMPT.format(
@@ -345,7 +345,12 @@ def test_cli_run_on_registry_datasets(tmp_path, fake_monkey):
     )
     results = json.loads((out / "results.json").read_text())
     assert results["datasets"]["vizwiz"]["score"] == 100.0 and results["datasets"]["docvqa"]["n_scored"] == 3
-    assert results["datasets"]["docvqa"]["model_settings"] == {"device": "auto", "dtype": "auto", "quant": "none"}
+    assert results["datasets"]["docvqa"]["model_settings"] == {
+        "device": "auto",
+        "dtype": "auto",
+        "quant": "none",
+        "adapter": None,
+    }
     assert (out / "results.md").exists() and (out / "docvqa.predictions.jsonl").exists()
 
 

@@ -24,6 +24,9 @@ from monkey_cli.output import Record
 # Requests kept submitted per decode slot: enough for the vision look-ahead to batch the next pages, few
 # enough that pages do not pile up in memory.
 IN_FLIGHT_PER_SLOT = 2
+# Page image keys, unique in the process: a model keeps one scheduler (and its cache of image features and
+# prefixes, keyed by these) for every engine that uses it, one after the other or at once on an EngineLoop.
+_PAGE_KEYS = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ class Engine:
     model: Any = field(default=None, init=False)
     # prompt -> its token ids, or why the model cannot take it (checked once per prompt, not per page)
     _prompt_ids: dict[tasks.Prompt, list[int] | str] = field(default_factory=dict, init=False)
-    _page_keys: Any = field(default_factory=itertools.count, init=False)
+    _page_keys: Any = field(default_factory=lambda: _PAGE_KEYS, init=False)
 
     @property
     def batch_size(self) -> int:

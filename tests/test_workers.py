@@ -125,17 +125,24 @@ def documents(tmp_path_factory) -> Path:
     return folder
 
 
+def single_process(folder: Path, *args: str) -> tuple[str, str]:
+    """The same command in this process, `--workers 1` (fast: torch is imported already); stdout, stderr."""
+    from hostile import cli
+
+    result = cli(*command(folder, "--workers", "1", *args)[3:])
+    assert result.exit_code == 0, result.stderr
+    return result.stdout, result.stderr
+
+
 @pytest.fixture(scope="module")
 def single(documents, tmp_path_factory) -> dict:
-    """The single-process run (`--workers 1`): its JSONL records, and its --out files and manifest."""
-    listed = monkey(documents, "--workers", "1", "-f", "jsonl")
-    assert listed.returncode == 0, listed.stderr
+    """The single-process run: its JSONL records, and its --out files and manifest."""
+    listed, _ = single_process(documents, "-f", "jsonl")
     out = tmp_path_factory.mktemp("single") / "out"
-    written = monkey(documents, "--workers", "1", "--out", out)
-    assert written.returncode == 0, written.stderr
-    answers = {r["answer"] for r in records(listed.stdout)}
+    single_process(documents, "--out", str(out))
+    answers = {r["answer"] for r in records(listed)}
     assert len(answers) >= 4, "the checkpoint should answer differently per page for these tests to mean much"
-    return {"records": records(listed.stdout), "files": files(out), "entries": manifest_entries(out)}
+    return {"records": records(listed), "files": files(out), "entries": manifest_entries(out)}
 
 
 # --- the queue ---------------------------------------------------------------------------------------------

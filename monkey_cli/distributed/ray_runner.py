@@ -90,7 +90,11 @@ class RayCluster:
             "log_to_driver": False,  # actors' own prints stay in Ray's logs; their notes come with results
             "logging_level": logging.WARNING if self.verbose else logging.ERROR,
         }
+        if not self.verbose:  # Ray's C++ core writes its warnings straight to stderr: errors only, unless -v
+            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
         local = address == "local" or (address == "" and not os.environ.get("RAY_ADDRESS"))
+        if not local:
+            _check_reachable(address or os.environ["RAY_ADDRESS"])
         if local:
             # Enough CPUs for the actors asked for, even on a small machine (they then share the cores).
             options["num_cpus"] = max(cpu_count(), workers or 0) if device == "cpu" or workers else None
@@ -296,6 +300,21 @@ def _actor_plan(ray: Any, workers: int | None, device: str) -> tuple[int, dict[s
     if workers is None:
         return len(cpu_nodes), {"num_cpus": min(cpu_nodes)}, "cpu"
     return workers, {"num_cpus": max(1, min(sum(cpu_nodes) // workers, max(cpu_nodes)))}, "cpu"
+
+
+def _check_reachable(address: str) -> None:
+    """A cluster's HOST:PORT that nothing answers at is an error now: Ray itself retries for minutes."""
+    import socket
+
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]]+?)\]?:(\d+)", address.strip())
+    if match is None:  # "auto": Ray looks for the cluster on this machine, and says at once if there is none
+        return
+    host, port = match.group(1), int(match.group(2))
+    try:
+        socket.create_connection((host, port), timeout=10).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UsageError(f"--ray {address}: cannot reach the Ray cluster there ({reason})") from None
 
 
 def _death(exc: Exception) -> str:

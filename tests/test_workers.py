@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 from conftest import SAMPLES_DIR, require_parity
@@ -445,3 +445,82 @@ def test_workers_end_with_their_driver_even_when_it_is_killed(documents, tmp_pat
     finally:
         process.kill()
     wait_for(lambda: not any(alive(pid) for pid in workers), "the orphaned workers to exit", timeout=30)
+
+
+def test_progress_counts_every_worker_and_leaves_nothing_behind(documents):
+    """On a terminal the status line names the workers starting, then counts all workers' documents and
+    pages together; nothing of it stays on the screen."""
+    from test_cli_terminal import _run_on_a_terminal, _screen
+
+    code, raw = _run_on_a_terminal(command(documents, "--workers", "2")[3:])
+    assert code == 0, raw
+    for stage in ("starting 2 workers", "loading the model", "answering"):
+        assert stage in raw, stage
+    assert "/7 documents" in raw and "pages/s" in raw
+    screen = [line.rstrip() for line in _screen(raw)]
+    assert not [line for line in screen if "pages/s" in line or "documents ·" in line], screen
+    assert screen[-1].startswith("7 documents, 11 pages, 0 failed")
+
+
+def test_a_second_attempt_keeps_the_file_its_first_attempt_wrote(tmp_path):
+    """A Ray actor writes its documents itself and can die between writing one and saying so: the retry finds
+    the file done (same input, same settings, intact) and does not redo it; with --overwrite it redoes it."""
+    import dataclasses
+
+    from PIL import Image
+
+    from monkey_cli import documents
+    from monkey_cli.distributed.protocol import Setup
+    from monkey_cli.distributed.worker import DocumentWorker
+    from monkey_cli.engine import Job
+    from monkey_cli.pipeline import ModelOptions, RunOptions, _settings
+
+    image = tmp_path / "red.png"
+    Image.new("RGB", (64, 64), COLOURS["red"]).save(image)
+    out = tmp_path / "out"
+    options = RunOptions(inputs=(str(image),), job=Job(task="caption", max_new_tokens=4),
+                         model=ModelOptions(source=model(), device="cpu", quant="none"), out_dir=out)  # fmt: skip
+    setup = Setup(options=options, quant="none", device="cpu", size=(896, 896), settings=_settings(options, "none"),
+                  write=True, window=2, cwd=str(tmp_path))  # fmt: skip
+    source = documents.expand_inputs([str(image)])[0]
+    task = Task(0, source, target=PurePosixPath("red.png.txt"), sha256=documents.source_sha256(source))
+    worker = DocumentWorker(setup)
+    try:
+        first = worker.process(task)
+        assert first.written == out / "red.png.txt" and len(first.records) == 1 and first.records[0].answer
+        written = first.written.read_bytes()
+        again = worker.process(dataclasses.replace(task, attempt=1))
+        assert again.already_written and again.records == [] and again.written is None
+        assert (out / "red.png.txt").read_bytes() == written
+    finally:
+        worker.close()
+    overwriting = DocumentWorker(dataclasses.replace(setup, options=dataclasses.replace(options, overwrite=True)))
+    try:
+        redone = overwriting.process(dataclasses.replace(task, attempt=1))
+        assert not redone.already_written and [r.answer for r in redone.records] == [first.records[0].answer]
+    finally:
+        overwriting.close()
+    assert not list(out.glob(".monkey-work-*")), "each worker removed its work folder when closed"
+
+
+def test_ray_actors_are_sized_from_the_cluster():
+    """One actor per GPU with its node's share of CPUs; without GPUs one per node (or N sharing the CPUs)."""
+    from monkey_cli.distributed.ray_runner import _actor_plan
+    from monkey_cli.errors import UsageError
+
+    class FakeRay:
+        def __init__(self, *nodes: dict) -> None:
+            self._nodes = [{"Alive": True, "Resources": node} for node in nodes]
+
+        def nodes(self) -> list[dict]:
+            return self._nodes
+
+    gpu_cluster = FakeRay({"CPU": 32, "GPU": 8}, {"CPU": 16, "GPU": 2}, {"CPU": 64})
+    assert _actor_plan(gpu_cluster, None, "auto") == (10, {"num_gpus": 1.0, "num_cpus": 4}, "cuda:0")
+    assert _actor_plan(gpu_cluster, 20, "auto") == (20, {"num_gpus": 0.5, "num_cpus": 4}, "cuda:0")
+    assert _actor_plan(gpu_cluster, None, "cpu") == (3, {"num_cpus": 16}, "cpu")
+    cpu_cluster = FakeRay({"CPU": 2})
+    assert _actor_plan(cpu_cluster, None, "auto") == (1, {"num_cpus": 2}, "cpu")
+    assert _actor_plan(cpu_cluster, 2, "auto") == (2, {"num_cpus": 1}, "cpu")
+    with pytest.raises(UsageError, match="--device cuda: the Ray cluster has no GPU"):
+        _actor_plan(cpu_cluster, None, "cuda")

@@ -23,6 +23,8 @@ import re
 import signal
 import sys
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -121,7 +123,10 @@ class RayCluster:
         if model.quant not in (None, "auto"):
             return model.quant
         plan = self._ray.remote(_plan).options(**self._resources)
-        return self._ray.get(plan.remote(model, options.job, self.device, os.getcwd()))
+        try:
+            return self._ray.get(plan.remote(model, options.job, self.device, os.getcwd()))
+        except self._ray.exceptions.RayTaskError as exc:
+            raise _user_error(exc) from None
 
     def start(self, setup: Setup, count: int) -> None:
         self._setup = setup
@@ -154,6 +159,8 @@ class RayCluster:
                 ready, _ = ray.wait(waiting, num_returns=len(waiting), timeout=0)
             for ref in ready:
                 events += self._outcome(ref, queue)
+        else:
+            time.sleep(_POLL_S / 20)  # nothing out there: the next step hands out what came back meanwhile
         if not self._actors and queue.unfinished:
             events.append(NoWorkers(f"the last {self._last_cause}"))
         return events
@@ -244,7 +251,7 @@ class DocumentActor:
     def __init__(self, setup: Setup, threads: int) -> None:
         from monkey_cli.distributed.worker import DocumentWorker, route_notes, set_threads
 
-        self._notes: list[Note] = []
+        self._notes: deque[Note] = deque()  # appended by any thread, taken by `process`
         self._problem: str | None = None
         try:
             os.chdir(setup.cwd)  # relative inputs, model and --out mean what they mean on the driver
@@ -264,7 +271,8 @@ class DocumentActor:
 
     def process(self, task: Task) -> DocumentDone:
         done = self._worker.process(task)
-        done.notes, self._notes[:] = list(self._notes), []
+        while self._notes:
+            done.notes.append(self._notes.popleft())
         return done
 
     def close(self) -> None:

@@ -241,11 +241,13 @@ class LocalWorkers:
         process = self._context.Process(
             target=_worker_main, args=(theirs, place, self.verbose), name=f"monkey-worker-{place.slot}"
         )
-        with _signals_held():  # the child starts with them held; it ignores the terminal's before it lets them in
+        # The child starts with the signals held (it ignores the terminal's before it lets them in), and an
+        # interrupt here waits until the worker is registered, so that closing stops it.
+        with _signals_held():
             process.start()
-        theirs.close()  # the worker's end lives in the worker alone: its death closes the pipe
-        worker = _Worker(next(self._ids), place, process, ours)
-        self._live[worker.id] = worker
+            theirs.close()  # the worker's end lives in the worker alone: its death closes the pipe
+            worker = _Worker(next(self._ids), place, process, ours)
+            self._live[worker.id] = worker
         return worker
 
     def _send(self, worker: _Worker, message: tuple[Any, ...]) -> None:

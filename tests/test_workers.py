@@ -420,8 +420,8 @@ def test_a_signal_stops_every_worker_and_keeps_what_is_finished(documents, singl
                                stderr=subprocess.PIPE, text=True, env=_env())  # fmt: skip
     try:
         wait_for(lambda: files(out) if out.exists() else False, "the first output file")
-        workers = children(process.pid, workers_only=False)
-        assert len(workers) == 3, "two workers and multiprocessing's resource tracker"
+        assert len(children(process.pid)) == 2
+        workers = children(process.pid, workers_only=False)  # with multiprocessing's resource tracker
         process.send_signal(signum)
         _stdout, stderr = process.communicate(timeout=60)
     finally:

@@ -17,13 +17,16 @@ import typer
 from monkey_cli.errors import UsageError
 from monkey_cli.tasks import PROMPT_STYLES
 
-INPUT, PROMPT, MODEL, OUTPUT = "Input", "Prompt", "Model", "Output"
+INPUT, PROMPT, MODEL, OUTPUT, SCALE = "Input", "Prompt", "Model", "Output", "Scale"
 
 FORMATS = ("text", "json", "jsonl", "md")
 QUANTS = ("auto", "none", "8bit", "4bit")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 WINDOW = 448  # page sizes are whole numbers of the model's 448-pixel windows
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+# What `--ray` takes as its address (anything else after a bare `--ray` is an input): auto, local, or
+# [ray://]HOST:PORT (a name, an IPv4 address or a bracketed IPv6 one).
+_RAY_ADDRESS = re.compile(r"auto|local|(ray://)?([A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\]):\d{1,5}")
 
 
 # --- checks (typer parsers: raise BadParameter with the part after the option's name) ----------------------
@@ -76,6 +79,37 @@ def size(value: str) -> str:
     if height % WINDOW or width % WINDOW:
         raise typer.BadParameter(f"must be multiples of {WINDOW} per side (e.g. 896x1344); got {value!r}")
     return f"{height}x{width}"
+
+
+def workers(value: str) -> str:
+    text = str(value).strip().lower()
+    if text != "auto":
+        try:
+            return str(positive_int(text))
+        except typer.BadParameter:
+            raise typer.BadParameter(f"must be auto or a positive integer; got {value!r}") from None
+    return text
+
+
+def ray_address(value: str) -> str:
+    text = str(value).strip()
+    if text and not _RAY_ADDRESS.fullmatch(text):
+        raise typer.BadParameter(f"must be auto, local or HOST:PORT (or nothing: a local cluster); got {value!r}")
+    return text
+
+
+def bare_ray_flag(args: list[str]) -> list[str]:
+    """`--ray` with no address written as `--ray=` (typer options cannot take an optional value): the word
+    after `--ray` is its address only when it reads as one, so `--ray docs/` runs docs/ on a local cluster."""
+    result = list(args)
+    for position, arg in enumerate(result):
+        if arg == "--":
+            break
+        if arg == "--ray":
+            following = result[position + 1] if position + 1 < len(result) else None
+            if following is None or not _RAY_ADDRESS.fullmatch(following.strip()):
+                result[position] = "--ray="
+    return result
 
 
 def out_folder(value: str) -> Path:
@@ -257,4 +291,23 @@ Verbose = Annotated[
     bool,
     typer.Option("--verbose", "-v", rich_help_panel=OUTPUT,
                  help="Show third-party warnings, and tracebacks for unexpected errors."),
+]  # fmt: skip
+
+Workers = Annotated[
+    str,
+    typer.Option(
+        "--workers", envvar="MONKEY_WORKERS", metavar="N|auto", parser=workers, rich_help_panel=SCALE,
+        help="Worker processes, each with its own model, sharing the documents: auto is one per visible GPU "
+        "(1 on a CPU-only machine, or with --device cpu or cuda:N); on the CPU, N share the cores. With --ray: "
+        "the number of model actors (auto: one per GPU in the cluster).",
+    ),
+]  # fmt: skip
+Ray = Annotated[
+    str | None,
+    typer.Option(
+        "--ray", metavar="[ADDRESS]", parser=ray_address, rich_help_panel=SCALE, show_default=False,
+        help="Run on a Ray cluster (pip install 'monkey-cli[ray]'): auto (the cluster on this machine), "
+        "HOST:PORT or ray://HOST:PORT; bare --ray starts a local one (or joins $RAY_ADDRESS). Inputs, the "
+        "model and --out must be on a filesystem every node sees at the same path.",
+    ),
 ]  # fmt: skip

@@ -37,9 +37,12 @@ from monkey_cli.cli.options import (
     QuantVision,
     Questions,
     QuestionsFile,
+    Ray,
     RetryFailed,
     Size,
     Verbose,
+    Workers,
+    bare_ray_flag,
 )
 from monkey_cli.tasks import DEFAULT_MODEL
 
@@ -74,8 +77,17 @@ def _document_options(
     overwrite: Overwrite = False,
     retry_failed: RetryFailed = False,
     verbose: Verbose = False,
+    workers: Workers = "auto",
+    ray: Ray = None,
 ) -> None:
     """The options ask, caption and read share: only its signature is used (see `_with_document_options`)."""
+
+
+class _RunCommand(Command):
+    """A command with the shared options, `--ray` among them (which may come without its address)."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, bare_ray_flag(args))
 
 
 def _with_document_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -87,7 +99,7 @@ def _with_document_options(command: Callable[..., None]) -> Callable[..., None]:
     return command
 
 
-@app.command(cls=Command)
+@app.command(cls=_RunCommand)
 @_with_document_options
 def ask(inputs: Inputs, question: Questions = None, questions_file: QuestionsFile = None, **options: Any) -> None:
     """Answer questions about each page: monkey ask invoice.pdf -q "What is the total?"."""
@@ -96,7 +108,7 @@ def ask(inputs: Inputs, question: Questions = None, questions_file: QuestionsFil
         _run("ask", inputs, options, questions=questions)
 
 
-@app.command(cls=Command)
+@app.command(cls=_RunCommand)
 @_with_document_options
 def caption(inputs: Inputs, **options: Any) -> None:
     """Describe each page or photo in detail (in the form the checkpoint was trained on)."""
@@ -104,7 +116,7 @@ def caption(inputs: Inputs, **options: Any) -> None:
         _run("caption", inputs, options)
 
 
-@app.command(cls=Command)
+@app.command(cls=_RunCommand)
 @_with_document_options
 def read(inputs: Inputs, force_ocr: ForceOcr = False, **options: Any) -> None:
     """Extract the text of each page (a PDF's own text layer when it has one, unless --force-ocr)."""
@@ -171,6 +183,7 @@ def _bounded_lines(handle: Any) -> Any:
 def _run(
     task: str, inputs: list[str], args: dict[str, Any], questions: list[Any] | None = None, force_ocr: bool = False
 ) -> None:
+    from monkey_cli.distributed import ScaleOptions
     from monkey_cli.engine import Job
     from monkey_cli.errors import UsageError
     from monkey_cli.pipeline import ModelOptions, RunOptions
@@ -205,21 +218,27 @@ def _run(
         overwrite=args["overwrite"],
         retry_failed=args["retry_failed"],
     )
-    _execute(options)
+    workers = None if args["workers"] == "auto" else int(args["workers"])
+    if args["ray"] is not None and args["device"].startswith("cuda:"):
+        raise UsageError(f"--device {args['device']} names a GPU of this machine; with --ray use auto, cuda or cpu")
+    _execute(options, ScaleOptions(workers=workers, ray=args["ray"], verbose=args["verbose"]))
 
 
-def _execute(options: Any) -> None:
-    from monkey_cli import signals
+def _execute(options: Any, scale: Any) -> None:
+    import functools
+
+    from monkey_cli import distributed, signals
     from monkey_cli.cli.progress import Progress
     from monkey_cli.output import make_writer
     from monkey_cli.pipeline import run
 
+    single_process = distributed.single_process(scale, options)
     stdout = sys.stdout
     if hasattr(stdout, "reconfigure"):
         stdout.reconfigure(encoding="utf-8")  # answers can be any script; never crash on a non-UTF-8 console
     to_stdout = options.out_dir is None  # with --out, results go to the files only, whatever the format
     single = _single_page(options)
-    streaming = to_stdout and options.fmt == "text" and stdout.isatty() and single
+    streaming = to_stdout and options.fmt == "text" and stdout.isatty() and single and single_process
     progress = Progress(enabled=sys.stderr.isatty())
     writer = None
     if to_stdout:
@@ -248,16 +267,20 @@ def _execute(options: Any) -> None:
         return _stdout_streamer(tokenizer, streamed)
 
     stdin = sys.stdin.buffer if "-" in options.inputs else None
+    runner = (
+        functools.partial(run, streamer_factory=streamer if streaming else None)
+        if single_process
+        else functools.partial(distributed.run, scale=scale)
+    )
     try:
         with progress:
-            summary = run(
+            summary = runner(
                 options,
                 on_record=on_record,
                 on_document=progress.document_done,
                 on_start=progress.start,
                 on_stage=progress.stage,
                 stdin=stdin,
-                streamer_factory=streamer if streaming else None,
             )
     except BrokenPipeError:  # `monkey ... | head`: the reader left; not an error worth a traceback
         sys.stderr.close()

@@ -10,6 +10,7 @@ continuous batching and prefix reuse give each request exactly the tokens it get
 from __future__ import annotations
 
 import copy
+import warnings
 from functools import cache
 
 import pytest
@@ -498,3 +499,26 @@ def test_a_step_that_cannot_compile_runs_eagerly(monkeypatch) -> None:
         result = scheduler.run([copy.copy(request)])[0]
     assert result.token_ids == _alone(sharp, request)
     assert not scheduler._step.compiled
+
+
+@pytest.mark.parametrize("quant", ["4bit", "8bit"])
+def test_compiled_step_on_bitsandbytes_layers_gives_the_eager_tokens(quant: str) -> None:
+    """bitsandbytes 4bit (NF4) and 8bit (LLM.int8) layers compile whole on the CPU too (no fallback warning):
+    the compiled engine answers pages with exactly the eager engine's tokens."""
+    from PIL import Image
+
+    from monkey_cli import Monkey
+
+    checkpoint = require_parity("tiny-monkey-sharp")
+    pages = [Image.open(_image(name)) for name in IMAGES[:2]] * 2
+    prompts = ["<img></img> What is the title? Answer: ", "<img></img> Describe the page. Answer: "] * 2
+    answers = {}
+    for compile in (False, True):
+        monkey = Monkey.load(checkpoint, device="cpu", quant=quant, compile=compile, batch_size=2)
+        assert monkey.quant == quant and monkey.compile == compile
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*could not be compiled.*")
+            answers[compile] = monkey.generate_ids(pages, prompts, max_new_tokens=12)
+        assert monkey.scheduler()._step.compiled == compile, "the compiled step fell back to eager"
+    assert answers[True] == answers[False]
+    assert all(answers[False]), "every page gets an answer"

@@ -3,9 +3,10 @@
 Everything the step depends on is a tensor read from the cache (tokens, positions, per-slot rotary
 frequencies, the trained length for logn scaling), so one compiled graph serves every sequence: nothing in it
 is a Python number that would be baked in, nothing syncs the host, and the KV tensors are written in place at
-fixed addresses. The batch dimension is compiled as a symbolic size (one graph for every batch of two or more, one
-specialised for a single sequence), and batch sizes are bucketed (1, 2, 4, ... up to the slot count) so that a
-batch of 3 replays the recording of 4: on CUDA each bucket is captured once as a CUDA graph
+fixed addresses. The batch dimension is compiled as a symbolic size (one graph for every batch of two or
+more, one specialised for a single sequence; one per bucket where a kernel library branches on the batch
+size), and batch sizes are bucketed (1, 2, 4, ... up to the slot count) so that a batch of 3 replays the
+recording of 4: on CUDA each bucket is captured once as a CUDA graph
 ("reduce-overhead"), one launch per step instead of hundreds.
 """
 
@@ -56,9 +57,11 @@ class DecodeStep:
         inputs = (cache.tokens[:batch], cache.positions[:batch], cache.inv_freq[:batch], cache.trained_length[:batch])
         if not self.compiled:
             return self._eager(*inputs)
-        if batch > 1:  # a size of 1 is always specialised by dynamo; every other batch shares one graph
+        if batch > 1:  # a size of 1 is always specialised by dynamo; every other batch shares one graph ...
             for tensor in inputs:
-                torch._dynamo.mark_dynamic(tensor, 0)
+                # ... unless the model's code branches on the batch size (bitsandbytes' kernels do): then each
+                # bucket gets a graph of its own, still a bounded few, rather than an error.
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
         if cache.tokens.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been consumed
         if batch in self._proven:

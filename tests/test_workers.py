@@ -214,6 +214,15 @@ def test_a_worker_holds_no_more_than_its_share_of_what_is_left():
     assert queue.fair_share(workers=4, window=8) == 1
 
 
+
+def test_documents_are_dealt_in_turn_up_to_each_share():
+    """Ready workers get one document each in turn, never more than their share; a busy worker gets none."""
+    queue = DocumentQueue(_tasks(*"abcdefg"))
+    dealt = [(worker, task.index) for worker, task in queue.deal(["w1", "w2"], workers=3, window=8)]
+    assert dealt == [("w1", 0), ("w2", 1), ("w1", 2), ("w2", 3), ("w1", 4), ("w2", 5)]  # share: ceil(7/3) = 3
+    assert [(worker, task.index) for worker, task in queue.deal(["w3"], workers=3, window=8)] == [("w3", 6)]
+    assert list(queue.deal(["w1", "w2", "w3"], workers=3, window=8)) == []
+
 # --- engines sharing one model ------------------------------------------------------------------------------
 
 

@@ -64,6 +64,19 @@ class DocumentQueue:
         share of what is left, so that a worker that starts first does not take the others' documents."""
         return max(1, min(window, math.ceil(self._unfinished / max(workers, 1))))
 
+    def deal(self, ready: list[Worker], workers: int, window: int) -> Iterator[tuple[Worker, Task]]:
+        """Hand documents to the `ready` ones of `workers` workers, one each in turn (so that a short run is
+        spread over every worker), each up to its `fair_share` of `window`."""
+        share = self.fair_share(workers, window)
+        hungry = list(ready)
+        while hungry:
+            for worker in list(hungry):
+                task = self.take(worker) if len(self.held(worker)) < share else None
+                if task is None:
+                    hungry.remove(worker)
+                else:
+                    yield worker, task
+
     def _give(self, worker: Worker, index: int) -> Task:
         document = self._documents[index]
         document.holder = worker

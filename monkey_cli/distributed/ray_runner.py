@@ -167,15 +167,9 @@ class RayCluster:
 
     def _dispatch(self, queue: DocumentQueue) -> None:
         assert self._setup is not None
-        window = queue.fair_share(len(self._actors), self._setup.window)
-        hungry = [actor for actor in self._actors.values() if actor.ready]
-        while hungry:  # one document each in turn, so that a short run is spread over every actor
-            for actor in list(hungry):
-                task = queue.take(actor.id) if len(queue.held(actor.id)) < window else None
-                if task is None:
-                    hungry.remove(actor)
-                else:
-                    self._in_flight[actor.handle.process.remote(task)] = (actor.id, task.index)
+        ready = [actor.id for actor in self._actors.values() if actor.ready]
+        for actor_id, task in queue.deal(ready, len(self._actors), self._setup.window):
+            self._in_flight[self._actors[actor_id].handle.process.remote(task)] = (actor_id, task.index)
 
     def _outcome(self, ref: Any, queue: DocumentQueue) -> list[Any]:
         ray = self._ray

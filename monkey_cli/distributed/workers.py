@@ -162,15 +162,9 @@ class LocalWorkers:
 
     def _dispatch(self, queue: DocumentQueue) -> None:
         assert self._setup is not None
-        window = queue.fair_share(len(self._live), self._setup.window)
-        hungry = [worker for worker in self._live.values() if worker.ready]
-        while hungry:  # one document each in turn, so that a short run is spread over every worker
-            for worker in list(hungry):
-                task = queue.take(worker.id) if len(queue.held(worker.id)) < window else None
-                if task is None:
-                    hungry.remove(worker)
-                else:
-                    self._send(worker, ("task", task))
+        ready = [worker.id for worker in self._live.values() if worker.ready]
+        for worker_id, task in queue.deal(ready, len(self._live), self._setup.window):
+            self._send(self._live[worker_id], ("task", task))
 
     def _messages(self, worker: _Worker, timeout: float = 0.0) -> list[Any]:
         """What `worker` has sent (waiting up to `timeout` for the first); its pipe is closed at its end."""

@@ -3,11 +3,13 @@
 Everything the step depends on is a tensor read from the cache (tokens, positions, per-slot rotary
 frequencies, the trained length for logn scaling), so one compiled graph serves every sequence: nothing in it
 is a Python number that would be baked in, nothing syncs the host, and the KV tensors are written in place at
-fixed addresses. The batch dimension is compiled as a symbolic size (one graph for every batch of two or
-more, one specialised for a single sequence; one per bucket where a kernel library branches on the batch
-size), and batch sizes are bucketed (1, 2, 4, ... up to the slot count) so that a batch of 3 replays the
-recording of 4: on CUDA each bucket is captured once as a CUDA graph
-("reduce-overhead"), one launch per step instead of hundreds.
+fixed addresses. Batch sizes are bucketed (1, 2, 4, ... up to the slot count) so that a batch of 3 replays the
+graph of 4. On CUDA the batch dimension is compiled as a symbolic size (one compile for every bucket of two or
+more, one specialised for a single sequence; one per bucket where a kernel library branches on the batch size)
+and each bucket is captured once as a CUDA graph ("reduce-overhead"), one launch per step instead of hundreds.
+On the CPU each bucket is compiled as a static graph of its own: inductor's C++ kernels for a symbolic batch
+ran 2.7 times slower than static ones (batch 8 on the 32-layer stand-in of benchmarks/engine.py: 211 ms
+against 77 ms, eager 97 ms).
 """
 
 from __future__ import annotations
@@ -45,19 +47,24 @@ class DecodeStep:
         self.model = model
         self.cache = cache
         self.compiled = compile
+        self._symbolic_batch = cache.tokens.device.type == "cuda"  # CUDA only: see the module's docstring
         self._proven: set[int] = set()  # batch sizes whose compiled step (and CUDA graph) has run once
         self._forward: Callable[..., torch.Tensor] = self._eager
         if compile:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-            on_cuda = cache.tokens.device.type == "cuda"
-            self._forward = torch.compile(self._eager, fullgraph=True, mode="reduce-overhead" if on_cuda else None)
+            self._forward = torch.compile(
+                self._eager,
+                fullgraph=True,
+                mode="reduce-overhead" if self._symbolic_batch else None,  # CUDA graphs on CUDA
+                dynamic=None if self._symbolic_batch else False,  # False: never a symbolic batch, even automatically
+            )
 
     def __call__(self, batch: int) -> torch.Tensor:
         cache = self.cache
         inputs = (cache.tokens[:batch], cache.positions[:batch], cache.inv_freq[:batch], cache.trained_length[:batch])
         if not self.compiled:
             return self._eager(*inputs)
-        if batch > 1:  # a size of 1 is always specialised by dynamo; every other batch shares one graph ...
+        if batch > 1 and self._symbolic_batch:  # dynamo specialises a size of 1; the others share one graph ...
             for tensor in inputs:
                 # ... unless the model's code branches on the batch size (bitsandbytes' kernels do): then each
                 # bucket gets a graph of its own, still a bounded few, rather than an error.

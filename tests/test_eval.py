@@ -350,6 +350,7 @@ def test_cli_run_on_registry_datasets(tmp_path, fake_monkey):
         "dtype": "auto",
         "quant": "none",
         "adapter": None,
+        "adapter_sha256": None,
     }
     assert (out / "results.md").exists() and (out / "docvqa.predictions.jsonl").exists()
 
@@ -389,6 +390,38 @@ def test_cli_run_interrupted_exits_130_and_keeps_predictions(tmp_path, fake_monk
     assert result.exit_code == 130
     assert len(read_jsonl(out / "set.predictions.jsonl")) == 1
 
+
+
+@pytest.mark.parametrize(
+    ("changed_args", "changed"),
+    [
+        (["--max-new-tokens", "5"], "max_new_tokens"),
+        (["--quant", "8bit"], "quant"),
+        (["--prompt", "Q: {question} <img>{image}</img>"], "prompt"),
+        (["--model", "other/model"], "model"),
+    ],
+)
+def test_cli_run_resumes_only_with_the_same_settings(tmp_path, fake_monkey, changed_args, changed):
+    """A resume with another model, quantization, prompt or answer length would score two runs' answers as
+    one: it is refused (exit 2, one line naming what changed) and the predictions are left as they were;
+    the same settings resume."""
+    out = tmp_path / "out"
+    args = ["eval", "run", "--file", str(dataset_file(tmp_path, 3)), "--metric", "anls", "--out", str(out)]
+    first = CliRunner().invoke(app, [*args, "--limit", "1", "--quant", "none"])
+    assert first.exit_code == 0, first.output
+    kept = (out / "set.predictions.jsonl").read_bytes()
+    assert json.loads((out / "set.settings.json").read_text())["quant"] == "none"
+
+    refused = CliRunner().invoke(app, [*args, "--quant", "none", *changed_args])
+    assert refused.exit_code == 2, refused.output
+    assert refused.stderr.count("\n") == 1 and "holds answers made with other settings" in refused.stderr
+    assert f"(changed: {changed})" in refused.stderr
+    assert (out / "set.predictions.jsonl").read_bytes() == kept
+
+    resumed = CliRunner().invoke(app, [*args, "--quant", "none", "--device", "cpu"])  # where it runs: no matter
+    assert resumed.exit_code == 0, resumed.output
+    assert len(read_jsonl(out / "set.predictions.jsonl")) == 3
+    assert json.loads((out / "results.json").read_text())["datasets"]["set"]["n_resumed"] == 1
 
 @pytest.mark.parametrize(
     ("args", "message"),

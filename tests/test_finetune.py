@@ -225,6 +225,30 @@ def test_a_changed_adapter_redoes_resumed_documents(overfit, data, sharp, tmp_pa
     assert redone.exit_code == 0 and "already done" not in redone.stderr
 
 
+def test_eval_resumes_only_with_the_same_adapter(overfit, data, sharp, tmp_path):
+    """`eval run --adapter` keeps the adapter's content hash beside the predictions: a resume with an adapter
+    whose weights changed (same folder name) is refused; the same adapter resumes."""
+    items = [
+        {"image": f"images/page{n}.png", "question": q, "answer": a, "question_id": n} for n, (q, a) in enumerate(QA)
+    ]
+    eval_file = data.parent / "eval.jsonl"  # beside train.json and its images
+    eval_file.write_text("".join(json.dumps(item) + "\n" for item in items), encoding="utf-8")
+    out, adapter = tmp_path / "out", tmp_path / "adapter"
+    shutil.copytree(overfit.out, adapter)
+    args = ["eval", "run", "--file", str(eval_file), "--metric", "accuracy", "--model", str(sharp), "--out", str(out)]
+    args += ["--max-new-tokens", "8", "--adapter", str(adapter)]
+    first = CliRunner().invoke(app, [*args, "--limit", "1"])
+    assert first.exit_code == 0, first.output
+    weights_file = adapter / "adapter_model.safetensors"
+    original = weights_file.read_bytes()
+    save_file({k: v * 0.5 for k, v in load_file(str(weights_file)).items()}, str(weights_file))
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2 and "(changed: adapter_sha256)" in refused.stderr, refused.output
+    weights_file.write_bytes(original)
+    resumed = CliRunner().invoke(app, args)
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((out / "results.json").read_text())["datasets"]["eval"]["n_resumed"] == 1
+
 def test_the_reloaded_adapter_gives_bit_identical_logits(overfit, data, sharp):
     reloaded = Monkey.load(sharp, device="cpu", adapter=overfit.out)
     inputs = batch_inputs(reloaded, data)

@@ -103,6 +103,7 @@ def run_command(
     """
     with user_errors(verbose):
         from monkey_cli.evaluation import runner
+        from monkey_cli.finetune.adapters import adapter_fingerprint
 
         if file is not None:
             tasks = [
@@ -138,6 +139,7 @@ def run_command(
                 "dtype": dtype,
                 "quant": getattr(loaded, "quant", quant),
                 "adapter": None if adapter is None else str(adapter),
+                "adapter_sha256": None if adapter is None else adapter_fingerprint(adapter),
             },
             report=warn,
             show_progress=sys.stderr.isatty(),

@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
+from monkey_cli.errors import UsageError
 from monkey_cli.evaluation.datasets import (
     EvalTask,
     ItemError,
@@ -49,6 +50,9 @@ RESULTS_SCHEMA = "monkey-cli/eval-results/1"
 RESULTS_JSON = "results.json"
 RESULTS_MARKDOWN = "results.md"
 _MAX_RESULTS_BYTES = 64 << 20
+_SETTINGS_MAX_BYTES = 1 << 20
+# Settings that do not change the answers (where the model ran; the adapter's path, its hash is compared).
+_SETTINGS_NOT_COMPARED = ("device", "adapter")
 
 Reporter = Callable[[str], None]
 
@@ -136,8 +140,13 @@ def run_task(
     limit: int | None = None,
     report: Reporter | None = None,
     show_progress: bool = False,
+    settings: dict[str, Any] | None = None,
 ) -> DatasetRun:
     """Answer every not-yet-answered item of `task`, appending to its predictions file, then score it.
+
+    `settings` (how the model runs: its name, device, dtype, quantization, adapter hash) are kept beside the
+    predictions with the task's prompt and answer length; resuming with other settings is a UsageError, since
+    the score would mix two runs' answers.
 
     Bad items are reported (one line each through `report`, stderr by default), recorded in the errors
     file, and skipped. A KeyboardInterrupt propagates after the finished batches have been saved. Files
@@ -153,6 +162,8 @@ def run_task(
         items, read_errors = _task_items(task, vqa_annotations, limit)
         predictions_name = predictions_path(Path(), task.name).name
         answered = _answered(folder, predictions_name, report)
+        if settings is not None:
+            _keep_settings(folder, task, settings, predictions_name, resuming=bool(answered))
         pending = [item for item in items if item.key not in answered]
 
         errors = _ErrorLog(folder, errors_path(Path(), task.name).name, task.name, report)
@@ -220,6 +231,45 @@ def _task_items(
             )
         (items if isinstance(entry, VQAItem) else errors).append(entry)
     return items, errors
+
+
+def settings_path(out_dir: Path, name: str) -> Path:
+    return out_dir / f"{name}.settings.json"
+
+
+def _keep_settings(
+    folder: OutputFolder, task: EvalTask, settings: dict[str, Any], predictions_name: str, *, resuming: bool
+) -> None:
+    """Record the run's settings beside a dataset's predictions, or, on a resume, check they are the same."""
+    current = {key: value for key, value in settings.items() if key not in _SETTINGS_NOT_COMPARED}
+    current |= {"prompt": task.prompt, "max_new_tokens": task.max_new_tokens}
+    name = settings_path(Path(), task.name).name
+    if resuming:
+        earlier = _read_settings(folder, name)
+        if earlier == current:
+            return
+        if earlier is not None:
+            keys = current.keys() | earlier.keys()
+            changed = ", ".join(sorted(key for key in keys if current.get(key) != earlier.get(key)))
+            raise UsageError(
+                f"{folder.shown(predictions_name)} holds answers made with other settings (changed: {changed}); "
+                f"use another --out, or delete {folder.shown(predictions_name)} to start {task.name} over"
+            )
+    folder.write(name, (json_text(current, indent=2) + "\n").encode("utf-8"))
+
+
+def _read_settings(folder: OutputFolder, name: str) -> dict[str, Any] | None:
+    """The recorded settings; None when there are none (a run from before they were kept) or they are damaged."""
+    handle = folder.open_read(name)
+    if handle is None:
+        return None
+    with handle:
+        text = handle.read(_SETTINGS_MAX_BYTES + 1)
+    try:
+        value = json.loads(text) if len(text) <= _SETTINGS_MAX_BYTES else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _answered(folder: OutputFolder, name: str, report: Reporter) -> dict[str, dict[str, Any]]:
@@ -469,7 +519,14 @@ def run_tasks(
         _read_results(folder, report)
         for task in tasks:
             run = run_task(
-                model, task, folder, batch_size=batch_size, limit=limit, report=report, show_progress=show_progress
+                model,
+                task,
+                folder,
+                batch_size=batch_size,
+                limit=limit,
+                report=report,
+                show_progress=show_progress,
+                settings={"model": model_name, **(model_info or {})},
             )
             runs.append(run)
             write_results(folder, runs, model_name=model_name, model_info=model_info)

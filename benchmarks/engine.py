@@ -404,9 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="where the checkpoint goes (default: /dev/shm or tmp)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds allowed per variant")
     parser.add_argument("--json", type=Path, help="write every figure here (rewritten after every variant)")
-    parser.add_argument("--child", choices=tuple(VARIANTS), help=argparse.SUPPRESS)
-    parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    quant_bench.add_child_arguments(parser, VARIANTS)
     parser.add_argument("--write-checkpoint", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -429,10 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.child_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         return 0
 
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    variants = quant_bench.chosen_variants(parser, args.variants, VARIANTS)
     from monkey_cli.model.memory import plan
 
     config = checkpoint_config(args.device)

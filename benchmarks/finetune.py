@@ -203,9 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="where the full-size checkpoint is written")
     parser.add_argument("--keep", action="store_true", help="keep the full-size checkpoint for a later run")
     parser.add_argument("--json", type=Path, help="write every figure here")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    quant_bench.add_child_arguments(parser)
     args = parser.parse_args(argv)
     if args.warmup < 1:
         parser.error("--warmup must be at least 1 (the first step includes one-off work)")
@@ -223,9 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     known = GPU_VARIANTS if on_gpu else CPU_VARIANTS
-    variants = [v.strip() for v in (args.variants or ",".join(known)).split(",") if v.strip()]
-    if unknown := [v for v in variants if v not in known]:
-        parser.error(f"unknown variant(s) {unknown} for {args.device}; choose from {', '.join(known)}")
+    variants = quant_bench.chosen_variants(parser, args.variants or ",".join(known), known, f" for {args.device}")
     report: dict[str, Any] = {"device": args.device, "steps": args.steps, "warmup": args.warmup, "rows": []}
     folder: Path | None = None
     if on_gpu:

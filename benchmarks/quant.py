@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -281,6 +281,21 @@ def log_tail(text: str, chars: int = 4000) -> str:
     return "\n".join(lines)[-chars:]
 
 
+def add_child_arguments(parser: argparse.ArgumentParser, variants: Collection[str] | None = None) -> None:
+    """The hidden options a benchmark passes to itself to run one variant in a fresh interpreter."""
+    parser.add_argument("--child", choices=tuple(variants) if variants else None, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+
+
+def chosen_variants(parser: argparse.ArgumentParser, text: str, known: Collection[str], where: str = "") -> list[str]:
+    """The comma-separated variants of `text`; any not in `known` is a usage error."""
+    variants = [v.strip() for v in text.split(",") if v.strip()]
+    if unknown := [v for v in variants if v not in known]:
+        parser.error(f"unknown variant(s) {unknown}{where}; choose from {', '.join(known)}")
+    return variants
+
+
 def run_json_child(
     command: list[str], variant: str, timeout: float, env: dict[str, str] | None = None
 ) -> dict[str, Any]:
@@ -375,9 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--deadline", type=int, help="seconds for the whole run: later variants are skipped, the running one cut"
     )
     parser.add_argument("--json", type=Path, help="write the results here (rewritten after every variant)")
-    parser.add_argument("--child", choices=tuple(VARIANTS), help=argparse.SUPPRESS)
-    parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    add_child_arguments(parser, VARIANTS)
     parser.add_argument("--write-checkpoint", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -396,10 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.child_out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         return 0
 
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    variants = chosen_variants(parser, args.variants, VARIANTS)
     if args.tokenizer is None or not args.tokenizer.is_file():
         parser.error("--tokenizer must name the real qwen.tiktoken")
     config = benchmark_config(args.scale)

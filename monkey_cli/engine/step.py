@@ -47,7 +47,8 @@ class DecodeStep:
         self.model = model
         self.cache = cache
         self.compiled = compile
-        self._symbolic_batch = cache.tokens.device.type == "cuda"  # CUDA only: see the module's docstring
+        # CUDA: a symbolic batch and CUDA graphs; the CPU: a static graph per bucket (see the module's docstring)
+        self._on_cuda = cache.tokens.device.type == "cuda"
         self._proven: set[int] = set()  # batch sizes whose compiled step (and CUDA graph) has run once
         self._forward: Callable[..., torch.Tensor] = self._eager
         if compile:
@@ -55,8 +56,8 @@ class DecodeStep:
             self._forward = torch.compile(
                 self._eager,
                 fullgraph=True,
-                mode="reduce-overhead" if self._symbolic_batch else None,  # CUDA graphs on CUDA
-                dynamic=None if self._symbolic_batch else False,  # False: never a symbolic batch, even automatically
+                mode="reduce-overhead" if self._on_cuda else None,
+                dynamic=None if self._on_cuda else False,  # False: never a symbolic batch, even automatically
             )
 
     def __call__(self, batch: int) -> torch.Tensor:
@@ -64,12 +65,12 @@ class DecodeStep:
         inputs = (cache.tokens[:batch], cache.positions[:batch], cache.inv_freq[:batch], cache.trained_length[:batch])
         if not self.compiled:
             return self._eager(*inputs)
-        if batch > 1 and self._symbolic_batch:  # dynamo specialises a size of 1; the others share one graph ...
+        if batch > 1 and self._on_cuda:  # dynamo specialises a size of 1; the others share one graph ...
             for tensor in inputs:
                 # ... unless the model's code branches on the batch size (bitsandbytes' kernels do): then each
                 # bucket gets a graph of its own, still a bounded few, rather than an error.
                 torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        if cache.tokens.device.type == "cuda":
+        if self._on_cuda:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits have been consumed
         if batch in self._proven:
             return self._forward(*inputs)

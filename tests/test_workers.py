@@ -307,7 +307,7 @@ def test_without_ray_installed_ray_is_a_one_line_error(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT_S, env=_env())
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
-        "error: --ray needs Ray, which is not installed here: pip install 'monkey-cli[ray]'"
+        "error: monkey caption needs the 'ray' extra (ray is not installed): pip install 'monkey-cli[ray]'"
     ]
     assert result.stdout == ""
 

@@ -15,7 +15,15 @@ from typing import Annotated, Any
 import typer
 
 from monkey_cli.cli import app
-from monkey_cli.cli.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, Command, user_errors, warn
+from monkey_cli.cli.common import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    Command,
+    needs_extra,
+    user_errors,
+    warn,
+)
 from monkey_cli.cli.options import (
     INPUT,
     Adapter,
@@ -190,6 +198,10 @@ def _run(
 
     if args["quant_vision"] and args["quant"] == "none":
         raise UsageError("--quant-vision needs --quant auto, 8bit or 4bit")
+    if args["ray"] is not None:
+        needs_extra("ray")
+    if args["adapter"] is not None:
+        needs_extra("finetune")
     options = RunOptions(
         inputs=tuple(inputs),
         job=Job(

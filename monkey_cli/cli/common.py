@@ -69,6 +69,8 @@ def user_errors(verbose: bool = False) -> Iterator[None]:
     try:
         try:
             yield
+        except typer.Exit:  # the command's own ending (an interrupt it has reported already included)
+            raise
         except Exception as exc:
             if signals.caused(exc):  # a library turned the interrupt into an error of its own
                 raise KeyboardInterrupt from exc

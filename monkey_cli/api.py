@@ -248,7 +248,8 @@ class Monkey:
         if not isinstance(document, (str, os.PathLike)):
             raise TypeError(f"expected a PIL image, a Page or a path, got {type(document).__name__}")
         size = self.processor.input_size
-        pages: list[Page] = load_documents([document], size=size, pages=None if page is None else [page])
+        selected = None if page is None else [page]
+        pages: list[Page] = load_documents([document], size=size, pages=selected, text_layer=False)  # images only
         return [p.image for p in pages], page is not None or len(pages) == 1
 
     # --- batched generation -------------------------------------------------------------------------

@@ -129,6 +129,7 @@ def run(
             size=options.size or model_input_size(options.model.source),
             pages=options.pages,
             password=options.password,
+            text_layer=reads_text_layer(options.job),
         )
         for name, records in _per_document(engine.run(page_errors.watch(pages)), on_record, summary):
             on_document(name)
@@ -142,6 +143,12 @@ def run(
             folder.close()
         summary.seconds = time.perf_counter() - started
     return summary
+
+
+def reads_text_layer(job: Job) -> bool:
+    """Whether the run answers PDF pages from their text layers (`read`, unless --force-ocr or --prompt):
+    only then are text layers converted (and judged) as pages are made."""
+    return job.task == "read" and not job.force_ocr and job.template is None
 
 
 class _PageErrors:

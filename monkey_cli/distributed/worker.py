@@ -69,7 +69,11 @@ class DocumentWorker:
         )
         watched = pipeline._PageErrors()
         pages = documents.iter_pages(
-            [task.source], size=self.setup.size, pages=options.pages, password=options.password
+            [task.source],
+            size=self.setup.size,
+            pages=options.pages,
+            password=options.password,
+            text_layer=pipeline.reads_text_layer(options.job),
         )
         records: list[Record] = []
         for event in engine.run(watched.watch(pages)):

@@ -254,7 +254,7 @@ def test_text_layer_records_name_no_model(tiny: str) -> None:
     (record,) = json.loads(_cli("read", invoice, "--model", tiny, "-f", "json").stdout)["records"]
     assert record["answer_source"] == "text_layer" and record["model"] is None and record["quant"] is None
     markdown = _cli("read", invoice, "--model", tiny, "-f", "md").stdout
-    assert "text from the PDF's text layer" in markdown and "model `" not in markdown
+    assert "· the PDF's text layer -->" in markdown and "read by" not in markdown
     forced = json.loads(_cli("read", invoice, "--model", tiny, "-f", "json", "--force-ocr",
                              "--max-new-tokens", "2").stdout)["records"][0]  # fmt: skip
     assert forced["model"] == tiny and forced["quant"] == "none"

@@ -208,3 +208,20 @@ def test_force_ocr_skips_the_conversion(flag: str | None, monkeypatch) -> None:
     assert result.exit_code == 0, result.stderr
     assert converted == ([] if flag else [0])
     assert json.loads(result.stdout)["records"][0]["answer_source"] == ("model" if flag else "text_layer")
+
+
+def test_read_md_is_a_markdown_document(tmp_path: Path) -> None:
+    """`monkey read report.pdf -f md > report.md`: the page's Markdown with a comment before it, nothing else;
+    with --out, each document's file is the same document."""
+    from hostile import cli
+
+    model = str(require_parity("tiny-monkey"))
+    path = _born_digital(tmp_path / "report.pdf")
+    result = cli("read", path, "--model", model, "-f", "md")
+    assert result.exit_code == 0, result.stderr
+    first, rest = result.stdout.split("\n\n", 1)
+    assert first == f"<!-- {path} p.1/1 · the PDF's text layer -->"
+    assert rest.startswith("# ") and "|Site|Depth|Wells|" in rest and "```" not in rest
+    out = tmp_path / "out"
+    assert cli("read", path, "--model", model, "-f", "md", "--out", out).exit_code == 0
+    assert (out / "report.pdf.md").read_text().split("\n\n", 1)[1] == rest

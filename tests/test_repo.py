@@ -50,3 +50,17 @@ def test_the_install_clones_then_installs_torch_for_the_machine_then_the_package
         assert size in section
     assert ["python -m pip install -e \".[dev]\""] in _blocks(section, "bash")
     assert section.index("### Developer install") > section.index("python -m pip install -e .")
+
+
+def test_the_readme_says_what_resolution_the_model_sees() -> None:
+    """The figures follow from the released checkpoints' input size (896x896) and the paper sizes."""
+    from monkey_cli.documents import DEFAULT_SIZE
+    from monkey_cli.model.configuration import real_monkey_config
+
+    section = _section((REPO_ROOT / "README.md").read_text(encoding="utf-8"), "What the model sees")
+    side = real_monkey_config().vision.input_size
+    assert side == DEFAULT_SIZE == (896, 896) and "896x896" in section
+    a4 = round(896 / (210 / 25.4)), round(896 / (297 / 25.4))
+    letter = round(896 / 8.5), round(896 / 11)
+    assert f"about {a4[0]} dpi across and {a4[1]}" in section and f"about {letter[0]} x {letter[1]} dpi" in section
+    assert "--size" in section and "monkey render" in section

@@ -311,17 +311,25 @@ def _device_and_quant(model: ModelOptions, job: Job) -> tuple[str, str]:
     For --quant auto that is the memory plan's choice, made here from the config alone; when nothing fits
     the answer stays "auto" and loading, if a page needs the model, says what would fit.
     """
-    from monkey_cli.api import Monkey
-    from monkey_cli.model.memory import MemoryBudgetError
     from monkey_cli.model.sources import resolve_device
 
     device = resolve_device(model.device)
+    return device, quant_choice(model, job, device)[0]
+
+
+def quant_choice(model: ModelOptions, job: Job, device: str) -> tuple[str, str | None]:
+    """The quantization loading on `device` will use, and for --quant auto the memory plan's note saying what
+    it chose and why (what `Monkey.load` logs); ("auto", None) when nothing fits (loading then says so)."""
+    from monkey_cli.api import Monkey
+    from monkey_cli.model.memory import MemoryBudgetError
+
     if model.quant not in (None, "auto"):
-        return device, model.quant
+        return model.quant, None
     try:
-        return device, Monkey.choose(model.source, **_plan_options(model, job, device)).plan.quant
+        choice = Monkey.choose(model.source, **_plan_options(model, job, device))
     except MemoryBudgetError:
-        return device, "auto"
+        return "auto", None
+    return choice.plan.quant, choice.note
 
 
 def _load(model: ModelOptions, job: Job, device: str) -> Any:

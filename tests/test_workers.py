@@ -466,6 +466,7 @@ def test_progress_counts_every_worker_and_leaves_nothing_behind(documents):
     for stage in ("starting 2 workers", "loading the model", "answering"):
         assert stage in raw, stage
     assert "/7 documents" in raw and "pages/s" in raw
+    assert raw.count("--quant auto: using --quant none") == 1  # said by the driver, for every worker
     screen = [line.rstrip() for line in _screen(raw)]
     assert not [line for line in screen if "pages/s" in line or "documents ·" in line], screen
     assert screen[-1].startswith("7 documents, 11 pages, 0 failed")

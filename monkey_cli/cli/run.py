@@ -265,8 +265,8 @@ def _execute(options: Any, scale: Any) -> None:
         if record.error is not None:
             failed += 1
             warn(f"error: {record.location}: {record.error}")
-        if record.page is not None and (record.source, record.page) not in pages_seen:
-            pages_seen.add((record.source, record.page))
+        if single_process and record.page is not None and (record.source, record.page) not in pages_seen:
+            pages_seen.add((record.source, record.page))  # (workers count pages as they come: on_page)
             progress.page_done(record.pages)
         if streaming and record.answer_source == "model" and streamed:
             stdout.write("\n")  # the answer is on the terminal already: end its line
@@ -282,7 +282,7 @@ def _execute(options: Any, scale: Any) -> None:
     runner = (
         functools.partial(run, streamer_factory=streamer if streaming else None)
         if single_process
-        else functools.partial(distributed.run, scale=scale)
+        else functools.partial(distributed.run, scale=scale, on_page=progress.page_done)
     )
     try:
         with progress:

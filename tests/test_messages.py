@@ -40,3 +40,34 @@ def test_interrupted_is_said_once(tmp_path, monkeypatch, forget_signals, out: bo
     assert result.exit_code == 143
     assert result.stderr.count("interrupted") == 1, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_render_folders_are_not_named_like_the_documents(tmp_path) -> None:
+    """`find seen -name '*.pdf'` finds no rendered folder: report.pdf's pages go to report.pdf.pages/."""
+    import fnmatch
+
+    out = tmp_path / "seen"
+    result = _cli("render", SAMPLES_DIR / "report.pdf", SAMPLES_DIR / "chart.png", "--out", out)
+    assert result.exit_code == 0, result.stderr
+    names = [path.name for path in out.rglob("*")]
+    assert not fnmatch.filter(names, "*.pdf") and not fnmatch.filter(names, "*.png.pages/*")
+    assert {"report.pdf.pages", "chart.png.pages"} <= set(names)
+    assert (out / "report.pdf.pages" / "page-003-grid.png").is_file()
+
+
+def test_a_folder_with_files_is_never_said_to_have_none(tmp_path) -> None:
+    """A folder of monkey's own outputs (a render), or of hidden files only: it says what was skipped."""
+    out = tmp_path / "seen"
+    assert _cli("render", CHART, "--out", out).exit_code == 0
+    result = _cli("read", out)
+    assert result.exit_code == 1
+    assert "no files" not in result.stderr
+    assert f"error: {out}: folder has nothing to read: all its 7 entries were skipped (" in result.stderr
+    assert "1 hidden" in result.stderr and "6 written by monkey (its outputs)" in result.stderr
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / ".secret.png").write_bytes(b"x")
+    result = _cli("read", hidden)
+    assert f"error: {hidden}: folder has nothing to read: its one entry was skipped (1 hidden)" in result.stderr
+    (tmp_path / "empty").mkdir()
+    assert f"error: {tmp_path / 'empty'}: folder is empty" in _cli("read", tmp_path / "empty").stderr

@@ -297,6 +297,7 @@ class _Expander:
     def _walk(self, folder: Path, display: str) -> list[Source]:
         found: list[tuple[tuple[Any, ...], Source]] = []
         problems: list[Source] = []
+        skipped: dict[str, int] = {}  # why entries were passed over: what an empty result says
         visited: set[tuple[int, int]] = set()
         pending: list[tuple[Path, tuple[str, ...]]] = [(folder, ())]
         while pending:
@@ -312,6 +313,7 @@ class _Expander:
                 continue
             for entry in entries:
                 if entry.name.startswith("."):
+                    skipped["hidden"] = skipped.get("hidden", 0) + 1
                     continue
                 relative = (*parts, entry.name)
                 name = os.path.join(display, *relative)
@@ -322,10 +324,12 @@ class _Expander:
                     found.append((tuple(_natural_key(part) for part in relative), source))
                 elif source is not None:
                     problems.append(source)
+                else:
+                    skipped[kind] = skipped.get(kind, 0) + 1
         found.sort(key=lambda item: item[0])
         sources = [source for _, source in found]
         if not sources and not problems:
-            return [Source(display, path=folder, error="folder has no files (hidden files are skipped)")]
+            return [Source(display, path=folder, error=_nothing_to_read(skipped))]
         return sources + problems
 
     def _first_visit(self, directory: Path, visited: set[tuple[int, int]]) -> bool:
@@ -341,7 +345,8 @@ class _Expander:
         return True
 
     def _entry(self, path: Path, name: str) -> tuple[str, Source | None]:
-        """What a path found in a folder or by a glob is: ("folder", None), ("file", source) or ("skip", ...)."""
+        """What a path found in a folder or by a glob is: ("folder", None), ("file", source), or why it is
+        passed over, with no source: "output" (monkey wrote it), "link" (to a folder), "special" (a FIFO...)."""
         try:
             link = path.is_symlink()
             mode = os.stat(path).st_mode
@@ -350,12 +355,12 @@ class _Expander:
         if stat.S_ISDIR(mode):
             if link:
                 _note(f"{name}: skipped: a symbolic link to a folder (links to folders are not followed)")
-                return "skip", None
-            return ("skip", None) if self._excluded(path) else ("folder", None)
+                return "link", None
+            return ("output", None) if self._excluded(path) else ("folder", None)
         if stat.S_ISREG(mode):
-            return ("skip", None) if self._excluded(path) else ("file", Source(name, path=path))
+            return ("output", None) if self._excluded(path) else ("file", Source(name, path=path))
         _note(f"{name}: skipped: {_special_kind(mode)}, not a regular file")
-        return "skip", None
+        return "special", None
 
     def _glob(self, pattern: str) -> list[Source]:
         matches = sorted(set(self._glob_matches(os.path.expanduser(pattern))), key=_natural_key)
@@ -480,6 +485,24 @@ def _isatty(stream: Any) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError, OSError):
         return False
+
+
+_SKIPPED_WORDS = {
+    "hidden": ("hidden", "hidden"),
+    "output": ("written by monkey (its outputs)", "written by monkey (its outputs)"),
+    "link": ("a link to a folder", "links to folders"),
+    "special": ("not a regular file", "not regular files"),
+}
+
+
+def _nothing_to_read(skipped: dict[str, int]) -> str:
+    """Why a folder gave no document: empty, or what its entries were (never "no files" when it has some)."""
+    if not skipped:
+        return "folder is empty"
+    total = sum(skipped.values())
+    parts = ", ".join(f"{count} {_SKIPPED_WORDS[kind][count != 1]}" for kind, count in skipped.items())
+    entries = "its one entry was skipped" if total == 1 else f"all its {total} entries were skipped"
+    return f"folder has nothing to read: {entries} ({parts})"
 
 
 def _natural_key(name: str) -> tuple[Any, ...]:

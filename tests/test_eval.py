@@ -650,4 +650,26 @@ def test_end_to_end_with_the_tiny_checkpoint(tiny_monkey_dir, tmp_path):
     assert result.exit_code == 0, result.output
     cli_records = read_jsonl(tmp_path / "cli" / "set.predictions.jsonl")
     assert [r["answer"] for r in cli_records] == [r["answer"] for r in records]
-    assert result.stdout == f"set\tanls\t{run.score!r}\n"
+    assert result.stdout == f"set\tanls\t{round(run.score, 4)!r}\n"
+
+
+def test_scores_on_a_line_are_rounded_and_json_keeps_every_digit(tmp_path):
+    rows = [{"question_id": n, "answer": "yes" if n else "no", "annotation": ["yes"]} for n in range(3)]
+    path = write_jsonl(tmp_path / "pred.jsonl", rows)
+    text = CliRunner().invoke(app, ["eval", "score", str(path), "--metric", "accuracy"])
+    assert text.stdout == "accuracy 0.6667 over 3 predictions\n"
+    as_json = CliRunner().invoke(app, ["eval", "score", str(path), "--metric", "accuracy", "--format", "json"])
+    assert json.loads(as_json.stdout)["score"] == 2 / 3
+
+
+def test_results_md_names_the_adapter(tmp_path):
+    from monkey_cli.evaluation.runner import results_markdown
+
+    entry = {"dataset": "docvqa", "metric": "anls", "n_scored": 3, "n_items": 3, "n_failed": 0, "percent": 50.0}
+    plain = results_markdown({"model": "m", "datasets": {"docvqa": entry}})
+    assert "Adapter" not in plain
+    tuned = {**entry, "dataset": "forms", "model_settings": {"adapter": "runs/forms", "adapter_sha256": "ab" * 32}}
+    both = results_markdown({"model": "m", "datasets": {"docvqa": entry, "forms": tuned}})
+    assert "| Dataset | Metric | Score (%) | Scored | Failed | Adapter |" in both
+    assert "| forms | ANLS | 50.00 | 3/3 | 0 | `runs/forms` (sha256 abababababab) |" in both
+    assert "| docvqa | ANLS | 50.00 | 3/3 | 0 | - |" in both

@@ -148,8 +148,7 @@ def run_command(
         )
         runner.print_results_table(runs)
         for run in runs:
-            score = "nan" if run.score is None else repr(run.score)
-            typer.echo(f"{run.task.name}\t{run.task.metric}\t{score}")
+            typer.echo(f"{run.task.name}\t{run.task.metric}\t{_shown(run.score)}")
         failed = sum(run.failed for run in runs)
         if failed:
             warn(f"{failed} item(s) failed; see the *.errors.jsonl files in {out}")
@@ -279,8 +278,16 @@ def score_command(
 
 def _score_line(metric: str, score: float, n: int, details: dict[str, Any]) -> str:
     extra = f" (unrounded {details['score_unrounded']!r})" if "score_unrounded" in details else ""
-    value = "nan" if math.isnan(score) else repr(score)
-    return f"{metric} {value}{extra} over {n} predictions"
+    return f"{metric} {_shown(score)}{extra} over {n} predictions"
+
+
+SHOWN_DIGITS = 4  # a score on a line: 0.8333, not 0.8333333333333334 (JSON and results.json keep every digit)
+
+
+def _shown(score: float | None) -> str:
+    if score is None or math.isnan(score):
+        return "nan"
+    return repr(round(score, SHOWN_DIGITS))
 
 
 @eval_app.command("datasets", cls=Command)

@@ -674,14 +674,31 @@ def table_rows(entries: Sequence[dict[str, Any]]) -> list[list[str]]:
 TABLE_HEADER = ["Dataset", "Metric", "Score (%)", "Scored", "Failed"]
 
 
+def _adapter_cell(entry: dict[str, Any]) -> str:
+    settings = entry.get("model_settings")
+    adapter = settings.get("adapter") if isinstance(settings, dict) else None
+    if not adapter:
+        return "-"
+    digest = settings.get("adapter_sha256")
+    return f"`{adapter}`" + (f" (sha256 {str(digest)[:12]})" if digest else "")
+
+
 def results_markdown(results: dict[str, Any]) -> str:
+    """results.md: the model, and the table; an Adapter column when a dataset ran with a LoRA adapter (its
+    folder and the first 12 digits of its content hash: a retrained adapter in the same folder shows)."""
     lines = ["# Evaluation results", ""]
     if results.get("model"):
         lines += [f"Model: `{results['model']}`", ""]
-    lines.append("| " + " | ".join(TABLE_HEADER) + " |")
-    lines.append("|---|---|---:|---:|---:|")
-    for row in table_rows(list(results["datasets"].values())):
-        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
+    entries = list(results["datasets"].values())
+    adapters = [_adapter_cell(entry) for entry in entries]
+    header, align = list(TABLE_HEADER), "|---|---|---:|---:|---:|"
+    if any(cell != "-" for cell in adapters):
+        header, align = [*header, "Adapter"], align + "---|"
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append(align)
+    for row, adapter in zip(table_rows(entries), adapters, strict=True):
+        cells = row + ([adapter] if len(header) > len(row) else [])
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     lines += [
         "",
         "Scores: ANLS, relaxed accuracy and accuracy as fractions x 100; VQA score as the VQA toolkit "

@@ -279,4 +279,6 @@ def _bad_value(exc: Any, ctx: Any) -> str:
     source = ctx.get_parameter_source(param.name) if param.name else None
     if source is not None and source.name == "ENVIRONMENT" and param.envvar:
         name = f"{name} (from ${param.envvar})"
-    return f"{name} {exc.message}"
+    from monkey_cli.cli.options import Sentence
+
+    return f"{name}: {exc.message}" if isinstance(exc, Sentence) else f"{name} {exc.message}"

@@ -107,7 +107,7 @@ class Monkey:
         from monkey_cli.model.configuration import load_config
         from monkey_cli.model.loading import load_model, sampling_defaults
         from monkey_cli.model.processor import MonkeyImageProcessor
-        from monkey_cli.model.sources import resolve_device, resolve_source, warn_if_slow
+        from monkey_cli.model.sources import display_name, resolve_device, resolve_source, warn_if_slow
         from monkey_cli.model.tokenizer import QWenTokenizer
 
         tasks.is_chat_checkpoint(style=prompt_style)  # a bad style fails before any work
@@ -146,7 +146,7 @@ class Monkey:
             model=model,
             tokenizer=tokenizer,
             processor=MonkeyImageProcessor(config.vision),
-            name=str(source),
+            name=display_name(source),
             quant=choice.plan.quant,
             chat=tasks.is_chat_checkpoint(source, folder, style=prompt_style),
             batch_size=choice.batch_size,

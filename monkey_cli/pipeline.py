@@ -117,7 +117,7 @@ def run(
         engine = Engine(
             options.job,
             load_model=lambda: load(device),
-            model_name=options.model.source,
+            model_name=model_name(options.model),
             quant=quant,
             streamer_factory=streamer_factory,
         )
@@ -143,6 +143,13 @@ def run(
             folder.close()
         summary.seconds = time.perf_counter() - started
     return summary
+
+
+def model_name(model: ModelOptions) -> str:
+    """The model as records name it: as the user named it, a cache snapshot folder by its hub id."""
+    from monkey_cli.model.sources import display_name
+
+    return display_name(model.source)
 
 
 def reads_text_layer(job: Job) -> bool:
@@ -201,7 +208,7 @@ def _failure(source: str, options: RunOptions, quant: str, message: str) -> Reco
         pages=None,
         task=job.task,
         prompt=prompt,
-        model=options.model.source,
+        model=model_name(options.model),
         quant=quant,
     )
 

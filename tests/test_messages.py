@@ -71,3 +71,36 @@ def test_a_folder_with_files_is_never_said_to_have_none(tmp_path) -> None:
     assert f"error: {hidden}: folder has nothing to read: its one entry was skipped (1 hidden)" in result.stderr
     (tmp_path / "empty").mkdir()
     assert f"error: {tmp_path / 'empty'}: folder is empty" in _cli("read", tmp_path / "empty").stderr
+
+
+def _snapshot(tmp_path, revision: str, main: str):
+    """tiny-monkey laid out as a Hugging Face cache snapshot of echo840/Monkey-Chat at `revision`."""
+    import shutil
+
+    from conftest import require_parity
+
+    cache = tmp_path / "hub" / "models--echo840--Monkey-Chat"
+    snapshot = cache / "snapshots" / revision
+    shutil.copytree(require_parity("tiny-monkey"), snapshot)
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text(main)
+    return snapshot
+
+
+def test_a_cache_snapshot_is_named_by_its_hub_id_never_its_path(tmp_path) -> None:
+    import json
+
+    from monkey_cli.model.sources import display_name
+
+    main = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = _snapshot(tmp_path, main, main)
+    result = _cli("caption", CHART, "--model", snapshot, "-f", "json", "--max-new-tokens", "2")
+    assert result.exit_code == 0, result.stderr
+    (record,) = json.loads(result.stdout)["records"]
+    assert record["model"] == "echo840/Monkey-Chat" and str(tmp_path) not in result.stdout
+    assert display_name(str(snapshot) + "/") == "echo840/Monkey-Chat"
+    older = snapshot.parent / "fedcba9876543210fedcba9876543210fedcba98"
+    older.mkdir()
+    assert display_name(older) == "echo840/Monkey-Chat@fedcba987654"  # not what main points to: which one
+    assert display_name("checkpoints/mine") == "checkpoints/mine"  # anything else: as the user named it
+    assert display_name("echo840/Monkey") == "echo840/Monkey"

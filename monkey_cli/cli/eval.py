@@ -106,6 +106,7 @@ def run_command(
             needs_extra("finetune")
         from monkey_cli.evaluation import runner
         from monkey_cli.finetune.adapters import adapter_fingerprint
+        from monkey_cli.model.sources import display_name
 
         if file is not None:
             tasks = [
@@ -135,7 +136,7 @@ def run_command(
             out,
             batch_size=batch_size,
             limit=limit,
-            model_name=model,
+            model_name=display_name(model),
             model_info={
                 "device": device,
                 "dtype": dtype,

@@ -63,7 +63,7 @@ class DocumentWorker:
         engine = Engine(
             options.job,
             load_model=self._loaded_model,
-            model_name=options.model.source,
+            model_name=pipeline.model_name(options.model),
             quant=self.setup.quant,
             loop=_SharedLoop(self),
         )

@@ -108,7 +108,9 @@ def run(
         return model
 
     try:
-        sources = documents.expand_inputs(list(options.inputs), stdin, exclude=OutputsFilter(folder))
+        sources = documents.expand_inputs(
+            list(options.inputs), stdin, exclude=OutputsFilter(folder), pipe_hint=pipe_hint(options.job)
+        )
         device, quant = _device_and_quant(options.model, options.job)
         settings = _settings(options, quant)
         pending = _pending_documents(sources, options, settings, summary, folder)
@@ -150,6 +152,11 @@ def model_name(model: ModelOptions) -> str:
     from monkey_cli.model.sources import display_name
 
     return display_name(model.source)
+
+
+def pipe_hint(job: Job) -> str:
+    """The command that reads one document from standard input, as the error for a URL input suggests it."""
+    return f"monkey {job.task} -" + (" -q QUESTION" if job.task == "ask" else "")
 
 
 def reads_text_layer(job: Job) -> bool:

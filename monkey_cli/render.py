@@ -247,7 +247,9 @@ def render_documents(
     selection = parse_pages(pages)
     folder = OutputFolder(out_dir, overwrite=overwrite)
     try:
-        sources = expand_inputs(list(inputs), stdin, exclude=OutputsFilter(folder))
+        sources = expand_inputs(
+            list(inputs), stdin, exclude=OutputsFilter(folder), pipe_hint=f"monkey render - --out {out_dir}"
+        )
         records = iter_pages(sources, size=window_size, pages=selection, password=password, max_pixels=max_pixels)
         directories = _relative_dirs(sources, blocked=lambda path: folder.blocked(path, folder=True))
     except BaseException:

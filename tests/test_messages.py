@@ -104,3 +104,17 @@ def test_a_cache_snapshot_is_named_by_its_hub_id_never_its_path(tmp_path) -> Non
     assert display_name(older) == "echo840/Monkey-Chat@fedcba987654"  # not what main points to: which one
     assert display_name("checkpoints/mine") == "checkpoints/mine"  # anything else: as the user named it
     assert display_name("echo840/Monkey") == "echo840/Monkey"
+
+
+@pytest.mark.parametrize(
+    ("command", "hint"),
+    [(["read"], "monkey read -"), (["ask", "-q", "Total?"], "monkey ask - -q QUESTION"),
+     (["caption"], "monkey caption -")],
+)  # fmt: skip
+def test_a_url_is_never_fetched_and_the_error_says_how_to_pipe_it(command: list[str], hint: str) -> None:
+    url = "https://example.com/report.pdf?download=1"
+    result = _cli(command[0], url, *command[1:], "--model", "nowhere/at-all")
+    assert result.exit_code == 1
+    assert f"error: {url}: is a URL, and only local files are read: pipe it in (curl -sL '{url}' | {hint})" in (
+        result.stderr
+    )

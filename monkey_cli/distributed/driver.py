@@ -40,7 +40,7 @@ from monkey_cli.engine.pages import IN_FLIGHT_PER_SLOT, DocumentEnd
 from monkey_cli.errors import MonkeyWarning
 from monkey_cli.output import Record
 from monkey_cli.output_folder import OutputFolder, OutputsFilter
-from monkey_cli.pipeline import RunOptions, Summary
+from monkey_cli.pipeline import RunOptions, Summary, pipe_hint
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,9 @@ def run(
     backend = None
     clean_end = False
     try:
-        sources = documents.expand_inputs(list(options.inputs), stdin, exclude=OutputsFilter(folder))
+        sources = documents.expand_inputs(
+            list(options.inputs), stdin, exclude=OutputsFilter(folder), pipe_hint=pipe_hint(options.job)
+        )
         on_start(len(sources))  # a total from the start: planning memory on a worker's GPU takes a while
         quant = options.model.quant
         if quant in (None, "auto"):  # the memory plan may need a worker's device (a GPU, a cluster's node)

@@ -22,6 +22,7 @@ import hashlib
 import io
 import os
 import re
+import shlex
 import stat
 import sys
 import warnings
@@ -42,6 +43,7 @@ Exclude = Callable[[Path], "str | None"]
 
 _CHUNK = 1 << 20
 _GLOB_MAGIC = re.compile(r"[*?[]")
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # http://, https://, s3://, file://: never fetched
 # Bytes no list of file names contains (tab, newline and carriage return excepted): binary data, not paths.
 _CONTROL_BYTES = re.compile(rb"[\x01-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _NUL_SEPARATED = re.compile(rb"[^\x00]+")
@@ -170,6 +172,7 @@ def expand_inputs(
     *,
     exclude: Exclude | None = None,
     max_stream_bytes: int | None = None,
+    pipe_hint: str = "monkey read -",
 ) -> list[Source]:
     """Resolve files, folders, globs and `-` into sources, in order, each file once.
 
@@ -178,14 +181,15 @@ def expand_inputs(
     `stdin` (default: the process's standard input): bytes that start like a supported document are that
     document, named `<stdin>`; otherwise they are paths, one per line (or NUL-separated, as `find -print0`
     writes them). Inputs that resolve to nothing become sources with `error` set, not exceptions; skipped
-    entries (special files, links to folders) are reported as `MonkeyWarning`s.
+    entries (special files, links to folders) are reported as `MonkeyWarning`s. A URL is never fetched: its
+    error says how to pipe it in (`curl -sL URL | ` + `pipe_hint`, the command that reads standard input).
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     texts = [os.fspath(raw) for raw in inputs]
     if texts.count("-") > 1:
         raise UsageError("'-' (standard input) can be given only once")
-    expander = _Expander(exclude, stream_limit(max_stream_bytes))
+    expander = _Expander(exclude, stream_limit(max_stream_bytes), pipe_hint)
     sources: list[Source] = []
     for text in texts:
         sources.extend(expander.stdin(stdin) if text == "-" else expander.explicit(text))
@@ -197,9 +201,10 @@ def _note(message: str) -> None:
 
 
 class _Expander:
-    def __init__(self, exclude: Exclude | None, limit: int) -> None:
+    def __init__(self, exclude: Exclude | None, limit: int, pipe_hint: str = "monkey read -") -> None:
         self.exclude = exclude
         self.limit = limit
+        self.pipe_hint = pipe_hint
 
     # --- standard input and streams ---------------------------------------------------------------------
 
@@ -275,6 +280,9 @@ class _Expander:
         try:
             mode = os.stat(path).st_mode
         except OSError as exc:
+            if exc.errno == errno.ENOENT and not os.path.lexists(path) and _URL.match(raw):
+                message = f"is a URL, and only local files are read: pipe it in (curl -sL {shlex.quote(raw)} | "
+                return [Source(raw, error=message + f"{self.pipe_hint})")]
             if exc.errno == errno.ENOENT and not os.path.lexists(path) and _GLOB_MAGIC.search(raw):
                 return self._glob(raw)
             return [Source(raw, path=path, error=_stat_problem(exc, path))]

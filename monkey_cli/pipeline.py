@@ -60,10 +60,12 @@ class Summary:
     seconds: float = 0.0
     written: list[Path] = field(default_factory=list)
 
-    def line(self) -> str:
+    def line(self, out_dir: Path | None = None) -> str:
+        """`3 documents, 5 pages, 0 failed, 4.2 s`; with an output folder, also where the files went."""
         skipped = f", {self.skipped} already done" if self.skipped else ""
         counts = f"{_count(self.documents, 'document')}, {_count(self.pages, 'page')}, {self.failed} failed"
-        return f"{counts}{skipped}, {self.seconds:.1f} s"
+        where = "" if out_dir is None else f"; results in {out_dir} ({_count(len(self.written), 'file')} written)"
+        return f"{counts}{skipped}, {self.seconds:.1f} s{where}"
 
 
 def _count(n: int, noun: str) -> str:

@@ -3,6 +3,7 @@ flags on the command line, the library's own terms from Python), and points the 
 
 from __future__ import annotations
 
+import re
 import signal
 
 import pytest
@@ -118,3 +119,19 @@ def test_a_url_is_never_fetched_and_the_error_says_how_to_pipe_it(command: list[
     assert f"error: {url}: is a URL, and only local files are read: pipe it in (curl -sL '{url}' | {hint})" in (
         result.stderr
     )
+
+
+def test_the_summary_of_an_out_run_says_where_the_files_went(tmp_path) -> None:
+    from conftest import require_parity
+
+    out = tmp_path / "results"
+    args = ["read", SAMPLES_DIR / "invoice.pdf", SAMPLES_DIR / "report.pdf", "--out", out,
+            "--model", str(require_parity("tiny-monkey"))]  # fmt: skip
+    first = _cli(*args)
+    assert first.exit_code == 0 and first.stdout == ""
+    assert first.stderr.strip().splitlines()[-1].endswith(f"; results in {out} (2 files written)")
+    again = _cli(*args).stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"0 documents, 0 pages, 0 failed, 2 already done, [\d.]+ s; results in {re.escape(str(out))} "
+                        r"\(0 files written\)", again)  # fmt: skip
+    plain = _cli("read", SAMPLES_DIR / "invoice.pdf", "--model", str(require_parity("tiny-monkey")))
+    assert "results in" not in plain.stderr

@@ -303,7 +303,7 @@ def _execute(options: Any, scale: Any) -> None:
         _interrupted(writer, options)
     if writer is not None:
         writer.close()
-    warn(summary.line())
+    warn(summary.line(options.out_dir))
     if failed:
         raise typer.Exit(EXIT_SOME_FAILED)
 

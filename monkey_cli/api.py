@@ -45,6 +45,17 @@ SAMPLING_OPTIONS = ("min_new_tokens", "do_sample", "temperature", "top_p", "top_
 log = logging.getLogger("monkey_cli")
 
 
+# The log record's attribute that holds a message in the command line's terms: the CLI prints that one (it
+# speaks in flags), anyone else gets the library's own words (`Monkey.load`'s keyword arguments).
+CLI_WORDS = "cli_message"
+
+
+def say_choice(choice: Choice) -> None:
+    """Log what the memory plan decided (an automatic quantization, a lowered batch size), if anything."""
+    if choice.api_note:
+        log.warning(choice.api_note, extra={CLI_WORDS: choice.note})
+
+
 class PromptTooLongError(MonkeyError):
     """A prompt and its answer would not fit in the model's context."""
 
@@ -127,8 +138,7 @@ class Monkey:
         choice = _choose(
             config, device, dtype, quant, quant_vision, batch_size, max_new_tokens, max(fitting, default=None)
         )
-        if choice.note:
-            log.warning(choice.note)
+        say_choice(choice)
         model = load_model(
             folder,
             device=device,

@@ -333,9 +333,10 @@ def _device_and_quant(model: ModelOptions, job: Job) -> tuple[str, str]:
     return device, quant_choice(model, job, device)[0]
 
 
-def quant_choice(model: ModelOptions, job: Job, device: str) -> tuple[str, str | None]:
-    """The quantization loading on `device` will use, and for --quant auto the memory plan's note saying what
-    it chose and why (what `Monkey.load` logs); ("auto", None) when nothing fits (loading then says so)."""
+def quant_choice(model: ModelOptions, job: Job, device: str) -> tuple[str, Any]:
+    """The quantization loading on `device` will use, and for --quant auto the memory plan's `Choice` (whose
+    notes say what it chose and why: `api.say_choice` logs them); ("auto", None) when nothing fits (loading
+    then says so)."""
     from monkey_cli.api import Monkey
     from monkey_cli.model.memory import MemoryBudgetError
 
@@ -345,7 +346,7 @@ def quant_choice(model: ModelOptions, job: Job, device: str) -> tuple[str, str |
         choice = Monkey.choose(model.source, **_plan_options(model, job, device))
     except MemoryBudgetError:
         return "auto", None
-    return choice.plan.quant, choice.note
+    return choice.plan.quant, choice
 
 
 def _load(model: ModelOptions, job: Job, device: str) -> Any:

@@ -135,3 +135,31 @@ def test_the_summary_of_an_out_run_says_where_the_files_went(tmp_path) -> None:
                         r"\(0 files written\)", again)  # fmt: skip
     plain = _cli("read", SAMPLES_DIR / "invoice.pdf", "--model", str(require_parity("tiny-monkey")))
     assert "results in" not in plain.stderr
+
+
+def test_the_library_logs_its_decisions_in_its_own_words(caplog) -> None:
+    """From Python, `Monkey.load` says what it chose with its own keyword arguments; the CLI, with flags."""
+    import logging
+
+    from conftest import require_parity
+
+    from monkey_cli import Monkey
+    from monkey_cli.model import memory
+
+    tiny = str(require_parity("tiny-monkey"))
+    with caplog.at_level(logging.INFO, logger="monkey_cli"):
+        Monkey.load(tiny, device="cpu")
+    (said,) = [record for record in caplog.records if record.name == "monkey_cli"]
+    assert said.getMessage().startswith('quant="auto": using quant="none" in float32: it needs ')
+    assert "--" not in said.getMessage()
+    assert said.cli_message.startswith("--quant auto: using --quant none in float32: it needs ")
+    from monkey_cli.model.configuration import load_config
+
+    # The lowered batch size too, in both spellings.
+    plan = memory.plan(load_config(tiny), "none", "float32")
+    choice = memory.choose(load_config(tiny), plan.total_bytes + 1, quant="none", batch_size=64, device="cpu",
+                           dtype="float32")  # fmt: skip
+    assert choice.note.startswith("--batch-size 64 lowered to 1, what fits with --quant none in the ")
+    assert choice.api_note.startswith('batch_size=64 lowered to 1, what fits with quant="none" in the ')
+    cli = _cli("caption", CHART, "--model", tiny, "--max-new-tokens", "2")
+    assert "--quant auto: using --quant none in float32" in cli.stderr and 'quant="auto"' not in cli.stderr

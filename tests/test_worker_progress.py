@@ -98,7 +98,8 @@ def test_the_quant_auto_choice_is_said_once_for_all_workers(caplog: pytest.LogCa
     )
     with caplog.at_level(logging.INFO, logger="monkey_cli"):
         quant = LocalWorkers(2, "cpu").resolve_quant(options)
-    said = [record.getMessage() for record in caplog.records if record.name == "monkey_cli"]
-    assert quant == "none" and len(said) == 1 and said[0].startswith("--quant auto: using --quant none")
+    said = [record for record in caplog.records if record.name == "monkey_cli"]
+    assert quant == "none" and len(said) == 1
+    assert said[0].cli_message.startswith("--quant auto: using --quant none")  # what the CLI prints
     setup = driver._setup(options, quant, {}, LocalWorkers(2, "cpu"))
     assert setup.options.model.quant == "none"  # what each worker loads: explicit, so it logs no choice

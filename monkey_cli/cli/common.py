@@ -166,7 +166,10 @@ class _StderrLines(logging.Handler):
         own = record.name == OWN_LOGGER or record.name.startswith(OWN_LOGGER + ".")
         if not own and not (self.verbose and record.levelno >= logging.WARNING):
             return
-        message = record.getMessage().strip().splitlines()
+        from monkey_cli.api import CLI_WORDS  # light: the API module imports torch only when a model loads
+
+        # The library's own decisions come with their command-line spelling: a CLI speaks in flags.
+        message = (getattr(record, CLI_WORDS, None) or record.getMessage()).strip().splitlines()
         prefix = "" if own and record.levelno < logging.ERROR else f"{record.levelname.lower()}: "
         warn(prefix + (message[0] if message else record.name))
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import logging
 import multiprocessing
 import os
 import pickle
@@ -118,8 +117,8 @@ class LocalWorkers:
         if model.quant not in (None, "auto"):
             return model.quant
         if self.device == "cpu":
-            quant, note = pipeline.quant_choice(model, job, "cpu")
-            _said_once(note)
+            quant, choice = pipeline.quant_choice(model, job, "cpu")
+            _said_once(choice)
             return quant
         # The memory plan for --quant auto needs a GPU's free memory: the first worker makes it, so that this
         # process never holds a CUDA context (memory on a GPU that a worker needs).
@@ -273,10 +272,12 @@ class LocalWorkers:
             worker.conn.close()
 
 
-def _said_once(note: str | None) -> None:
+def _said_once(choice: Any) -> None:
     """The --quant auto choice, said by the driver for every worker (each then loads what it names)."""
-    if note:
-        logging.getLogger("monkey_cli").warning(note)
+    if choice is not None:
+        from monkey_cli.api import say_choice
+
+        say_choice(choice)
 
 
 @contextlib.contextmanager

@@ -77,6 +77,11 @@ def test_ray_without_ray() -> None:
     assert line == "error: monkey read needs the 'ray' extra (ray is not installed): pip install 'monkey-cli[ray]'"
 
 
+def test_mcp_without_the_mcp_extra(tmp_path: Path) -> None:
+    line = _one_line(_monkey_without(["mcp"], "mcp", "--root", str(tmp_path)))
+    assert line == "error: monkey mcp needs the 'mcp' extra (mcp is not installed): pip install 'monkey-cli[mcp]'"
+
+
 def test_a_missing_module_of_no_extra_is_still_unexpected() -> None:
     """A broken installation is not fixed by an extra: it stays an unexpected error (exit 1), not advice."""
     import typer

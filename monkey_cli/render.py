@@ -250,7 +250,9 @@ def render_documents(
         sources = expand_inputs(
             list(inputs), stdin, exclude=OutputsFilter(folder), pipe_hint=f"monkey render - --out {out_dir}"
         )
-        records = iter_pages(sources, size=window_size, pages=selection, password=password, max_pixels=max_pixels)
+        records = iter_pages(  # pixels only: no text layer is read
+            sources, size=window_size, pages=selection, password=password, max_pixels=max_pixels, text_layer=False
+        )
         directories = _relative_dirs(sources, blocked=lambda path: folder.blocked(path, folder=True))
     except BaseException:
         folder.close()

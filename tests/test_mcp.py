@@ -191,3 +191,33 @@ def test_paths_outside_the_root_and_links_out_are_tool_errors(session) -> None:
     assert notes.is_error and "unsupported type: text" in notes.content[0].text
     assert seen["no question"].is_error and "ask needs a question" in seen["no question"].content[0].text
     assert seen["bad pages"].is_error and "pages are numbered from 1" in seen["bad pages"].content[0].text
+
+
+@pytest.mark.parametrize("how", ["client leaves", "SIGTERM"])
+def test_the_server_ends_when_its_client_leaves_or_on_a_signal(root: Path, how: str) -> None:
+    """Closing its input ends it cleanly (exit 0, nothing said); SIGTERM ends it like any command (143, one
+    `interrupted` line); never a traceback, never a byte on stdout that is not MCP."""
+    import signal
+    import subprocess
+
+    pytest.importorskip("mcp")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    process = subprocess.Popen([sys.executable, "-m", "monkey_cli", "mcp", "--root", str(root)], env=env,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    hello = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18",
+             "capabilities": {}, "clientInfo": {"name": "test", "version": "0"}}}  # fmt: skip
+    process.stdin.write((json.dumps(hello) + "\n").encode())
+    process.stdin.flush()
+    answer = json.loads(process.stdout.readline())  # it is serving: the signal handlers are in place
+    assert answer["id"] == 1 and "result" in answer, answer
+    if how == "SIGTERM":
+        process.send_signal(signal.SIGTERM)
+    else:
+        process.stdin.close()
+    try:
+        code = process.wait(timeout=60)
+    finally:
+        process.kill()
+    stderr = process.stderr.read().decode()
+    assert process.stdout.read() == b""
+    assert (code, stderr.strip()) == ((143, "interrupted") if how == "SIGTERM" else (0, ""))

@@ -3,13 +3,14 @@ assistant or an agent, on files under DIR only, with the model options of the ot
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
 from monkey_cli.cli import app
-from monkey_cli.cli.common import Command, needs_extra, user_errors
+from monkey_cli.cli.common import Command, needs_extra, user_errors, warn
 from monkey_cli.cli.options import (
     INPUT,
     Adapter,
@@ -82,4 +83,22 @@ def mcp(
             adapter=None if adapter is None else str(adapter),
         )
         settings = ToolSettings(options, max_new_tokens=max_new_tokens, batch_size=batch_size)
-        serve_stdio(DocumentService(RootFolder(root), settings))
+        try:
+            serve_stdio(DocumentService(RootFolder(root), settings))
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP (monkey_cli.signals)
+            _leave_now()
+
+
+def _leave_now() -> NoReturn:
+    """End at once with 128 + the signal: the SDK reads stdin on a worker thread that only the client's
+    closing its end stops, and the interpreter would wait for it at exit. Nothing is left to save."""
+    import os
+    import sys
+
+    from monkey_cli import signals
+
+    warn("interrupted")
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(signals.exit_code())

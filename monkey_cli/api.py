@@ -45,6 +45,17 @@ SAMPLING_OPTIONS = ("min_new_tokens", "do_sample", "temperature", "top_p", "top_
 log = logging.getLogger("monkey_cli")
 
 
+# The log record's attribute that holds a message in the command line's terms: the CLI prints that one (it
+# speaks in flags), anyone else gets the library's own words (`Monkey.load`'s keyword arguments).
+CLI_WORDS = "cli_message"
+
+
+def say_choice(choice: Choice) -> None:
+    """Log what the memory plan decided (an automatic quantization, a lowered batch size), if anything."""
+    if choice.api_note:
+        log.warning(choice.api_note, extra={CLI_WORDS: choice.note})
+
+
 class PromptTooLongError(MonkeyError):
     """A prompt and its answer would not fit in the model's context."""
 
@@ -107,7 +118,7 @@ class Monkey:
         from monkey_cli.model.configuration import load_config
         from monkey_cli.model.loading import load_model, sampling_defaults
         from monkey_cli.model.processor import MonkeyImageProcessor
-        from monkey_cli.model.sources import resolve_device, resolve_source, warn_if_slow
+        from monkey_cli.model.sources import display_name, resolve_device, resolve_source, warn_if_slow
         from monkey_cli.model.tokenizer import QWenTokenizer
 
         tasks.is_chat_checkpoint(style=prompt_style)  # a bad style fails before any work
@@ -127,8 +138,7 @@ class Monkey:
         choice = _choose(
             config, device, dtype, quant, quant_vision, batch_size, max_new_tokens, max(fitting, default=None)
         )
-        if choice.note:
-            log.warning(choice.note)
+        say_choice(choice)
         model = load_model(
             folder,
             device=device,
@@ -146,7 +156,7 @@ class Monkey:
             model=model,
             tokenizer=tokenizer,
             processor=MonkeyImageProcessor(config.vision),
-            name=str(source),
+            name=display_name(source),
             quant=choice.plan.quant,
             chat=tasks.is_chat_checkpoint(source, folder, style=prompt_style),
             batch_size=choice.batch_size,
@@ -248,7 +258,8 @@ class Monkey:
         if not isinstance(document, (str, os.PathLike)):
             raise TypeError(f"expected a PIL image, a Page or a path, got {type(document).__name__}")
         size = self.processor.input_size
-        pages: list[Page] = load_documents([document], size=size, pages=None if page is None else [page])
+        selected = None if page is None else [page]
+        pages: list[Page] = load_documents([document], size=size, pages=selected, text_layer=False)  # images only
         return [p.image for p in pages], page is not None or len(pages) == 1
 
     # --- batched generation -------------------------------------------------------------------------

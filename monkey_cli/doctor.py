@@ -1,7 +1,8 @@
 """`monkey doctor`: what this machine can run, found out without loading a model.
 
-`collect()` returns a JSON-ready dict of independent probes (Python, torch and its devices,
-bitsandbytes, transformers, the Hugging Face cache, and which --quant fits where). A probe that fails
+`collect(model)` returns a JSON-ready dict of independent probes (Python, torch and its devices,
+bitsandbytes, transformers, the Hugging Face cache, and which --quant fits where for `model`: the default
+checkpoint, or the one `monkey doctor --model` / MONKEY_MODEL names, sized from its config.json). A probe that fails
 records {"error": "..."} in its section; it never stops the others, so the report is most useful
 exactly when something is broken.
 """
@@ -31,19 +32,20 @@ _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json
 _WEIGHT_SINGLES = ("model.safetensors", "pytorch_model.bin")
 
 
-def collect() -> dict[str, Any]:
-    """Everything `monkey doctor` reports, as plain JSON-serialisable data."""
+def collect(model: str = DEFAULT_MODEL) -> dict[str, Any]:
+    """Everything `monkey doctor` reports, as plain JSON-serialisable data; the memory plan is `model`'s."""
     report: dict[str, Any] = {
         "monkey_cli": {"version": __version__},
+        "model": model,
         "python": _probe(_python),
         "torch": _probe(_torch),
         "devices": _probe(_devices),
         "bitsandbytes": _probe(_bitsandbytes),
         "compile": _probe(_compile),
         "transformers": _probe(_transformers),
-        "huggingface_hub": _probe(_huggingface_hub),
+        "huggingface_hub": _probe(lambda: _huggingface_hub(model)),
     }
-    report["memory"] = _probe(lambda: _memory(report["devices"]))
+    report["memory"] = _probe(lambda: _memory(report["devices"], model))
     report["problems"] = problems(report)
     return report
 
@@ -229,8 +231,10 @@ def _transformers() -> dict[str, Any]:
     }
 
 
-def _huggingface_hub() -> dict[str, Any]:
+def _huggingface_hub(model: str = DEFAULT_MODEL) -> dict[str, Any]:
     from huggingface_hub import constants
+
+    from monkey_cli.model.sources import is_hub_id
 
     # The constants are read from the environment when huggingface_hub is first imported, which is
     # exactly what the loader will use in this process.
@@ -239,7 +243,10 @@ def _huggingface_hub() -> dict[str, Any]:
         "version": _version("huggingface_hub"),
         "cache_dir": str(cache),
         "offline": bool(constants.HF_HUB_OFFLINE),
-        "models": {repo: _probe(lambda repo=repo: cached_model(repo, cache)) for repo in KNOWN_MODELS},
+        "models": {
+            repo: _probe(lambda repo=repo: cached_model(repo, cache))
+            for repo in dict.fromkeys([*KNOWN_MODELS, *([model] if _is_repo(model, is_hub_id) else [])])
+        },
     }
 
 
@@ -270,25 +277,42 @@ def _missing_weights(snapshot: Path) -> list[str]:
     return ["weights (" + " / ".join(_WEIGHT_SINGLES + _WEIGHT_INDEXES) + ")"]
 
 
-def default_dtype(device: str, bf16: bool = True) -> str:
-    """The compute dtype --dtype auto gives the released (bfloat16) checkpoints: bfloat16 on the CPU and on
-    GPUs that have it (`bf16`), float16 on older GPUs."""
+def _is_repo(model: str, is_hub_id: Callable[[str], bool]) -> bool:
+    return is_hub_id(model) and not Path(model).expanduser().is_dir()
+
+
+def default_dtype(device: str, bf16: bool = True, checkpoint: str = "bfloat16") -> str:
+    """The compute dtype --dtype auto gives a checkpoint of precision `checkpoint` (the released Monkeys:
+    bfloat16): its own, except float16 for bfloat16 on a GPU without it (`bf16`) and float32 for float16
+    on the CPU (as `model.loading.resolve_dtype` decides, without loading torch's device state)."""
     if device.startswith("cuda"):
-        return "bfloat16" if bf16 else "float16"
-    return "bfloat16"
+        return "float16" if checkpoint == "bfloat16" and not bf16 else checkpoint
+    return "float32" if checkpoint == "float16" else checkpoint
 
 
-def _memory(devices: dict[str, Any]) -> dict[str, Any]:
-    """Which --quant fits on which device for the released model, batch size 1, default lengths."""
-    from monkey_cli.model.configuration import real_monkey_config
+def model_config(model: str) -> Any:
+    """The config `model` is sized from: a local folder's config.json, the hub cache's copy, or for a hub id
+    not cached yet the released checkpoints' shape; a path that is no folder is an error, not a guess."""
+    from monkey_cli.errors import ConfigError
+    from monkey_cli.model.sources import is_hub_id, peek_config
+
+    if not Path(model).expanduser().is_dir() and not is_hub_id(model):
+        raise ConfigError(f"--model {model}: no such checkpoint folder (and not a hub id such as owner/name)")
+    return peek_config(model)
+
+
+def _memory(devices: dict[str, Any], model: str = DEFAULT_MODEL) -> dict[str, Any]:
+    """Which --quant fits on which device for `model`, batch size 1, default lengths."""
     from monkey_cli.model.memory import AUTO_OPTIONS, plan
 
-    config = real_monkey_config()
+    config = model_config(model)
+    precision = config.checkpoint_dtype
     targets: list[tuple[str, int | None, str]] = []
     for cuda in devices.get("cuda", []):
         if "device" in cuda:
-            targets.append((cuda["device"], cuda["free_bytes"], default_dtype(cuda["device"], cuda["bf16"])))
-    targets.append(("cpu", devices.get("cpu", {}).get("available_bytes"), default_dtype("cpu")))
+            dtype = default_dtype(cuda["device"], cuda["bf16"], precision)
+            targets.append((cuda["device"], cuda["free_bytes"], dtype))
+    targets.append(("cpu", devices.get("cpu", {}).get("available_bytes"), default_dtype("cpu", True, precision)))
     plans = []
     for device, budget, dtype in targets:
         auto_found = False
@@ -310,7 +334,7 @@ def _memory(devices: dict[str, Any]) -> dict[str, Any]:
                     "auto": auto,
                 }
             )
-    return {"model": DEFAULT_MODEL, "batch_size": 1, "plans": plans}
+    return {"model": model, "batch_size": 1, "plans": plans}
 
 
 # --- findings ------------------------------------------------------------------------------------
@@ -339,22 +363,22 @@ def problems(report: dict[str, Any]) -> list[str]:
             f"{transformers_info.get('tested_range')}"
         )
     hub = report.get("huggingface_hub", {})
-    default = hub.get("models", {}).get(DEFAULT_MODEL, {})
-    if default.get("status") != "complete" and "error" not in hub:
+    model = report.get("model", DEFAULT_MODEL)
+    cached = hub.get("models", {}).get(model)
+    if cached is not None and cached.get("status") != "complete" and "error" not in hub:
         if hub.get("offline"):
-            found.append(f"{DEFAULT_MODEL} is not cached and HF_HUB_OFFLINE is set: it cannot be downloaded")
+            found.append(f"{model} is not cached and HF_HUB_OFFLINE is set: it cannot be downloaded")
         else:
-            found.append(f"{DEFAULT_MODEL} is not cached: the first run downloads it ({_download_size()})")
+            found.append(f"{model} is not cached: the first run downloads it ({_download_size(model)})")
     plans = report.get("memory", {}).get("plans", [])
     if plans and not any(p["fits"] for p in plans):
         found.append("no --quant option fits in any device's free memory")
     return found
 
 
-def _download_size() -> str:
-    from monkey_cli.model.configuration import real_monkey_config
+def _download_size(model: str = DEFAULT_MODEL) -> str:
     from monkey_cli.model.memory import DTYPE_BYTES, format_bytes, parameter_counts
 
-    config = real_monkey_config()
+    config = model_config(model)
     parameters = sum(parameter_counts(config).values())
     return "about " + format_bytes(parameters * DTYPE_BYTES[config.checkpoint_dtype])

@@ -8,8 +8,11 @@ Streams (stdout carries results only):
   jsonl  one JSON object per record, written and flushed as soon as the record arrives so pipelines
          stream. Every line carries `"schema_version"` as its first key (rather than a header line),
          so each line stands alone: `grep`, `head`, `jq -c` and concatenating files all keep it valid.
-  md     a readable report, grouped by document and page, written at close (records of different
-         documents may arrive interleaved from a batched engine).
+  md     for `read`, the documents themselves as one Markdown document: each page's text (a PDF's text
+         layer is Markdown already; the model's reading is escaped, its lines kept), each page marked by
+         an HTML comment naming its source, page and where its text came from. For ask and caption, a
+         report grouped by document and page. Written at close (records of different documents may
+         arrive interleaved from a batched engine).
 
 Writers are context managers; `close()` (also on KeyboardInterrupt) writes what is finished, so Ctrl-C
 still leaves a valid JSON document / Markdown report of the records done so far.
@@ -256,7 +259,8 @@ class JsonlWriter(Writer):
 
 
 class MarkdownWriter(Writer):
-    """A report: `## document`, `### Page N`, question and answer, errors marked. Written at close."""
+    """`read`: the documents as Markdown; ask and caption: a report (`## document`, `### Page N`, question
+    and answer, errors marked). Written at close."""
 
     def __init__(self, stream: TextIO, *, multi: bool = False, show_prompt: bool = False) -> None:
         super().__init__(stream, multi=multi, show_prompt=show_prompt)
@@ -310,11 +314,6 @@ def _code_span(text: str) -> str:
     return f"{ticks}{padding}{text}{padding}{ticks}"
 
 
-def _fenced(text: str, info: str = "text") -> str:
-    fence = "`" * max(3, _longest_backtick_run(text) + 1)
-    return f"{fence}{info}\n{text.rstrip(chr(10))}\n{fence}"
-
-
 def _longest_backtick_run(text: str) -> int:
     return max((len(run) for run in re.findall(r"`+", text)), default=0)
 
@@ -328,6 +327,9 @@ def _group(records: Iterable[Record]) -> dict[str, dict[int | None, list[Record]
 
 
 def render_markdown(records: Sequence[Record]) -> str:
+    """`read` records as the documents' text in Markdown; any other task's as a report."""
+    if records and all(record.task == "read" for record in records):
+        return render_markdown_document(records)
     grouped = _group(records)
     errors = sum(not record.ok for record in records)
     lines = ["# monkey-cli results", ""]
@@ -366,9 +368,6 @@ def _markdown_record(record: Record) -> list[str]:
     label = {"ask": "**A:**", "caption": "**Caption:**", "read": "**Text:**"}[record.task]
     if not answer.strip():
         lines.append(f"{label} _{EMPTY_ANSWER}_")
-    elif record.task == "read":
-        # OCR text keeps its line layout, and its characters are not Markdown syntax.
-        lines += [label, "", _fenced(answer)]
     else:
         lines.append(f"{label} {answer}")
     lines.append("")
@@ -376,6 +375,75 @@ def _markdown_record(record: Record) -> list[str]:
         lines += ["_(from the PDF's text layer)_", ""]
     lines += [f"> **Warning:** {terminal_line(warning)}" for warning in record.warnings]
     return lines + ([""] if record.warnings else [])
+
+
+def render_markdown_document(records: Sequence[Record]) -> str:
+    """What `read -f md` writes: the pages' text one after the other, a Markdown document to keep or convert.
+
+    Each page starts with an HTML comment (invisible once rendered) that names its source, page and where
+    its text came from: `<!-- report.pdf p.2/3 · the PDF's text layer -->`. A text layer is Markdown already
+    (headings, lists, tables); what the model read is plain text, so its Markdown characters are escaped and
+    its lines kept as lines. An error is a visible quote; a page's warnings are comments.
+    """
+    blocks: list[str] = []
+    for source, pages in _group(records).items():
+        for page, page_records in pages.items():
+            for record in page_records:
+                blocks.append(_page_comment(source, page, record))
+                if not record.ok:
+                    blocks.append(f"> **Error:** {_escape_markdown(record.error or '')}")
+                else:
+                    blocks.append(_page_text(record))
+                blocks += [_comment(f"warning: {warning}") for warning in record.warnings]
+    return "\n\n".join(block for block in blocks if block) + "\n"
+
+
+def _page_comment(source: str, page: int | None, record: Record) -> str:
+    where = source if page is None else f"{source} p.{page}" + (f"/{record.pages}" if record.pages else "")
+    if not record.ok:
+        origin = "not read"
+    elif record.answer_source == "text_layer":
+        origin = "the PDF's text layer"
+    else:
+        origin = f"read by {record.model}" + (f" ({record.quant})" if record.quant else "")
+    return _comment(f"{terminal_line(where)} · {origin}")
+
+
+def _comment(text: str) -> str:
+    """An HTML comment holding `text` on one line; nothing in it can end the comment early."""
+    text = " ".join(terminal_line(text).split()).replace("-->", "-- >").replace("--!>", "--! >")
+    return f"<!-- {text} -->"
+
+
+def _page_text(record: Record) -> str:
+    answer = (record.answer or "").strip("\n")
+    if not answer.strip():
+        return f"_{EMPTY_ANSWER}_"
+    if record.answer_source == "text_layer":
+        return answer
+    paragraphs = re.split(r"\n\s*\n", answer)
+    # Lines of one paragraph stay lines: a backslash at the end of a line is Markdown's hard line break.
+    return "\n\n".join(
+        "\\\n".join(_escape_markdown(line) for line in paragraph.splitlines() if line.strip())
+        for paragraph in paragraphs
+        if paragraph.strip()
+    )
+
+
+_MARKDOWN_INLINE = re.compile(r"([\\`*_\[\]<>|~&])")
+_MARKDOWN_LINE_START = re.compile(r"^(\s*)([#>+=-]|\d+[.)])")
+
+
+def _escape_markdown(line: str) -> str:
+    """Plain text that reads as itself in Markdown: ASCII punctuation Markdown acts on is backslash-escaped
+    (always allowed in CommonMark), and nothing at a line's start can open a heading, quote, list or code."""
+    text = _MARKDOWN_INLINE.sub(r"\\\1", line.strip())
+    match = _MARKDOWN_LINE_START.match(text)
+    if match:
+        marker = match.group(2)
+        escaped = marker[:-1] + "\\" + marker[-1]
+        text = match.group(1) + escaped + text[match.end() :]
+    return text
 
 
 # ------------------------------------------------------------------------------------- output files

@@ -60,10 +60,12 @@ class Summary:
     seconds: float = 0.0
     written: list[Path] = field(default_factory=list)
 
-    def line(self) -> str:
+    def line(self, out_dir: Path | None = None) -> str:
+        """`3 documents, 5 pages, 0 failed, 4.2 s`; with an output folder, also where the files went."""
         skipped = f", {self.skipped} already done" if self.skipped else ""
         counts = f"{_count(self.documents, 'document')}, {_count(self.pages, 'page')}, {self.failed} failed"
-        return f"{counts}{skipped}, {self.seconds:.1f} s"
+        where = "" if out_dir is None else f"; results in {out_dir} ({_count(len(self.written), 'file')} written)"
+        return f"{counts}{skipped}, {self.seconds:.1f} s{where}"
 
 
 def _count(n: int, noun: str) -> str:
@@ -108,7 +110,9 @@ def run(
         return model
 
     try:
-        sources = documents.expand_inputs(list(options.inputs), stdin, exclude=OutputsFilter(folder))
+        sources = documents.expand_inputs(
+            list(options.inputs), stdin, exclude=OutputsFilter(folder), pipe_hint=pipe_hint(options.job)
+        )
         device, quant = _device_and_quant(options.model, options.job)
         settings = _settings(options, quant)
         pending = _pending_documents(sources, options, settings, summary, folder)
@@ -117,7 +121,7 @@ def run(
         engine = Engine(
             options.job,
             load_model=lambda: load(device),
-            model_name=options.model.source,
+            model_name=model_name(options.model),
             quant=quant,
             streamer_factory=streamer_factory,
         )
@@ -129,6 +133,7 @@ def run(
             size=options.size or model_input_size(options.model.source),
             pages=options.pages,
             password=options.password,
+            text_layer=reads_text_layer(options.job),
         )
         for name, records in _per_document(engine.run(page_errors.watch(pages)), on_record, summary):
             on_document(name)
@@ -142,6 +147,24 @@ def run(
             folder.close()
         summary.seconds = time.perf_counter() - started
     return summary
+
+
+def model_name(model: ModelOptions) -> str:
+    """The model as records name it: as the user named it, a cache snapshot folder by its hub id."""
+    from monkey_cli.model.sources import display_name
+
+    return display_name(model.source)
+
+
+def pipe_hint(job: Job) -> str:
+    """The command that reads one document from standard input, as the error for a URL input suggests it."""
+    return f"monkey {job.task} -" + (" -q QUESTION" if job.task == "ask" else "")
+
+
+def reads_text_layer(job: Job) -> bool:
+    """Whether the run answers PDF pages from their text layers (`read`, unless --force-ocr or --prompt):
+    only then are text layers converted (and judged) as pages are made."""
+    return job.task == "read" and not job.force_ocr and job.template is None
 
 
 class _PageErrors:
@@ -194,7 +217,7 @@ def _failure(source: str, options: RunOptions, quant: str, message: str) -> Reco
         pages=None,
         task=job.task,
         prompt=prompt,
-        model=options.model.source,
+        model=model_name(options.model),
         quant=quant,
     )
 
@@ -304,17 +327,26 @@ def _device_and_quant(model: ModelOptions, job: Job) -> tuple[str, str]:
     For --quant auto that is the memory plan's choice, made here from the config alone; when nothing fits
     the answer stays "auto" and loading, if a page needs the model, says what would fit.
     """
-    from monkey_cli.api import Monkey
-    from monkey_cli.model.memory import MemoryBudgetError
     from monkey_cli.model.sources import resolve_device
 
     device = resolve_device(model.device)
+    return device, quant_choice(model, job, device)[0]
+
+
+def quant_choice(model: ModelOptions, job: Job, device: str) -> tuple[str, Any]:
+    """The quantization loading on `device` will use, and for --quant auto the memory plan's `Choice` (whose
+    notes say what it chose and why: `api.say_choice` logs them); ("auto", None) when nothing fits (loading
+    then says so)."""
+    from monkey_cli.api import Monkey
+    from monkey_cli.model.memory import MemoryBudgetError
+
     if model.quant not in (None, "auto"):
-        return device, model.quant
+        return model.quant, None
     try:
-        return device, Monkey.choose(model.source, **_plan_options(model, job, device)).plan.quant
+        choice = Monkey.choose(model.source, **_plan_options(model, job, device))
     except MemoryBudgetError:
-        return device, "auto"
+        return "auto", None
+    return choice.plan.quant, choice
 
 
 def _load(model: ModelOptions, job: Job, device: str) -> Any:

@@ -4,10 +4,12 @@ Monkey cuts the input image (896x896 for the released checkpoints) into 448x448 
 read by LoRA k, and adds a 448x448 global view of the whole page. Writing those exact pixels lets a user
 check whether small print survives before running the model:
 
-    out/<path relative to the inputs' common folder>/
+    out/<path relative to the inputs' common folder>.pages/     (report.pdf -> out/report.pdf.pages/)
         page-001-grid.png        the page at input size, window borders drawn and numbered
         page-001-window-0.png    window 0 (top left), 1, ... in row-major order
         page-001-global.png      the global view
+
+The `.pages` suffix keeps a folder from passing for the document it shows (`find -name '*.pdf'`).
 
 The global view is computed as the model computes it: a bicubic interpolation (cubic coefficient -0.75,
 half-pixel centres, no antialiasing) of the input-size image, not a second Pillow resize. Because the
@@ -61,6 +63,7 @@ WINDOW = 448  # side of one window and of the global view, in pixels
 _CUBIC_A = -0.75  # torch's bicubic coefficient (Pillow uses -0.5)
 _GRID_COLOUR = (255, 0, 200)
 _UNSAFE_CHARACTERS = set('<>:"/\\|?*')
+FOLDER_SUFFIX = ".pages"  # a document's folder is its name plus this: report.pdf -> report.pdf.pages/
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,8 @@ def draw_window_grid(image: Image.Image) -> Image.Image:
 
 
 def output_dirs(sources: Iterable[Source], out_dir: Path) -> dict[str, Path]:
-    """Folder under `out_dir` for each source name: its path relative to the sources' common folder.
+    """Folder under `out_dir` for each source name: its path relative to the sources' common folder, plus
+    FOLDER_SUFFIX (a folder named `report.pdf` would pass for a PDF with `find -name '*.pdf'`).
 
     Every part is sanitised (no separators, no '..', no control characters, nothing hidden), so nothing
     derived from an input can point outside `out_dir`; folders that would clash (equal up to case, or one
@@ -189,7 +193,8 @@ def _relative_dirs(
             parts = Path(os.path.relpath(absolute[source.name], common)).parts
         else:
             parts = (source.name,)  # <stdin>, /dev/fd/63: one folder named after the stream
-        planned[source.name] = PurePosixPath(*(_safe_part(part) for part in parts))
+        *folders, name = (_safe_part(part) for part in parts)
+        planned[source.name] = PurePosixPath(*folders, name + FOLDER_SUFFIX)
     return distinct_paths(planned, blocked=blocked)
 
 
@@ -242,8 +247,12 @@ def render_documents(
     selection = parse_pages(pages)
     folder = OutputFolder(out_dir, overwrite=overwrite)
     try:
-        sources = expand_inputs(list(inputs), stdin, exclude=OutputsFilter(folder))
-        records = iter_pages(sources, size=window_size, pages=selection, password=password, max_pixels=max_pixels)
+        sources = expand_inputs(
+            list(inputs), stdin, exclude=OutputsFilter(folder), pipe_hint=f"monkey render - --out {out_dir}"
+        )
+        records = iter_pages(  # pixels only: no text layer is read
+            sources, size=window_size, pages=selection, password=password, max_pixels=max_pixels, text_layer=False
+        )
         directories = _relative_dirs(sources, blocked=lambda path: folder.blocked(path, folder=True))
     except BaseException:
         folder.close()

@@ -66,3 +66,14 @@ def test_the_readme_python_example_runs_as_written(eager_eos_dir: Path) -> None:
     code = example.replace('"echo840/Monkey-Chat"', repr(str(eager_eos_dir)))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_readme_engine_example_decodes_any_answer(tiny_sharp_dir: Path) -> None:
+    """The scheduler example on the sharp checkpoint, whose answers are long and include ids past its
+    vocabulary file (special ids): the README decodes with skip_special_tokens, as `generate` does."""
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    (engine_example,) = re.findall(r"drive the scheduler yourself:\s*```python\n(.*?)```", readme, re.DOTALL)
+    code = f"from monkey_cli import Monkey, tasks\nm = Monkey.load({str(tiny_sharp_dir)!r})\n" + engine_example
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip(), "the example prints the answer"

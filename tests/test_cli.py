@@ -245,8 +245,10 @@ def test_read_uses_the_text_layer_without_the_model(tiny: str, monkeypatch) -> N
     assert record["answer_source"] == "text_layer"
     import pymupdf
 
+    from monkey_cli.documents.textlayer import to_markdown
+
     with pymupdf.open(invoice) as pdf:
-        assert record["answer"] == pdf[0].get_text().strip()
+        assert record["answer"] == to_markdown(pdf[0])  # the page's text layer as Markdown
 
 
 def test_force_ocr_uses_the_model(tiny: str, load_counter: dict) -> None:

@@ -50,8 +50,9 @@ def _cli(*args: str, env: dict | None = None):
         (["--device", "gpu0"], {}, "--device must be auto, cpu, cuda or cuda:N; got 'gpu0'"),
         (["--device", "cuda:x"], {}, "--device must be auto, cpu, cuda or cuda:N; got 'cuda:x'"),
         ([], {"MONKEY_DEVICE": "tpu"}, "--device (from $MONKEY_DEVICE) must be auto, cpu, cuda or cuda:N; got 'tpu'"),
-        (["--pages", "1-x"], {}, "--pages cannot read '1-x'"),
-        (["--pages", "0"], {}, "--pages pages are numbered from 1"),
+        (["--pages", "1-x"], {}, "--pages: cannot read '1-x'"),
+        (["--pages", "0"], {}, "--pages: pages are numbered from 1"),
+        (["--pages", "3-1"], {}, "--pages: range '3-1' runs backwards"),
         (["-f", "yaml"], {}, "--format must be one of text, json, jsonl, md; got 'yaml'"),
         (["--size", "900x900"], {}, "--size must be multiples of 448 per side (e.g. 896x1344); got '900x900'"),
         (["--size", "big"], {}, "--size must be HEIGHTxWIDTH in pixels, e.g. 896x896; got 'big'"),
@@ -254,7 +255,7 @@ def test_text_layer_records_name_no_model(tiny: str) -> None:
     (record,) = json.loads(_cli("read", invoice, "--model", tiny, "-f", "json").stdout)["records"]
     assert record["answer_source"] == "text_layer" and record["model"] is None and record["quant"] is None
     markdown = _cli("read", invoice, "--model", tiny, "-f", "md").stdout
-    assert "text from the PDF's text layer" in markdown and "model `" not in markdown
+    assert "· the PDF's text layer -->" in markdown and "read by" not in markdown
     forced = json.loads(_cli("read", invoice, "--model", tiny, "-f", "json", "--force-ocr",
                              "--max-new-tokens", "2").stdout)["records"][0]  # fmt: skip
     assert forced["model"] == tiny and forced["quant"] == "none"

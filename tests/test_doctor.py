@@ -19,8 +19,8 @@ from monkey_cli.model.memory import AUTO_OPTIONS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {
-    "monkey_cli", "python", "torch", "devices", "bitsandbytes", "compile", "transformers", "huggingface_hub", "memory",
-    "problems",
+    "monkey_cli", "model", "python", "torch", "devices", "bitsandbytes", "compile", "transformers", "huggingface_hub",
+    "memory", "problems",
 }
 
 
@@ -171,3 +171,32 @@ def test_default_dtype() -> None:
     assert doctor.default_dtype("cpu") == "bfloat16"  # the released checkpoints' precision runs on a CPU
     assert doctor.default_dtype("cuda:0", bf16=True) == "bfloat16"
     assert doctor.default_dtype("cuda:1", bf16=False) == "float16"
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_doctor_sizes_the_model_it_is_given(how: str) -> None:
+    """`monkey doctor --model X` (or MONKEY_MODEL=X) plans memory for X from its config.json, in its own
+    precision, not for the default checkpoint."""
+    from conftest import require_parity
+
+    from monkey_cli.model.configuration import load_config
+    from monkey_cli.model.memory import plan
+
+    tiny = str(require_parity("tiny-monkey"))
+    args, env = (["--model", tiny], {}) if how == "flag" else ([], {"MONKEY_MODEL": tiny})
+    result = CliRunner().invoke(app, ["doctor", "--format", "json", *args], env=env)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["model"] == report["memory"]["model"] == tiny
+    cpu_none = next(p for p in report["memory"]["plans"] if p["device"] == "cpu" and p["flags"] == "--quant none")
+    assert cpu_none["dtype"] == "float32"  # tiny-monkey is a float32 checkpoint
+    assert cpu_none["total_bytes"] == plan(load_config(tiny), "none", "float32").total_bytes
+    assert cpu_none["total_bytes"] < 2e9  # not the 7B model's figure
+    assert not any("is not cached" in line for line in report["problems"])  # a local folder needs no download
+
+
+def test_doctor_with_a_model_that_is_not_there_says_so() -> None:
+    result = CliRunner().invoke(app, ["doctor", "--format", "json", "--model", "no/such/folder/here"])
+    report = json.loads(result.stdout)
+    assert "no such checkpoint folder" in report["memory"]["error"]
+    assert any("no such checkpoint folder" in line for line in report["problems"])

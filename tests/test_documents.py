@@ -526,7 +526,7 @@ def test_folder_order_is_natural_and_names_keep_the_users_spelling(tmp_path):
 
 def test_empty_folder_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
-    assert single_error(run([tmp_path / "empty"])).message.startswith("folder has no files")
+    assert single_error(run([tmp_path / "empty"])).message == "folder is empty"
 
 
 def test_globs(tmp_path):

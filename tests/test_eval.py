@@ -193,12 +193,59 @@ def test_bad_items_are_recorded_and_the_run_goes_on(tmp_path):
     assert by_line[6] == "duplicate question_id (first on line 1)"
     assert "'answer'" in by_line[7]
     assert "images/missing.png not found" in by_line[4]
-    assert "cannot read image" in by_line[5]
+    assert by_line[5].endswith("broken.png: unsupported type: text (supported: PDF, PNG, JPEG, TIFF, WEBP, BMP, GIF, "
+                               "JPEG 2000, AVIF, PNM)")
     assert len(messages) == 6 and all("\n" not in m for m in messages)
     assert any(m.startswith("set: ") and ":4: question 1: image images/missing.png" in m for m in messages)
     assert sorted(r["question_id"] for r in read_jsonl(tmp_path / "out" / "set.predictions.jsonl")) == [0, 3, 12]
     assert (run.failed, run.items, run.report.result.n) == (6, 9, 3)
     assert run.to_dict()["complete"] is False
+
+
+def test_pdf_pages_are_images_and_a_bad_image_is_one_clear_line(tmp_path):
+    """`doc.pdf` is its first page, `doc.pdf#page=N` its page N, rendered as `monkey ask` renders them; a
+    file that is no image, a damaged one, and a page the document lacks each get one line saying so."""
+    import shutil
+
+    from conftest import SAMPLES_DIR
+
+    from monkey_cli.documents import DEFAULT_SIZE, iter_pages
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    shutil.copy(SAMPLES_DIR / "report.pdf", folder / "report.pdf")
+    (folder / "notes.jpg").write_text("not an image")
+    (folder / "cut.png").write_bytes((SAMPLES_DIR / "chart.png").read_bytes()[:300])
+    rows = [
+        {"image": "report.pdf", "question": "q", "answer": "a", "question_id": 1},
+        {"image": "report.pdf#page=3", "question": "q", "answer": "a", "question_id": 2},
+        {"image": "report.pdf#page=9", "question": "q", "answer": "a", "question_id": 3},
+        {"image": "notes.jpg", "question": "q", "answer": "a", "question_id": 4},
+        {"image": "cut.png", "question": "q", "answer": "a", "question_id": 5},
+        {"image": "report.pdf#page=0", "question": "q", "answer": "a", "question_id": 6},
+    ]
+    seen: list = []
+
+    class Recorder:
+        def generate(self, images, prompts, max_new_tokens, min_new_tokens):
+            seen.extend(images)
+            return ["a"] * len(images)
+
+    messages: list[str] = []
+    task = file_task(write_jsonl(folder / "set.jsonl", rows), "accuracy")
+    run = run_task(Recorder(), task, tmp_path / "out", batch_size=4, report=messages.append)
+    first, third = (next(iter_pages([folder / "report.pdf"], size=DEFAULT_SIZE, pages=[n])).image for n in (1, 3))
+    assert [image.tobytes() for image in seen] == [first.tobytes(), third.tobytes()]
+    assert (run.failed, run.report.result.n) == (4, 2)
+    report = str(folder / "report.pdf")
+    assert [m.split(": ", 3)[3] for m in messages] == [
+        f"image {report}#page=9: no such page (the document has 3)",
+        f"image {folder / 'notes.jpg'}: unsupported type: text (supported: PDF, PNG, JPEG, TIFF, WEBP, BMP, GIF, "
+        "JPEG 2000, AVIF, PNM)",
+        f"image {folder / 'cut.png'}: cannot read it (image file is truncated)",
+        "image report.pdf#page=0: pages are numbered from 1",
+    ]
+    assert all("\n" not in m and "BufferedReader" not in m for m in messages)
 
 
 def test_a_failing_batch_is_retried_item_by_item(tmp_path):
@@ -603,4 +650,26 @@ def test_end_to_end_with_the_tiny_checkpoint(tiny_monkey_dir, tmp_path):
     assert result.exit_code == 0, result.output
     cli_records = read_jsonl(tmp_path / "cli" / "set.predictions.jsonl")
     assert [r["answer"] for r in cli_records] == [r["answer"] for r in records]
-    assert result.stdout == f"set\tanls\t{run.score!r}\n"
+    assert result.stdout == f"set\tanls\t{round(run.score, 4)!r}\n"
+
+
+def test_scores_on_a_line_are_rounded_and_json_keeps_every_digit(tmp_path):
+    rows = [{"question_id": n, "answer": "yes" if n else "no", "annotation": ["yes"]} for n in range(3)]
+    path = write_jsonl(tmp_path / "pred.jsonl", rows)
+    text = CliRunner().invoke(app, ["eval", "score", str(path), "--metric", "accuracy"])
+    assert text.stdout == "accuracy 0.6667 over 3 predictions\n"
+    as_json = CliRunner().invoke(app, ["eval", "score", str(path), "--metric", "accuracy", "--format", "json"])
+    assert json.loads(as_json.stdout)["score"] == 2 / 3
+
+
+def test_results_md_names_the_adapter(tmp_path):
+    from monkey_cli.evaluation.runner import results_markdown
+
+    entry = {"dataset": "docvqa", "metric": "anls", "n_scored": 3, "n_items": 3, "n_failed": 0, "percent": 50.0}
+    plain = results_markdown({"model": "m", "datasets": {"docvqa": entry}})
+    assert "Adapter" not in plain
+    tuned = {**entry, "dataset": "forms", "model_settings": {"adapter": "runs/forms", "adapter_sha256": "ab" * 32}}
+    both = results_markdown({"model": "m", "datasets": {"docvqa": entry, "forms": tuned}})
+    assert "| Dataset | Metric | Score (%) | Scored | Failed | Adapter |" in both
+    assert "| forms | ANLS | 50.00 | 3/3 | 0 | `runs/forms` (sha256 abababababab) |" in both
+    assert "| docvqa | ANLS | 50.00 | 3/3 | 0 | - |" in both

@@ -87,7 +87,7 @@ def test_render_creates_no_folder_through_a_planted_link(tmp_path):
     assert result.exit_code == 1
     assert os.listdir(outside) == [], "a folder was created outside --out"
     assert "is a symbolic link; monkey never writes through one" in result.stderr
-    assert any(name.startswith("c.png" + os.sep) for name in _outputs(out))
+    assert any(name.startswith("c.png.pages" + os.sep) for name in _outputs(out))
 
 
 def test_a_link_planted_as_the_output_file_is_never_followed(tmp_path, never_load):
@@ -157,13 +157,13 @@ def test_a_users_file_in_out_is_never_replaced_without_overwrite(tmp_path, never
 def test_render_never_replaces_a_users_file_without_overwrite(tmp_path):
     out = tmp_path / "out"
     sample("chart.png", tmp_path / "chart.png")
-    (out / "chart.png").mkdir(parents=True)
-    (out / "chart.png" / "page-001-grid.png").write_bytes(b"my own picture")
+    (out / "chart.png.pages").mkdir(parents=True)
+    (out / "chart.png.pages" / "page-001-grid.png").write_bytes(b"my own picture")
     result = cli("render", tmp_path / "chart.png", "--out", out)
     assert result.exit_code == 1 and "page-001-grid.png exists and was not written by monkey" in result.stderr
-    assert (out / "chart.png" / "page-001-grid.png").read_bytes() == b"my own picture"
+    assert (out / "chart.png.pages" / "page-001-grid.png").read_bytes() == b"my own picture"
     assert cli("render", tmp_path / "chart.png", "--out", out, "--overwrite").exit_code == 0
-    assert (out / "chart.png" / "page-001-grid.png").read_bytes().startswith(b"\x89PNG")
+    assert (out / "chart.png.pages" / "page-001-grid.png").read_bytes().startswith(b"\x89PNG")
     assert cli("render", tmp_path / "chart.png", "--out", out).exit_code == 0  # now monkey's: replaced freely
 
 

@@ -78,7 +78,7 @@ def test_finished_results_reach_stdout_whatever_the_signal(tmp_path, signum, fmt
     elif fmt == "jsonl":
         records = [json.loads(line) for line in stdout.splitlines()]
     else:
-        assert stdout.startswith("# monkey-cli results") and "### Page 3" in stdout
+        assert stdout.startswith(f"<!-- {report} p.1/3 · ") and f"<!-- {report} p.3/3 · " in stdout  # read as Markdown
         return
     answered = [r for r in records if r["source"] == str(report)]
     assert [r["page"] for r in answered] == [1, 2, 3] and all(r["answer"] for r in answered)

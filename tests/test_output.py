@@ -190,23 +190,45 @@ def test_text_writer_names_the_question_when_asked_to():
 
 def test_markdown_report_groups_by_document_and_page_and_marks_errors():
     stream = io.StringIO()
-    ocr_text = "line one\n```code```"
-    read = answer(page=1, task="read", prompt="read", answer=ocr_text, answer_source="text_layer")
     with make_writer("md", stream) as writer:
         writer.write(answer(page=1, answer="forty-two"))
         writer.write(answer(source="b.png", page=None, task="caption", prompt="caption", answer="A cat."))
         writer.write(failure(page=2))
-        writer.write(read)
+        writer.write(answer(page=1, prompt="When?", answer="1843"))
     report = stream.getvalue()
+    assert report.startswith("# monkey-cli results\n")
     assert report.count("## `docs/a.pdf`") == 1 and report.count("## `b.png`") == 1
     # Page 1 keeps both of its records although page 2 arrived in between.
-    assert report.index("### Page 1") < report.index("forty-two") < report.index("line one")
-    assert report.index("line one") < report.index("### Page 2") < report.index("can't render")
+    assert report.index("### Page 1") < report.index("forty-two") < report.index("1843")
+    assert report.index("1843") < report.index("### Page 2") < report.index("can't render")
     assert "**Q:** What?" in report and "**A:** forty-two" in report
     assert "**Caption:** A cat." in report
     assert "**Error:** can't render" in report
-    assert "````text\nline one\n```code```\n````" in report  # fence longer than the text's backticks
-    assert "text layer" in report
+
+
+def test_read_as_markdown_is_the_documents_text():
+    """`read -f md`: no report around the text, no code fence; a text layer's Markdown as it is, the model's
+    plain text escaped with its lines kept; pages marked by comments; errors visible, warnings as comments."""
+    from monkey_cli.output import render
+
+    layer = "# Report\n\n- first\n- second\n\n|a|b|\n|---|---|\n|1|2|"
+    seen = "ACME Store\nMilk *2* 1.99\n\n# 7 items\n- total"
+    records = [
+        answer(page=1, task="read", prompt="read", answer=layer, answer_source="text_layer", model=None, quant=None),
+        answer(page=2, task="read", prompt="read", answer=seen, model="m", warnings=["text layer not used: x --> y"]),
+        dataclasses.replace(failure(page=3), task="read", prompt="read"),
+    ]
+    document = render(records, "md")
+    assert "```" not in document and "monkey-cli results" not in document and "**Text:**" not in document
+    blocks = document.rstrip("\n").split("\n\n")
+    assert blocks[0] == "<!-- docs/a.pdf p.1/3 · the PDF's text layer -->"
+    assert "# Report\n\n- first\n- second\n\n|a|b|\n|---|---|\n|1|2|" in document  # Markdown kept as it is
+    assert "<!-- docs/a.pdf p.2/3 · read by m (4bit) -->" in blocks
+    assert "ACME Store\\\nMilk \\*2\\* 1.99" in blocks  # one hard line break, the stars are not emphasis
+    assert "\\# 7 items\\\n\\- total" in blocks  # neither a heading nor a list
+    assert "<!-- warning: text layer not used: x -- > y -->" in blocks  # nothing closes the comment early
+    assert "<!-- docs/a.pdf p.3/3 · not read -->" in blocks and "> **Error:** can't render" in blocks
+    assert document.endswith("\n") and not document.endswith("\n\n")
 
 
 def test_unknown_format_is_a_usage_error():

@@ -120,10 +120,10 @@ def test_output_dirs_mirror_the_tree_and_stay_inside(tmp_path):
     ]
     planned = output_dirs(sources, out)
     assert planned == {
-        "in/a/x.pdf": out / "a" / "x.pdf",
-        "in/b/.x.pdf": out / "b" / "_x.pdf",
-        "in/b/we\x1bird:name?.png": out / "b" / "we_ird_name_.png",
-        "<stdin>": out / "_stdin_",
+        "in/a/x.pdf": out / "a" / "x.pdf.pages",
+        "in/b/.x.pdf": out / "b" / "_x.pdf.pages",
+        "in/b/we\x1bird:name?.png": out / "b" / "we_ird_name_.png.pages",
+        "<stdin>": out / "_stdin_.pages",
     }
     clash = output_dirs([Source("a:b", Path("/d/a:b")), Source("a?b", Path("/d/a?b"))], out)
     first, second = clash.values()  # both renamed, each by its own source: the same names on every run
@@ -133,7 +133,7 @@ def test_output_dirs_mirror_the_tree_and_stay_inside(tmp_path):
 
 
 def test_single_file_goes_straight_under_out(tmp_path):
-    assert output_dirs([Source("x.png", Path("/some/where/x.png"))], tmp_path) == {"x.png": tmp_path / "x.png"}
+    assert output_dirs([Source("x.png", Path("/some/where/x.png"))], tmp_path) == {"x.png": tmp_path / "x.png.pages"}
 
 
 # ------------------------------------------------------------------------------------------- the command
@@ -144,16 +144,18 @@ def test_render_samples_writes_every_view(tmp_path):
     result = invoke(*SAMPLE_FILES, "--out", str(out))
     assert result.exit_code == 0, result.output
     per_page = expected_files(windows=4)
-    assert listing(out) == {name: sum((per_page[p] for p in range(1, n + 1)), []) for name, n in SAMPLE_PAGES.items()}
+    assert listing(out) == {
+        f"{name}.pages": sum((per_page[p] for p in range(1, n + 1)), []) for name, n in SAMPLE_PAGES.items()
+    }
     for name, count in SAMPLE_PAGES.items():
         for page in range(1, count + 1):
-            stem = out / name / f"page-{page:03d}"
+            stem = out / f"{name}.pages" / f"page-{page:03d}"
             assert Image.open(f"{stem}-grid.png").size == (896, 896)
             assert Image.open(f"{stem}-global.png").size == (448, 448)
             for k in range(4):
                 assert Image.open(f"{stem}-window-{k}.png").size == (448, 448)
     printed = result.stdout.splitlines()
-    assert printed[0] == str(out / "chart.png" / "page-001-grid.png")
+    assert printed[0] == str(out / "chart.png.pages" / "page-001-grid.png")
     assert len(printed) == sum(SAMPLE_PAGES.values())
     assert "rendered 10 pages" in result.stderr
     assert not list(out.rglob("*.tmp"))
@@ -165,7 +167,7 @@ def test_render_windows_are_the_pages_model_pixels(tmp_path):
     from monkey_cli.documents import iter_pages
 
     (page,) = iter_pages([SAMPLES_DIR / "invoice.pdf"])
-    window = np.asarray(Image.open(out / "invoice.pdf" / "page-001-window-1.png"))
+    window = np.asarray(Image.open(out / "invoice.pdf.pages" / "page-001-window-1.png"))
     assert np.array_equal(window, np.asarray(page.image)[0:448, 448:896])
 
 
@@ -173,8 +175,8 @@ def test_render_wide_size_and_page_selection(tmp_path):
     out = tmp_path / "out"
     result = invoke(str(SAMPLES_DIR / "report.pdf"), "--out", str(out), "--size", "896x1344", "--pages", "-1")
     assert result.exit_code == 0, result.output
-    assert listing(out) == {"report.pdf": expected_files(windows=6)[3]}
-    assert Image.open(out / "report.pdf" / "page-003-grid.png").size == (1344, 896)
+    assert listing(out) == {"report.pdf.pages": expected_files(windows=6)[3]}
+    assert Image.open(out / "report.pdf.pages" / "page-003-grid.png").size == (1344, 896)
 
 
 def test_render_mirrors_folders(tmp_path):
@@ -184,7 +186,7 @@ def test_render_mirrors_folders(tmp_path):
         Image.new("RGB", (20, 20), "white").save(tree / relative)
     out = tmp_path / "out"
     assert invoke(str(tree), "--out", str(out)).exit_code == 0
-    assert sorted(listing(out)) == ["a", "a/one.png", "b", "b/c", "b/c/two.png"]
+    assert sorted(listing(out)) == ["a", "a/one.png.pages", "b", "b/c", "b/c/two.png.pages"]
 
 
 def test_render_reports_bad_items_and_exits_1(tmp_path):
@@ -200,7 +202,7 @@ def test_render_reports_bad_items_and_exits_1(tmp_path):
         f"error: {bad}: unsupported type: text (supported: PDF, PNG, JPEG, TIFF, WEBP, BMP, GIF, JPEG 2000, AVIF, PNM)",
         f"error: {tmp_path / 'missing.pdf'}: no such file or directory",
     ]
-    assert sorted(listing(out)) == ["chart.png"]
+    assert sorted(listing(out)) == ["chart.png.pages"]
     assert "Traceback" not in result.output
 
 
@@ -208,7 +210,7 @@ def test_render_stdin_document(tmp_path):
     out = tmp_path / "out"
     result = invoke("-", "--out", str(out), input=(SAMPLES_DIR / "scan.png").read_bytes())
     assert result.exit_code == 0, result.output
-    assert listing(out) == {"_stdin_": expected_files(windows=4)[1]}
+    assert listing(out) == {"_stdin_.pages": expected_files(windows=4)[1]}
 
 
 @pytest.mark.parametrize(
@@ -237,7 +239,7 @@ def test_render_never_follows_a_link_out_of_out(tmp_path):
     outside.mkdir()
     out = tmp_path / "out"
     out.mkdir()
-    (out / "chart.png").symlink_to(outside, target_is_directory=True)
+    (out / "chart.png.pages").symlink_to(outside, target_is_directory=True)
     records = list(render_documents([str(SAMPLES_DIR / "chart.png")], out))
     (error,) = records
     assert isinstance(error, PageError) and "is a symbolic link; monkey never writes through one" in error.message
@@ -257,7 +259,7 @@ def test_render_documents_library_call(tmp_path):
         "page-002-window-3.png",
         "page-002-global.png",
     ]
-    assert all(path.parent == tmp_path / "forms.tif" for path in rendered.files)
+    assert all(path.parent == tmp_path / "forms.tif.pages" for path in rendered.files)
 
 
 def test_python_m_monkey_cli_render(tmp_path):
@@ -271,5 +273,5 @@ def test_python_m_monkey_cli_render(tmp_path):
         env=env,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == str(out / "receipt.jpg" / "page-001-grid.png")
-    assert listing(out) == {"receipt.jpg": expected_files(windows=4)[1]}
+    assert result.stdout.strip() == str(out / "receipt.jpg.pages" / "page-001-grid.png")
+    assert listing(out) == {"receipt.jpg.pages": expected_files(windows=4)[1]}

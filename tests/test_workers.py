@@ -307,7 +307,7 @@ def test_without_ray_installed_ray_is_a_one_line_error(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT_S, env=_env())
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
-        "error: --ray needs Ray, which is not installed here: pip install 'monkey-cli[ray]'"
+        "error: monkey caption needs the 'ray' extra (ray is not installed): pip install 'monkey-cli[ray]'"
     ]
     assert result.stdout == ""
 
@@ -466,6 +466,7 @@ def test_progress_counts_every_worker_and_leaves_nothing_behind(documents):
     for stage in ("starting 2 workers", "loading the model", "answering"):
         assert stage in raw, stage
     assert "/7 documents" in raw and "pages/s" in raw
+    assert raw.count("--quant auto: using --quant none") == 1  # said by the driver, for every worker
     screen = [line.rstrip() for line in _screen(raw)]
     assert not [line for line in screen if "pages/s" in line or "documents ·" in line], screen
     assert screen[-1].startswith("7 documents, 11 pages, 0 failed")

@@ -69,6 +69,8 @@ def user_errors(verbose: bool = False) -> Iterator[None]:
     try:
         try:
             yield
+        except typer.Exit:  # the command's own ending (an interrupt it has reported already included)
+            raise
         except Exception as exc:
             if signals.caused(exc):  # a library turned the interrupt into an error of its own
                 raise KeyboardInterrupt from exc
@@ -82,10 +84,71 @@ def user_errors(verbose: bool = False) -> Iterator[None]:
         if verbose:
             traceback.print_exc()
         fail(str(exc), EXIT_USAGE)
-    except Exception as exc:  # a bug: say so in one line, show the traceback on request
+    except ModuleNotFoundError as exc:  # an optional extra's module (a command imports them when it runs)
+        extra = missing_extra(exc)
+        if extra is None:
+            raise _unexpected(exc, verbose) from None
         if verbose:
             traceback.print_exc()
-        fail(f"unexpected {type(exc).__name__}: {exc} (run with --verbose for the traceback)", EXIT_SOME_FAILED)
+        fail(f"{_command_name()} needs the {extra!r} extra ({exc.name} is not installed): "
+             f"pip install 'monkey-cli[{extra}]'")  # fmt: skip
+    except Exception as exc:  # a bug: say so in one line, show the traceback on request
+        raise _unexpected(exc, verbose) from None
+
+
+def _unexpected(exc: BaseException, verbose: bool) -> typer.Exit:
+    if verbose:
+        traceback.print_exception(exc)
+    warn(f"error: unexpected {type(exc).__name__}: {exc} (run with --verbose for the traceback)")
+    return typer.Exit(EXIT_SOME_FAILED)
+
+
+# --- optional extras ---------------------------------------------------------------------------------------
+
+# Each optional extra of pyproject.toml and the top-level modules it brings. A command that needs one says so
+# up front (`needs_extra`); a module of an extra that is missing later (a lazy import) gets the same line.
+EXTRAS: dict[str, tuple[str, ...]] = {
+    "serve": ("fastapi", "uvicorn"),
+    "mcp": ("mcp",),
+    "finetune": ("peft",),
+    "ray": ("ray",),
+}
+# Modules that come with an extra's packages (their dependencies): one of them missing means that extra too.
+BROUGHT_BY: dict[str, str] = {
+    "starlette": "serve",
+    "multipart": "serve",
+    "python_multipart": "serve",
+    "mcp_types": "mcp",
+}
+
+
+def needs_extra(extra: str) -> None:
+    """Raise ModuleNotFoundError (which `user_errors` turns into its one line) unless the extra's modules are
+    installed; the check imports nothing, so it costs nothing before the real work."""
+    import importlib.util
+
+    for module in EXTRAS[extra]:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+
+
+def missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """The extra whose module `exc` failed to import, or None when the module belongs to no extra (a broken
+    installation, a bug: not the user's to fix with pip)."""
+    top = (getattr(exc, "name", None) or "").split(".")[0]
+    return next((extra for extra, modules in EXTRAS.items() if top in modules), BROUGHT_BY.get(top))
+
+
+def _command_name() -> str:
+    """`monkey serve`, `monkey eval run`: the command being run, as typed."""
+    from typer._click.globals import get_current_context
+
+    context = get_current_context(silent=True)
+    return context.command_path if context is not None else "monkey"
 
 
 # --- what libraries may print ------------------------------------------------------------------------------
@@ -103,7 +166,10 @@ class _StderrLines(logging.Handler):
         own = record.name == OWN_LOGGER or record.name.startswith(OWN_LOGGER + ".")
         if not own and not (self.verbose and record.levelno >= logging.WARNING):
             return
-        message = record.getMessage().strip().splitlines()
+        from monkey_cli.api import CLI_WORDS  # light: the API module imports torch only when a model loads
+
+        # The library's own decisions come with their command-line spelling: a CLI speaks in flags.
+        message = (getattr(record, CLI_WORDS, None) or record.getMessage()).strip().splitlines()
         prefix = "" if own and record.levelno < logging.ERROR else f"{record.levelname.lower()}: "
         warn(prefix + (message[0] if message else record.name))
 
@@ -216,4 +282,6 @@ def _bad_value(exc: Any, ctx: Any) -> str:
     source = ctx.get_parameter_source(param.name) if param.name else None
     if source is not None and source.name == "ENVIRONMENT" and param.envvar:
         name = f"{name} (from ${param.envvar})"
-    return f"{name} {exc.message}"
+    from monkey_cli.cli.options import Sentence
+
+    return f"{name}: {exc.message}" if isinstance(exc, Sentence) else f"{name} {exc.message}"

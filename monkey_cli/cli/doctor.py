@@ -9,7 +9,8 @@ import typer
 
 from monkey_cli.cli import app
 from monkey_cli.cli.common import Command, user_errors
-from monkey_cli.cli.options import OUTPUT, Verbose, choice_option
+from monkey_cli.cli.options import OUTPUT, Model, Verbose, choice_option
+from monkey_cli.tasks import DEFAULT_MODEL
 
 
 @app.command(cls=Command)
@@ -19,13 +20,15 @@ def doctor(
         choice_option("--format", "-f", choices=("text", "json"), panel=OUTPUT,
                       help="text: tables for people; json: the same facts for programs."),
     ] = "text",
+    model: Model = DEFAULT_MODEL,
     verbose: Verbose = False,
 ) -> None:
-    """Check Python, torch, GPUs, bitsandbytes, transformers, the model cache, and which --quant fits."""
+    """Check Python, torch, GPUs, bitsandbytes, transformers, the model cache, and which --quant fits for the
+    model (--model or MONKEY_MODEL: sized from its config.json)."""
     with user_errors(verbose):
         from monkey_cli.doctor import collect
 
-        report = collect()
+        report = collect(model)
         if output_format == "json":
             typer.echo(json.dumps(report, indent=2))
         else:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from monkey_cli.cli import app
-from monkey_cli.cli.common import EXIT_SOME_FAILED, Command, fail, user_errors, warn
+from monkey_cli.cli.common import EXIT_SOME_FAILED, Command, fail, needs_extra, user_errors, warn
 from monkey_cli.cli.options import (
     OUTPUT,
     Adapter,
@@ -102,8 +102,11 @@ def run_command(
     (--quant none, --dtype auto). Exit code 1 when some items could not be answered (see NAME.errors.jsonl).
     """
     with user_errors(verbose):
+        if adapter is not None:
+            needs_extra("finetune")
         from monkey_cli.evaluation import runner
         from monkey_cli.finetune.adapters import adapter_fingerprint
+        from monkey_cli.model.sources import display_name
 
         if file is not None:
             tasks = [
@@ -133,7 +136,7 @@ def run_command(
             out,
             batch_size=batch_size,
             limit=limit,
-            model_name=model,
+            model_name=display_name(model),
             model_info={
                 "device": device,
                 "dtype": dtype,
@@ -146,8 +149,7 @@ def run_command(
         )
         runner.print_results_table(runs)
         for run in runs:
-            score = "nan" if run.score is None else repr(run.score)
-            typer.echo(f"{run.task.name}\t{run.task.metric}\t{score}")
+            typer.echo(f"{run.task.name}\t{run.task.metric}\t{_shown(run.score)}")
         failed = sum(run.failed for run in runs)
         if failed:
             warn(f"{failed} item(s) failed; see the *.errors.jsonl files in {out}")
@@ -277,8 +279,16 @@ def score_command(
 
 def _score_line(metric: str, score: float, n: int, details: dict[str, Any]) -> str:
     extra = f" (unrounded {details['score_unrounded']!r})" if "score_unrounded" in details else ""
-    value = "nan" if math.isnan(score) else repr(score)
-    return f"{metric} {value}{extra} over {n} predictions"
+    return f"{metric} {_shown(score)}{extra} over {n} predictions"
+
+
+SHOWN_DIGITS = 4  # a score on a line: 0.8333, not 0.8333333333333334 (JSON and results.json keep every digit)
+
+
+def _shown(score: float | None) -> str:
+    if score is None or math.isnan(score):
+        return "nan"
+    return repr(round(score, SHOWN_DIGITS))
 
 
 @eval_app.command("datasets", cls=Command)

@@ -14,7 +14,7 @@ import typer
 from typer.core import TyperGroup
 
 from monkey_cli.cli import app
-from monkey_cli.cli.common import EXIT_INTERRUPTED, user_errors, warn
+from monkey_cli.cli.common import EXIT_INTERRUPTED, needs_extra, user_errors, warn
 from monkey_cli.tasks import DEFAULT_MODEL
 
 
@@ -93,6 +93,7 @@ def train_command(
 ) -> None:
     """Train a LoRA adapter: monkey finetune train.json --model echo840/Monkey-Chat --out runs/forms."""
     with user_errors(verbose):
+        needs_extra("finetune")
         from monkey_cli.finetune.trainer import FinetuneOptions, train
 
         options = FinetuneOptions(
@@ -158,6 +159,7 @@ def merge_command(
 ) -> None:
     """Write base + adapter as a full checkpoint that --model loads with no adapter."""
     with user_errors(verbose):
+        needs_extra("finetune")
         from monkey_cli.finetune.adapters import merge_adapter, trained_base
 
         base = model or trained_base(adapter)

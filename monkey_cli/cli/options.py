@@ -59,13 +59,18 @@ def device(value: str) -> str:
     return text
 
 
+class Sentence(typer.BadParameter):
+    """A bad value whose reason is a sentence of its own: shown after a colon (`--pages: pages are numbered
+    from 1`), where the others read on from the option's name (`--dtype must be one of ...`)."""
+
+
 def pages(value: str) -> str:
     from monkey_cli.documents import parse_pages  # documents imports nothing heavy at module level
 
     try:
         parse_pages(value)
     except UsageError as exc:
-        raise typer.BadParameter(str(exc).removeprefix(f"--pages {value!r}: ")) from None
+        raise Sentence(str(exc).removeprefix(f"--pages {value!r}: ")) from None
     return value
 
 

@@ -15,7 +15,15 @@ from typing import Annotated, Any
 import typer
 
 from monkey_cli.cli import app
-from monkey_cli.cli.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, Command, user_errors, warn
+from monkey_cli.cli.common import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    Command,
+    needs_extra,
+    user_errors,
+    warn,
+)
 from monkey_cli.cli.options import (
     INPUT,
     Adapter,
@@ -190,6 +198,10 @@ def _run(
 
     if args["quant_vision"] and args["quant"] == "none":
         raise UsageError("--quant-vision needs --quant auto, 8bit or 4bit")
+    if args["ray"] is not None:
+        needs_extra("ray")
+    if args["adapter"] is not None:
+        needs_extra("finetune")
     options = RunOptions(
         inputs=tuple(inputs),
         job=Job(
@@ -253,8 +265,8 @@ def _execute(options: Any, scale: Any) -> None:
         if record.error is not None:
             failed += 1
             warn(f"error: {record.location}: {record.error}")
-        if record.page is not None and (record.source, record.page) not in pages_seen:
-            pages_seen.add((record.source, record.page))
+        if single_process and record.page is not None and (record.source, record.page) not in pages_seen:
+            pages_seen.add((record.source, record.page))  # (workers count pages as they come: on_page)
             progress.page_done(record.pages)
         if streaming and record.answer_source == "model" and streamed:
             stdout.write("\n")  # the answer is on the terminal already: end its line
@@ -270,7 +282,7 @@ def _execute(options: Any, scale: Any) -> None:
     runner = (
         functools.partial(run, streamer_factory=streamer if streaming else None)
         if single_process
-        else functools.partial(distributed.run, scale=scale)
+        else functools.partial(distributed.run, scale=scale, on_page=progress.page_done)
     )
     try:
         with progress:
@@ -291,7 +303,7 @@ def _execute(options: Any, scale: Any) -> None:
         _interrupted(writer, options)
     if writer is not None:
         writer.close()
-    warn(summary.line())
+    warn(summary.line(options.out_dir))
     if failed:
         raise typer.Exit(EXIT_SOME_FAILED)
 

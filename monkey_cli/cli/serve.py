@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from monkey_cli.cli import app
-from monkey_cli.cli.common import Command, user_errors
+from monkey_cli.cli.common import Command, needs_extra, user_errors
 from monkey_cli.cli.options import (
     Adapter,
     BatchSize,
@@ -136,6 +136,7 @@ def serve(
     """Serve the model to many clients: an OpenAI-compatible API (/v1/chat/completions), the CLI's records
     (/v1/documents) and a web page (/). --batch-size is the number of requests decoded together."""
     with user_errors(verbose):
+        needs_extra("serve")
         from monkey_cli.errors import UsageError
         from monkey_cli.serve.server import serve as run
         from monkey_cli.serve.settings import ServeSettings

@@ -66,11 +66,13 @@ def run(
     on_document: Callable[[str], None] = lambda name: None,
     on_start: Callable[[int], None] = lambda documents: None,
     on_stage: Callable[[str], None] = lambda stage: None,
+    on_page: Callable[[int | None], None] = lambda pages: None,
     stdin: IO[bytes] | bytes | None = None,
 ) -> Summary:
     """`pipeline.run` on several workers (the same arguments, less the token streamer, which needs one
-    process). Records reach `on_record` in input order; with `--out` each document's file is written as soon
-    as it is complete. KeyboardInterrupt stops every worker and propagates, finished documents saved."""
+    process), plus `on_page`. Records reach `on_record` in input order; progress (`on_start`, `on_page`,
+    `on_document`) comes as documents finish, in any order; with `--out` each document's file is written as
+    soon as it is complete. KeyboardInterrupt stops every worker and propagates, finished documents saved."""
     from monkey_cli.distributed import driver
 
     def backend():  # noqa: ANN202 - LocalWorkers or RayCluster
@@ -90,5 +92,6 @@ def run(
         on_document=on_document,
         on_start=on_start,
         on_stage=on_stage,
+        on_page=on_page,
         stdin=stdin,
     )

@@ -40,7 +40,7 @@ from monkey_cli.engine.pages import IN_FLIGHT_PER_SLOT, DocumentEnd
 from monkey_cli.errors import MonkeyWarning
 from monkey_cli.output import Record
 from monkey_cli.output_folder import OutputFolder, OutputsFilter
-from monkey_cli.pipeline import RunOptions, Summary
+from monkey_cli.pipeline import RunOptions, Summary, pipe_hint
 
 logger = logging.getLogger(__name__)
 
@@ -53,16 +53,25 @@ def run(
     on_document: Callable[[str], None] = lambda name: None,
     on_start: Callable[[int], None] = lambda documents: None,
     on_stage: Callable[[str], None] = lambda stage: None,
+    on_page: Callable[[int | None], None] = lambda pages: None,
     stdin: IO[bytes] | bytes | None = None,
 ) -> Summary:
-    """Process every input on the workers `backend_factory()` starts; see `monkey_cli.distributed.run`."""
+    """Process every input on the workers `backend_factory()` starts; see `monkey_cli.distributed.run`.
+
+    Progress comes as it happens, whatever the order documents finish in (their records still go out in input
+    order): `on_start` first with the number of inputs, then with the number left after resume; `on_page`
+    (with the document's page count) as a worker sends a page's first record, `on_document` as a document is
+    complete."""
     started = time.perf_counter()
     summary = Summary()
     folder = OutputFolder(options.out_dir, overwrite=options.overwrite) if options.out_dir else None
     backend = None
     clean_end = False
     try:
-        sources = documents.expand_inputs(list(options.inputs), stdin, exclude=OutputsFilter(folder))
+        sources = documents.expand_inputs(
+            list(options.inputs), stdin, exclude=OutputsFilter(folder), pipe_hint=pipe_hint(options.job)
+        )
+        on_start(len(sources))  # a total from the start: planning memory on a worker's GPU takes a while
         quant = options.model.quant
         if quant in (None, "auto"):  # the memory plan may need a worker's device (a GPU, a cluster's node)
             backend = backend_factory()
@@ -77,9 +86,8 @@ def run(
             on_stage(f"starting {count} {backend.noun}{'' if count == 1 else 's'}")
             backend.start(setup, count)
             tasks = [Task(i, item.source, item.target, item.sha256) for i, item in enumerate(pending)]
-            work = _Work(setup, tasks, backend, folder, summary, on_stage)
-            for name, _records in pipeline._per_document(work.events(), on_record, summary):
-                on_document(name)
+            work = _Work(setup, tasks, backend, folder, summary, on_stage, on_document, on_page)
+            for _name, _records in pipeline._per_document(work.events(), on_record, summary):
                 summary.documents += 1
         clean_end = True
     finally:
@@ -119,6 +127,8 @@ class _Work:
         folder: OutputFolder | None,
         summary: Summary,
         on_stage: Callable[[str], None],
+        on_document: Callable[[str], None] = lambda name: None,
+        on_page: Callable[[int | None], None] = lambda pages: None,
     ) -> None:
         self.setup = setup
         self.queue = DocumentQueue(tasks)
@@ -126,6 +136,9 @@ class _Work:
         self.folder = folder
         self.summary = summary
         self.on_stage = on_stage
+        self.on_document = on_document
+        self.on_page = on_page
+        self._pages_seen: set[tuple[int, int | None]] = set()  # (document, page) whose progress was counted
         self._stages: set[str] = set()
         self._notes: set[str] = set()
         self._causes: dict[int, list[str]] = {}
@@ -142,6 +155,7 @@ class _Work:
     def _apply(self, event: Any) -> None:
         if isinstance(event, Received):
             self.queue.add_record(event.worker, event.index, event.record)
+            self._page_progress(event.index, event.record)
         elif isinstance(event, Finished):
             self._finished(event.worker, event.done)
         elif isinstance(event, Lost):
@@ -175,6 +189,9 @@ class _Work:
                 self.summary.written.append(written)
             records += failures
         self.queue.finish(worker, done.index, records)
+        for record in done.records:  # a worker that writes its own outputs may send no records on the way
+            self._page_progress(done.index, record)
+        self.on_document(task.source.name)
 
     def _give_up(self, task: Task, message: str) -> None:
         """An error record for a document that will not be done; with --out its file says so too (as an
@@ -188,6 +205,13 @@ class _Work:
                 self.summary.written.append(written)
             records += failures
         self.queue.fail(task.index, records)
+        self.on_document(task.source.name)
+
+    def _page_progress(self, index: int, record: Record) -> None:
+        """Count a page for the progress line the first time one of its records comes from any worker."""
+        if record.page is not None and (index, record.page) not in self._pages_seen:
+            self._pages_seen.add((index, record.page))
+            self.on_page(record.pages)
 
     def _show(self, note: Note) -> None:
         """A worker's note, once however many workers said it."""

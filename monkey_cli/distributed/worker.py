@@ -63,13 +63,17 @@ class DocumentWorker:
         engine = Engine(
             options.job,
             load_model=self._loaded_model,
-            model_name=options.model.source,
+            model_name=pipeline.model_name(options.model),
             quant=self.setup.quant,
             loop=_SharedLoop(self),
         )
         watched = pipeline._PageErrors()
         pages = documents.iter_pages(
-            [task.source], size=self.setup.size, pages=options.pages, password=options.password
+            [task.source],
+            size=self.setup.size,
+            pages=options.pages,
+            password=options.password,
+            text_layer=pipeline.reads_text_layer(options.job),
         )
         records: list[Record] = []
         for event in engine.run(watched.watch(pages)):

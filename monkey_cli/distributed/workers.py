@@ -15,7 +15,6 @@ its unfinished documents go back to the queue (see `queue.DocumentQueue`).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import multiprocessing
 import os
@@ -118,7 +117,9 @@ class LocalWorkers:
         if model.quant not in (None, "auto"):
             return model.quant
         if self.device == "cpu":
-            return pipeline._device_and_quant(dataclasses.replace(model, device="cpu"), job)[1]
+            quant, choice = pipeline.quant_choice(model, job, "cpu")
+            _said_once(choice)
+            return quant
         # The memory plan for --quant auto needs a GPU's free memory: the first worker makes it, so that this
         # process never holds a CUDA context (memory on a GPU that a worker needs).
         worker = self._spawn(self._places[0])
@@ -126,6 +127,7 @@ class LocalWorkers:
         while True:
             for message in self._messages(worker, timeout=_POLL_S):
                 if message[0] == "plan":
+                    _said_once(message[2])
                     return message[1]
                 self._early.extend(self._events(worker, message))
             if worker.conn.closed:
@@ -270,6 +272,14 @@ class LocalWorkers:
             worker.conn.close()
 
 
+def _said_once(choice: Any) -> None:
+    """The --quant auto choice, said by the driver for every worker (each then loads what it names)."""
+    if choice is not None:
+        from monkey_cli.api import say_choice
+
+        say_choice(choice)
+
+
 @contextlib.contextmanager
 def _signals_held() -> Any:
     if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
@@ -342,7 +352,7 @@ def _worker_main(conn: Connection, place: Placement, verbose: bool) -> None:
 
 def _plan(model: pipeline.ModelOptions, job: Any) -> tuple[Any, ...]:
     try:
-        return ("plan", pipeline._device_and_quant(dataclasses.replace(model, device="cuda:0"), job)[1])
+        return ("plan", *pipeline.quant_choice(model, job, "cuda:0"))
     except MonkeyError as exc:
         return ("fatal", _portable(exc))
 

@@ -16,7 +16,8 @@ skipped (see `inputs`).
     ...     print(record)
 
 Modules: `records` (Source, Page, PageError, --pages, --size), `types` (sniffing), `inputs` (paths, folders,
-globs, standard input), `pages` (iter_pages), `pdf`, `images`, `prefetch`. Heavy imports (Pillow, PyMuPDF)
+globs, standard input), `pages` (iter_pages), `pdf`, `textlayer` (a PDF page's text layer: judged, then
+Markdown), `images`, `prefetch`. Heavy imports (Pillow, PyMuPDF)
 happen on first use, so importing this package is cheap.
 """
 

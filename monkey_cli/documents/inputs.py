@@ -22,6 +22,7 @@ import hashlib
 import io
 import os
 import re
+import shlex
 import stat
 import sys
 import warnings
@@ -42,6 +43,7 @@ Exclude = Callable[[Path], "str | None"]
 
 _CHUNK = 1 << 20
 _GLOB_MAGIC = re.compile(r"[*?[]")
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # http://, https://, s3://, file://: never fetched
 # Bytes no list of file names contains (tab, newline and carriage return excepted): binary data, not paths.
 _CONTROL_BYTES = re.compile(rb"[\x01-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _NUL_SEPARATED = re.compile(rb"[^\x00]+")
@@ -170,6 +172,7 @@ def expand_inputs(
     *,
     exclude: Exclude | None = None,
     max_stream_bytes: int | None = None,
+    pipe_hint: str = "monkey read -",
 ) -> list[Source]:
     """Resolve files, folders, globs and `-` into sources, in order, each file once.
 
@@ -178,14 +181,15 @@ def expand_inputs(
     `stdin` (default: the process's standard input): bytes that start like a supported document are that
     document, named `<stdin>`; otherwise they are paths, one per line (or NUL-separated, as `find -print0`
     writes them). Inputs that resolve to nothing become sources with `error` set, not exceptions; skipped
-    entries (special files, links to folders) are reported as `MonkeyWarning`s.
+    entries (special files, links to folders) are reported as `MonkeyWarning`s. A URL is never fetched: its
+    error says how to pipe it in (`curl -sL URL | ` + `pipe_hint`, the command that reads standard input).
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     texts = [os.fspath(raw) for raw in inputs]
     if texts.count("-") > 1:
         raise UsageError("'-' (standard input) can be given only once")
-    expander = _Expander(exclude, stream_limit(max_stream_bytes))
+    expander = _Expander(exclude, stream_limit(max_stream_bytes), pipe_hint)
     sources: list[Source] = []
     for text in texts:
         sources.extend(expander.stdin(stdin) if text == "-" else expander.explicit(text))
@@ -197,9 +201,10 @@ def _note(message: str) -> None:
 
 
 class _Expander:
-    def __init__(self, exclude: Exclude | None, limit: int) -> None:
+    def __init__(self, exclude: Exclude | None, limit: int, pipe_hint: str = "monkey read -") -> None:
         self.exclude = exclude
         self.limit = limit
+        self.pipe_hint = pipe_hint
 
     # --- standard input and streams ---------------------------------------------------------------------
 
@@ -275,6 +280,9 @@ class _Expander:
         try:
             mode = os.stat(path).st_mode
         except OSError as exc:
+            if exc.errno == errno.ENOENT and not os.path.lexists(path) and _URL.match(raw):
+                message = f"is a URL, and only local files are read: pipe it in (curl -sL {shlex.quote(raw)} | "
+                return [Source(raw, error=message + f"{self.pipe_hint})")]
             if exc.errno == errno.ENOENT and not os.path.lexists(path) and _GLOB_MAGIC.search(raw):
                 return self._glob(raw)
             return [Source(raw, path=path, error=_stat_problem(exc, path))]
@@ -297,6 +305,7 @@ class _Expander:
     def _walk(self, folder: Path, display: str) -> list[Source]:
         found: list[tuple[tuple[Any, ...], Source]] = []
         problems: list[Source] = []
+        skipped: dict[str, int] = {}  # why entries were passed over: what an empty result says
         visited: set[tuple[int, int]] = set()
         pending: list[tuple[Path, tuple[str, ...]]] = [(folder, ())]
         while pending:
@@ -312,6 +321,7 @@ class _Expander:
                 continue
             for entry in entries:
                 if entry.name.startswith("."):
+                    skipped["hidden"] = skipped.get("hidden", 0) + 1
                     continue
                 relative = (*parts, entry.name)
                 name = os.path.join(display, *relative)
@@ -322,10 +332,12 @@ class _Expander:
                     found.append((tuple(_natural_key(part) for part in relative), source))
                 elif source is not None:
                     problems.append(source)
+                else:
+                    skipped[kind] = skipped.get(kind, 0) + 1
         found.sort(key=lambda item: item[0])
         sources = [source for _, source in found]
         if not sources and not problems:
-            return [Source(display, path=folder, error="folder has no files (hidden files are skipped)")]
+            return [Source(display, path=folder, error=_nothing_to_read(skipped))]
         return sources + problems
 
     def _first_visit(self, directory: Path, visited: set[tuple[int, int]]) -> bool:
@@ -341,7 +353,8 @@ class _Expander:
         return True
 
     def _entry(self, path: Path, name: str) -> tuple[str, Source | None]:
-        """What a path found in a folder or by a glob is: ("folder", None), ("file", source) or ("skip", ...)."""
+        """What a path found in a folder or by a glob is: ("folder", None), ("file", source), or why it is
+        passed over, with no source: "output" (monkey wrote it), "link" (to a folder), "special" (a FIFO...)."""
         try:
             link = path.is_symlink()
             mode = os.stat(path).st_mode
@@ -350,12 +363,12 @@ class _Expander:
         if stat.S_ISDIR(mode):
             if link:
                 _note(f"{name}: skipped: a symbolic link to a folder (links to folders are not followed)")
-                return "skip", None
-            return ("skip", None) if self._excluded(path) else ("folder", None)
+                return "link", None
+            return ("output", None) if self._excluded(path) else ("folder", None)
         if stat.S_ISREG(mode):
-            return ("skip", None) if self._excluded(path) else ("file", Source(name, path=path))
+            return ("output", None) if self._excluded(path) else ("file", Source(name, path=path))
         _note(f"{name}: skipped: {_special_kind(mode)}, not a regular file")
-        return "skip", None
+        return "special", None
 
     def _glob(self, pattern: str) -> list[Source]:
         matches = sorted(set(self._glob_matches(os.path.expanduser(pattern))), key=_natural_key)
@@ -480,6 +493,24 @@ def _isatty(stream: Any) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError, OSError):
         return False
+
+
+_SKIPPED_WORDS = {
+    "hidden": ("hidden", "hidden"),
+    "output": ("written by monkey (its outputs)", "written by monkey (its outputs)"),
+    "link": ("a link to a folder", "links to folders"),
+    "special": ("not a regular file", "not regular files"),
+}
+
+
+def _nothing_to_read(skipped: dict[str, int]) -> str:
+    """Why a folder gave no document: empty, or what its entries were (never "no files" when it has some)."""
+    if not skipped:
+        return "folder is empty"
+    total = sum(skipped.values())
+    parts = ", ".join(f"{count} {_SKIPPED_WORDS[kind][count != 1]}" for kind, count in skipped.items())
+    entries = "its one entry was skipped" if total == 1 else f"all its {total} entries were skipped"
+    return f"folder has nothing to read: {entries} ({parts})"
 
 
 def _natural_key(name: str) -> tuple[Any, ...]:

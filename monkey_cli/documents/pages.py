@@ -69,19 +69,22 @@ def iter_pages(
     pdf_dpi: float = DEFAULT_PDF_DPI,
     stdin: bytes | IO[bytes] | IO[str] | None = None,
     max_stream_bytes: int | None = None,
+    text_layer: bool = True,
 ) -> Iterator[Page | PageError]:
     """Pages of every input, lazily, one document open at a time and one page rendered at a time.
 
     `size` is (height, width) or "HxW"; None keeps native pixels (PDFs at `pdf_dpi`). `pages` selects pages
-    in every document. Arguments are validated now (UsageError); documents only when iterated, and their
-    problems come out as `PageError` records.
+    in every document. `text_layer` reads each PDF page's text layer into `Page.text` as Markdown (judged
+    first: `documents.textlayer`); without it `Page.text` is None, which saves the conversion when nothing
+    will read it. Arguments are validated now (UsageError); documents only when iterated, and their problems
+    come out as `PageError` records.
     """
     selection = parse_pages(pages)
     if max_pixels < 1:
         raise UsageError(f"max_pixels must be positive, got {max_pixels}")
     if pdf_dpi <= 0:
         raise UsageError(f"pdf_dpi must be positive, got {pdf_dpi}")
-    options = Options(parse_size(size), password, max_pixels, pdf_dpi)
+    options = Options(parse_size(size), password, max_pixels, pdf_dpi, text_layer)
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     items = list(inputs)
@@ -150,6 +153,7 @@ def load_documents(
     password: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     errors: Literal["raise", "skip"] = "raise",
+    text_layer: bool = True,
 ) -> list[Page]:
     """All pages of the inputs as a list: the convenient form for a few documents in Python.
 
@@ -158,7 +162,9 @@ def load_documents(
     """
     if errors not in ("raise", "skip"):
         raise UsageError(f"errors must be 'raise' or 'skip', got {errors!r}")
-    records = iter_pages(inputs, size=size, pages=pages, password=password, max_pixels=max_pixels)
+    records = iter_pages(
+        inputs, size=size, pages=pages, password=password, max_pixels=max_pixels, text_layer=text_layer
+    )
     loaded: list[Page] = []
     for record in records:
         if isinstance(record, PageError):

@@ -8,6 +8,7 @@ from typing import Any
 
 from monkey_cli.documents.inputs import open_regular
 from monkey_cli.documents.records import Options, Page, Source, merge_warnings
+from monkey_cli.documents.textlayer import read_text_layer
 from monkey_cli.errors import DocumentError
 
 _OWN_DESCRIPTORS = "/proc/self/fd"
@@ -96,9 +97,11 @@ class PdfDocument:
         del pixmap
         if image.size != target:  # MuPDF rounds the page box outward; guard against an off-by-one pixel
             image = image.resize(target, Image.Resampling.BICUBIC)
-        text = page.get_text("text")
+        layer = read_text_layer(page) if options.text_layer else None
         page_warnings = list(self.warnings)
         merge_warnings(page_warnings, _take_mupdf_warnings(pymupdf))
+        if layer is not None and layer.problem is not None:
+            page_warnings.append(layer.problem)
         return Page(
             source=self.source.name,
             page=number,
@@ -108,7 +111,7 @@ class PdfDocument:
             original_size=native,
             dpi=(round(72 * target[0] / rect.width, 3), round(72 * target[1] / rect.height, 3)),
             points=(round(rect.width, 3), round(rect.height, 3)),
-            text=text,
+            text=layer.markdown if layer is not None and layer.problem is None else None,
             warnings=tuple(page_warnings),
             sha256=self.sha256,
             path=self.source.path,

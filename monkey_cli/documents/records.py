@@ -52,7 +52,9 @@ class Page:
     `original_size` is the source image in pixels after EXIF orientation, or for a PDF the page at
     `DEFAULT_PDF_DPI` (the pixels `size=None` gives); `points` is a PDF page's size in points. `dpi` is the
     image's stored resolution (None when it has none) or, for a PDF, the resolution `image` was rendered at.
-    `text` is a PDF page's text layer (None for images); `sha256` hashes the whole source file.
+    `text` is a PDF page's text layer as Markdown (`documents.textlayer`; "" for a page without text): None
+    for images, for a page whose text layer was set aside as not its real text (the reason is among
+    `warnings`), and when `iter_pages` was told not to read text layers; `sha256` hashes the whole file.
     """
 
     source: str
@@ -70,7 +72,7 @@ class Page:
 
     @property
     def has_text_layer(self) -> bool:
-        """True when the page carries real text (a born-digital PDF, or a scan with an OCR layer)."""
+        """True when the page carries real text (a born-digital PDF, or a scan with a usable OCR layer)."""
         return bool(self.text and self.text.strip())
 
     @property
@@ -191,6 +193,7 @@ class Options:
     password: str | None
     max_pixels: int
     pdf_dpi: float
+    text_layer: bool = True  # read PDF pages' text layers (judged, as Markdown): see documents.textlayer
 
     @property
     def max_image_bytes(self) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -325,27 +326,75 @@ def _loaded_batches(
 
 
 def _open_image(item: VQAItem, task: EvalTask) -> Any:
-    from PIL import Image
+    """The item's image, or an ItemError saying in one line why not.
 
-    from monkey_cli.documents import BYTES_PER_ALLOWED_PIXEL, DEFAULT_MAX_PIXELS, open_regular
+    An image file opens as the original's evaluation opens it (Pillow, as stored). A PDF gives its first
+    page, or page N for `doc.pdf#page=N` (any document with `#page=N`: a TIFF's frame N), rendered by the
+    same document loader as `monkey ask`.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    from monkey_cli.documents import BYTES_PER_ALLOWED_PIXEL, DEFAULT_MAX_PIXELS, open_regular, sniff_type
     from monkey_cli.documents.images import bytes_per_pixel
+    from monkey_cli.documents.types import HEAD_BYTES, describe_unsupported
 
     def error(message: str) -> ItemError:
         return ItemError(str(task.data_file), item.line, message, question_id=item.question_id, image=item.image)
 
-    path = resolve_image(item.image, task)
+    name, page = _page_of(item.image)
+    kind = "image"
+    if page == 0:
+        return error(f"image {item.image}: pages are numbered from 1")
+    path = resolve_image(name, task)
     if path is None:
-        return error(f"image {item.image} not found (looked in: {image_search_description(task)})")
+        return error(f"image {name} not found (looked in: {image_search_description(task)})")
     try:
         with open_regular(path) as stream:  # never a FIFO or a device, whatever the data file names
+            kind = sniff_type(stream.read(HEAD_BYTES))
+            if kind is None:
+                stream.seek(0)
+                return error(f"image {path}: {describe_unsupported(stream.read(HEAD_BYTES))}")
+            if kind == "pdf" or page is not None:
+                return _document_page(path, page, error)
+            stream.seek(0)
             image = Image.open(stream)
             decoded = image.width * image.height * bytes_per_pixel(image.mode)
             if decoded > BYTES_PER_ALLOWED_PIXEL * DEFAULT_MAX_PIXELS:
                 return error(f"image {path} would take {decoded:,} bytes decoded (possible decompression bomb)")
             image.load()  # decode now, so a truncated file fails here and not inside a batch
+    except UnidentifiedImageError:  # its first bytes say one thing, the rest is not that
+        return error(f"image {path}: cannot read it (damaged: it starts like a {kind.upper()} image, but is not one)")
     except Exception as exc:  # PIL raises OSError, ValueError, DecompressionBombError, ...
-        return error(f"cannot read image {path}: {_one_line(exc)}")
+        return error(f"image {path}: cannot read it ({_message(exc)})")
     return image
+
+
+_PAGE_FRAGMENT = re.compile(r"(.*)#page=(\d+)")
+
+
+def _page_of(image: str) -> tuple[str, int | None]:
+    """`doc.pdf#page=2` -> ("doc.pdf", 2); a path without the fragment -> (path, None)."""
+    match = _PAGE_FRAGMENT.fullmatch(image)
+    return (match.group(1), int(match.group(2))) if match else (image, None)
+
+
+def _document_page(path: Path, page: int | None, error: Callable[[str], ItemError]) -> Any:
+    """Page `page` (default 1) of a PDF or multi-frame image, at the released checkpoints' input size (the
+    model's processor resizes anything else to its own)."""
+    from monkey_cli.documents import DEFAULT_SIZE, PageError, iter_pages
+
+    records = iter_pages([path], size=DEFAULT_SIZE, pages=[page or 1], text_layer=False)
+    try:
+        record = next(records, None)
+    finally:
+        records.close()
+    if isinstance(record, PageError):
+        if record.page is None and record.pages is not None and (page or 1) > record.pages:
+            return error(f"image {path}#page={page}: no such page (the document has {record.pages})")
+        return error(f"image {path}{'' if page is None else f'#page={page}'}: {record.message}")
+    if record is None:
+        return error(f"image {path}: no page")
+    return record.image
 
 
 def _answer_batch(
@@ -625,14 +674,31 @@ def table_rows(entries: Sequence[dict[str, Any]]) -> list[list[str]]:
 TABLE_HEADER = ["Dataset", "Metric", "Score (%)", "Scored", "Failed"]
 
 
+def _adapter_cell(entry: dict[str, Any]) -> str:
+    settings = entry.get("model_settings")
+    adapter = settings.get("adapter") if isinstance(settings, dict) else None
+    if not adapter:
+        return "-"
+    digest = settings.get("adapter_sha256")
+    return f"`{adapter}`" + (f" (sha256 {str(digest)[:12]})" if digest else "")
+
+
 def results_markdown(results: dict[str, Any]) -> str:
+    """results.md: the model, and the table; an Adapter column when a dataset ran with a LoRA adapter (its
+    folder and the first 12 digits of its content hash: a retrained adapter in the same folder shows)."""
     lines = ["# Evaluation results", ""]
     if results.get("model"):
         lines += [f"Model: `{results['model']}`", ""]
-    lines.append("| " + " | ".join(TABLE_HEADER) + " |")
-    lines.append("|---|---|---:|---:|---:|")
-    for row in table_rows(list(results["datasets"].values())):
-        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
+    entries = list(results["datasets"].values())
+    adapters = [_adapter_cell(entry) for entry in entries]
+    header, align = list(TABLE_HEADER), "|---|---|---:|---:|---:|"
+    if any(cell != "-" for cell in adapters):
+        header, align = [*header, "Adapter"], align + "---|"
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append(align)
+    for row, adapter in zip(table_rows(entries), adapters, strict=True):
+        cells = row + ([adapter] if len(header) > len(row) else [])
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     lines += [
         "",
         "Scores: ANLS, relaxed accuracy and accuracy as fractions x 100; VQA score as the VQA toolkit "
@@ -653,6 +719,12 @@ def print_results_table(runs: Sequence[DatasetRun]) -> None:
     for row in table_rows([run.to_dict() for run in runs]):
         table.add_row(*row)
     Console(stderr=True).print(table)
+
+
+def _message(exc: BaseException) -> str:
+    """An exception's text on one line, without its class name where the text says enough."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
 
 
 def _one_line(exc: BaseException) -> str:

@@ -320,6 +320,14 @@ class MemoryPlan:
         """The command-line spelling of this plan's quantization: '--quant 4bit --quant-vision'."""
         return f"--quant {self.quant}" + (" --quant-vision" if self.quant_vision else "")
 
+    @property
+    def keywords(self) -> str:
+        """The same in `Monkey.load`'s keyword arguments: 'quant="4bit", quant_vision=True'."""
+        return f'quant="{self.quant}"' + (", quant_vision=True" if self.quant_vision else "")
+
+    def spelled(self, api: bool) -> str:
+        return self.keywords if api else self.flags
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.update(activation_bytes=self.activation_bytes, total_bytes=self.total_bytes, fits=self.fits)
@@ -536,10 +544,13 @@ AUTO_OPTIONS: tuple[tuple[str, bool], ...] = (
 @dataclass(frozen=True)
 class Choice:
     """What to load: the plan (quant, quant_vision, batch size) and, when it differs from what was asked
-    (an automatic quant, a lowered batch size), one line saying what and why."""
+    (an automatic quant, a lowered batch size), one line saying what and why: `note` in the command line's
+    terms (`--quant auto: using --quant 8bit ...`), `api_note` in the library's (`quant="auto": using
+    quant="8bit" ...`, what `Monkey.load` logs)."""
 
     plan: MemoryPlan
     note: str | None = None
+    api_note: str | None = None
 
     @property
     def batch_size(self) -> int:
@@ -568,7 +579,7 @@ def choose(
         wanted = check_fits(
             config, quant, budget_bytes, device=device, quant_vision=quant_vision, batch_size=1, **options
         )
-        return _with_batch(config, wanted, batch_size, budget_bytes, device, options, note=None)
+        return _with_batch(config, wanted, batch_size, budget_bytes, device, options, notes=None)
     candidates = [(q, qv) for q, qv in AUTO_OPTIONS if q in available and (qv or not quant_vision)]
     if not candidates:
         raise UsageError("--quant-vision needs --quant 8bit or 4bit, and those need bitsandbytes")
@@ -576,21 +587,25 @@ def choose(
     chosen = next((p for p in plans if p.fits is not False), None)
     if chosen is None:
         raise MemoryBudgetError(_nothing_fits(plans[-1], budget_bytes, device, available))
-    note = f"--quant auto: using {chosen.flags} in {chosen.dtype}"
     skipped = plans[: plans.index(chosen)]
-    if budget_bytes is None:
-        note += f"; the free memory of {device} is unknown"
-    elif skipped:
-        note += (
-            f": {skipped[0].flags} would need {format_bytes(skipped[0].total_bytes)} and {device} has "
-            f"{format_bytes(budget_bytes)} {_free_word(device)} (this needs {format_bytes(chosen.total_bytes)})"
-        )
-    else:
-        note += (
+
+    def auto_note(api: bool) -> str:
+        auto = 'quant="auto"' if api else "--quant auto"
+        note = f"{auto}: using {chosen.spelled(api)} in {chosen.dtype}"
+        if budget_bytes is None:
+            return note + f"; the free memory of {device} is unknown"
+        if skipped:
+            return note + (
+                f": {skipped[0].spelled(api)} would need {format_bytes(skipped[0].total_bytes)} and {device} has "
+                f"{format_bytes(budget_bytes)} {_free_word(device)} (this needs {format_bytes(chosen.total_bytes)})"
+            )
+        return note + (
             f": it needs {format_bytes(chosen.total_bytes)} and {device} has "
             f"{format_bytes(budget_bytes)} {_free_word(device)}"
         )
-    return _with_batch(config, chosen, batch_size, budget_bytes, device, options, note=note)
+
+    notes = (auto_note(api=False), auto_note(api=True))
+    return _with_batch(config, chosen, batch_size, budget_bytes, device, options, notes=notes)
 
 
 def _with_batch(
@@ -600,9 +615,10 @@ def _with_batch(
     budget: int | None,
     device: str,
     options: dict[str, Any],
-    note: str | None,
+    notes: tuple[str, str] | None,
 ) -> Choice:
-    """`fitting` (a batch-size-1 plan that fits) at the largest batch size up to `batch_size` that fits."""
+    """`fitting` (a batch-size-1 plan that fits) at the largest batch size up to `batch_size` that fits;
+    `notes` says so far what was chosen (command-line and library terms), the lowered batch size is added."""
 
     def at(batch: int) -> MemoryPlan:
         changed = {**options, "quant_vision": fitting.quant_vision, "batch_size": batch}
@@ -615,12 +631,20 @@ def _with_batch(
             middle = (low + high) // 2
             low, high = (middle, high) if at(middle).fits else (low, middle)
         best = at(low)
-        lowered = (
-            f"--batch-size {batch_size} lowered to {low}, what fits with {fitting.flags} in the "
-            f"{format_bytes(budget)} {_free_word(device)} on {device}"
-        )
-        note = f"{note}; {lowered}" if note else lowered
-    return Choice(best, note)
+
+        def lowered(api: bool) -> str:
+            return (
+                f"{'batch_size=' if api else '--batch-size '}{batch_size} lowered to {low}, what fits with "
+                f"{fitting.spelled(api)} in the {format_bytes(budget)} {_free_word(device)} on {device}"
+            )
+
+        cli, api = notes or ("", "")
+        notes = (_joined(cli, lowered(False)), _joined(api, lowered(True)))
+    return Choice(best, *(notes or (None, None)))
+
+
+def _joined(before: str, after: str) -> str:
+    return f"{before}; {after}" if before else after
 
 
 def _free_word(device: str) -> str:

@@ -36,6 +36,26 @@ def is_hub_id(source: str) -> bool:
     return source.count("/") == 1 and not source.startswith((".", "/", "~")) and not Path(source).exists()
 
 
+def display_name(source: str | os.PathLike[str]) -> str:
+    """How records and messages name a checkpoint: as the user gave it, except a Hugging Face cache snapshot
+    folder (`.../models--owner--name/snapshots/REV`), named by its hub id, with `@REV` (12 digits) when it is
+    not the revision the cache's `refs/main` points to. Never an absolute cache path."""
+    text = str(source)
+    folder = Path(os.path.abspath(Path(text).expanduser()))
+    cache = folder.parent.parent
+    if folder.parent.name != "snapshots" or not cache.name.startswith("models--") or not folder.is_dir():
+        return text
+    parts = cache.name.removeprefix("models--").split("--")
+    if len(parts) != 2 or not all(parts):
+        return text
+    repo = "/".join(parts)
+    try:
+        main = (cache / "refs" / "main").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        main = None
+    return repo if main == folder.name else f"{repo}@{folder.name[:12]}"
+
+
 def resolve_source(source: str | os.PathLike[str]) -> Path:
     """A local checkpoint folder, or a hub id resolved through huggingface_hub's cache (downloading if allowed)."""
     text = str(source)

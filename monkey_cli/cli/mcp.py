@@ -1,0 +1,104 @@
+"""`monkey mcp --root DIR`: serve ask, caption and read over the Model Context Protocol (stdio) to a desktop
+assistant or an agent, on files under DIR only, with the model options of the other commands."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+
+from monkey_cli.cli import app
+from monkey_cli.cli.common import Command, needs_extra, user_errors, warn
+from monkey_cli.cli.options import (
+    INPUT,
+    Adapter,
+    BatchSize,
+    Compile,
+    Device,
+    Dtype,
+    MaxNewTokens,
+    Model,
+    PromptStyle,
+    Quant,
+    QuantVision,
+    Verbose,
+)
+from monkey_cli.tasks import DEFAULT_MODEL
+
+
+def _folder(value: str) -> Path:
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise typer.BadParameter(f"must be a folder; {value!r} is {'a file' if path.exists() else 'not there'}")
+    return path
+
+
+Root = Annotated[
+    Path,
+    typer.Option(
+        "--root", metavar="DIR", parser=_folder, rich_help_panel=INPUT, show_default=False,
+        help="The folder the tools may read: only files under it, named relative to it; symbolic links are "
+        "not followed.",
+    ),
+]  # fmt: skip
+
+
+@app.command(cls=Command)
+def mcp(
+    root: Root,
+    model: Model = DEFAULT_MODEL,
+    quant: Quant = "auto",
+    quant_vision: QuantVision = False,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    adapter: Adapter = None,
+    compile: Compile = None,
+    prompt_style: PromptStyle = "auto",
+    batch_size: BatchSize = 4,
+    max_new_tokens: MaxNewTokens = 512,
+    verbose: Verbose = False,
+) -> None:
+    """Serve the tools ask, caption and read over the Model Context Protocol on stdin/stdout (for Claude
+    Desktop, IDEs and agents); the model loads on the first call that needs it and stays loaded."""
+    with user_errors(verbose):
+        needs_extra("mcp")
+        if adapter is not None:
+            needs_extra("finetune")
+        from monkey_cli.errors import UsageError
+        from monkey_cli.mcp import DocumentService, RootFolder, ToolSettings, serve_stdio
+        from monkey_cli.pipeline import ModelOptions
+
+        if quant_vision and quant == "none":
+            raise UsageError("--quant-vision needs --quant auto, 8bit or 4bit")
+        options = ModelOptions(
+            source=model,
+            device=device,
+            dtype=None if dtype == "auto" else dtype,
+            quant=quant,
+            quant_vision=quant_vision,
+            prompt_style=prompt_style,
+            compile=compile,
+            adapter=None if adapter is None else str(adapter),
+        )
+        settings = ToolSettings(options, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        try:
+            serve_stdio(DocumentService(RootFolder(root), settings))
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP (monkey_cli.signals)
+            _leave_now()
+
+
+def _leave_now() -> NoReturn:
+    """End at once with 128 + the signal: the SDK reads stdin on a worker thread that only the client's
+    closing its end stops, and the interpreter would wait for it at exit. Nothing is left to save."""
+    import os
+    import sys
+
+    from monkey_cli import signals
+
+    warn("interrupted")
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(signals.exit_code())

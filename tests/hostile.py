@@ -140,7 +140,7 @@ def render_children(parent: int) -> list[int]:
                 state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
             except (OSError, IndexError):
                 continue
-            if b"monkey_cli.documents.render_child" in b" ".join(command) and str(parent).encode() in command[-2:]:
-                if state != "Z":
-                    found.append(int(entry.name))
+            ours = b"monkey_cli.documents.render_child" in b" ".join(command) and str(parent).encode() in command[-2:]
+            if ours and state != "Z":
+                found.append(int(entry.name))
     return found

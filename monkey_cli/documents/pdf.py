@@ -3,6 +3,7 @@ model's input size, within the render budget."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from monkey_cli.documents.records import Options, Page, Source
@@ -33,8 +34,9 @@ class PdfDocument:
 
     def _open(self) -> dict[str, Any]:
         source = self.source
-        header = {"op": "open", "doc": self._id, "path": None if source.path is None else str(source.path),
-                  "password": self.options.password}  # fmt: skip
+        # The renderer has its own working folder (this process's when it started): an absolute path.
+        path = None if source.path is None else os.path.abspath(source.path)
+        header = {"op": "open", "doc": self._id, "path": path, "password": self.options.password}
         payload = source.data if source.path is None and source.data is not None else b""
         answer, _ = self._renderer.request(header, payload, self.options.render_timeout)
         self._generation = self._renderer.generation

@@ -173,6 +173,8 @@ def main(fd: int, parent: int) -> None:
 
 
 def _answer(pymupdf: Any, documents: OrderedDict[int, MuPdf], op: Any, header: dict, payload: bytes) -> tuple:
+    if op == "ping":
+        return {"ok": True}, b""
     if op == "open":
         data = payload if header.get("path") is None else None
         document = MuPdf(pymupdf, header.get("path"), data, header.get("password"))

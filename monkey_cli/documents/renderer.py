@@ -159,6 +159,7 @@ class Renderer:
         self._sock: socket.socket | None = None
         self.generation = 0  # which child: documents opened in an earlier one must be opened again
         self._ids = itertools.count(1)
+        self._owner = os.getpid()
 
     def new_id(self) -> int:
         return next(self._ids)
@@ -199,6 +200,8 @@ class Renderer:
                 self._stop()
 
     def _started(self) -> socket.socket:
+        if self._owner != os.getpid():  # a forked copy of this process: the renderer is the parent's
+            self._process, self._sock, self._owner = None, None, os.getpid()
         if self._sock is not None and self._process is not None and self._process.poll() is None:
             return self._sock
         self._stop()
@@ -212,6 +215,18 @@ class Renderer:
             theirs.close()
         self._sock = ours
         self.generation += 1
+        # Ready (PyMuPDF imported) before any budget starts: starting it is not part of a page's time.
+        try:
+            send_message(ours, {"op": "ping"})
+            ready = receive_message(ours, time.monotonic() + _START_TIMEOUT_S, _interrupted)
+        except InterruptedError:
+            self._stop()
+            raise KeyboardInterrupt from None
+        except (OSError, TimeoutError, ValueError):
+            ready = None
+        if ready is None:
+            how = self._stop()
+            raise RendererCrashed(f"the PDF renderer did not start ({how})")
         return ours
 
     def _stop(self) -> str:
@@ -238,6 +253,8 @@ class Renderer:
 
     def shutdown(self) -> None:
         """Stop the child now, whatever it is doing (a waiting request gets RendererCrashed)."""
+        if self._owner != os.getpid():
+            return
         process, sock = self._process, self._sock
         if process is not None and process.poll() is None:
             with contextlib.suppress(OSError):

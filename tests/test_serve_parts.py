@@ -216,7 +216,8 @@ def test_an_unexpected_error_is_a_json_500_that_names_nothing_internal(caplog) -
     from monkey_cli.serve.app import create_app
     from monkey_cli.serve.service import ModelService
 
-    service = ModelService(ServeSettings(model="tiny", allowed_hosts=("testserver",)), load_model=lambda: (_ for _ in ()).throw(MemoryError()))
+    settings = ServeSettings(model="tiny", allowed_hosts=("testserver",))  # the TestClient's Host header
+    service = ModelService(settings, load_model=lambda: (_ for _ in ()).throw(MemoryError()))
 
     def broken_health() -> dict:
         raise RuntimeError("/srv/monkey/secret.py: state corrupted")

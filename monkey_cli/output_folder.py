@@ -139,6 +139,10 @@ class OutputFolder:
     def owns(self, relative: str | PurePosixPath) -> bool:
         return str(PurePosixPath(relative)) in self._entries
 
+    def recorded(self) -> list[str]:
+        """Every output the manifest lists (as last read), sorted."""
+        return sorted(self._entries)
+
     def is_root(self, path: Path) -> bool:
         """Whether `path` is this output folder itself (by identity, whatever the spelling)."""
         try:
@@ -365,6 +369,42 @@ class OutputFolder:
         finally:
             parent.close()
         self.record({str(relative): None})
+
+    def clear_folder(self, relative: str | PurePosixPath, names: re.Pattern[str]) -> bool:
+        """Empty one of monkey's own folders (recorded in the manifest, e.g. a training checkpoint reserved
+        before a library wrote into it) of the regular files whose names `names` matches (what that library
+        writes there), never through a link and nothing else, then remove the folder if that leaves it empty
+        and drop its record. True when the folder is gone; a file of anyone else's keeps it."""
+        relative = checked_relative(relative)
+        if not self.owns(relative):
+            return False
+        try:
+            parent = self._open_parent(relative, create=False)
+            inside = self._enter(parent, relative.name, False, relative)
+        except (OSError, OutputError):
+            return False
+        try:
+            for entry in os.listdir(inside.fd if inside.fd is not None else inside.path):
+                where, dir_fd = inside.at(entry)
+                with contextlib.suppress(OSError):
+                    mode = os.stat(where, dir_fd=dir_fd, follow_symlinks=False).st_mode
+                    if names.fullmatch(entry) and stat.S_ISREG(mode):
+                        os.unlink(where, dir_fd=dir_fd)
+        finally:
+            inside.close()
+        try:
+            outer = self._open_parent(relative, create=False)
+        except (OSError, OutputError):
+            return False
+        try:
+            where, dir_fd = outer.at(relative.name)
+            os.rmdir(where, dir_fd=dir_fd)
+        except OSError:
+            return False  # not empty: something of someone else's is in it
+        finally:
+            outer.close()
+        self.record({str(relative): None})
+        return True
 
     # ------------------------------------------------------------------------------------------ reading
 

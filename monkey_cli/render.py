@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Literal
 
 from monkey_cli.documents import (
     DEFAULT_MAX_PIXELS,
@@ -235,13 +235,15 @@ def render_documents(
     stdin: bytes | IO[bytes] | None = None,
     prefetch_depth: int = 2,
     overwrite: bool = False,
+    render_timeout: float | None | Literal["default"] = "default",
 ) -> Iterator[RenderedPage | PageError]:
     """Render every page of the inputs into `out_dir`; one record per page written or per problem.
 
     Arguments are checked now (UsageError: bad size or pages, `out_dir` not a folder); pages are rendered
     in a background thread while the previous one is being written. Files are written through
     `monkey_cli.output_folder`: nothing outside `out_dir`, no file monkey did not write replaced (unless
-    `overwrite`), each file whole or not at all; files monkey wrote are never read as inputs.
+    `overwrite`), each file whole or not at all; files monkey wrote are never read as inputs. A PDF page that
+    takes longer than `render_timeout` seconds to render is an error record (see `documents.iter_pages`).
     """
     window_size = check_window_size(size)
     selection = parse_pages(pages)
@@ -251,8 +253,9 @@ def render_documents(
             list(inputs), stdin, exclude=OutputsFilter(folder), pipe_hint=f"monkey render - --out {out_dir}"
         )
         records = iter_pages(  # pixels only: no text layer is read
-            sources, size=window_size, pages=selection, password=password, max_pixels=max_pixels, text_layer=False
-        )
+            sources, size=window_size, pages=selection, password=password, max_pixels=max_pixels,
+            text_layer=False, render_timeout=render_timeout,
+        )  # fmt: skip
         directories = _relative_dirs(sources, blocked=lambda path: folder.blocked(path, folder=True))
     except BaseException:
         folder.close()

@@ -91,3 +91,56 @@ def files_under(folder: Path) -> list[str]:
         for name in dirs + names:
             found.append(os.path.relpath(os.path.join(root, name), folder))
     return sorted(found)
+
+
+def nested_forms_pdf(path: Path, depth: int = 8, fanout: int = 10) -> Path:
+    """A few-KB PDF whose one page draws a Form XObject that draws the next one `fanout` times, `depth` levels
+    deep: fanout**(depth-1) full-page fills (at 8 x 10, ten million: hours of MuPDF, holding the GIL)."""
+    forms = list(range(5, 5 + depth))
+
+    def stream(entries: str, data: bytes) -> bytes:
+        return f"<< {entries} /Length {len(data)} >>\nstream\n".encode() + data + b"\nendstream"
+
+    objects = {
+        1: b"<< /Type /Catalog /Pages 2 0 R >>",
+        2: b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        3: f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+        f"/Resources << /XObject << /X0 {forms[0]} 0 R >> >> >>".encode(),
+        4: stream("", b"q /X0 Do Q"),
+    }
+    for level, number in enumerate(forms):
+        if level + 1 < depth:
+            body = b" ".join(f"q 0.9 0 0 0.9 {i} {i} cm /X Do Q".encode() for i in range(fanout))
+            resources = f"/Resources << /XObject << /X {forms[level + 1]} 0 R >> >>"
+        else:
+            body, resources = b"0 0 1 rg 0 0 612 792 re f", ""
+        objects[number] = stream(f"/Type /XObject /Subtype /Form /BBox [0 0 612 792] {resources}", body)
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = {}
+    for number in sorted(objects):
+        offsets[number] = len(out)
+        out += f"{number} 0 obj\n".encode() + objects[number] + b"\nendobj\n"
+    xref, size = len(out), max(objects) + 1
+    out += f"xref\n0 {size}\n0000000000 65535 f \n".encode()
+    out += b"".join(f"{offsets[n]:010d} 00000 n \n".encode() for n in range(1, size))
+    out += f"trailer\n<< /Size {size} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(out))
+    return path
+
+
+def render_children(parent: int) -> list[int]:
+    """Pids of the PDF renderer processes (monkey_cli.documents.render_child) that process `parent` started
+    (it is the child's last argument), alive or not yet reaped."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().split(b"\0")
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            ours = b"monkey_cli.documents.render_child" in b" ".join(command) and str(parent).encode() in command[-2:]
+            if ours and state != "Z":
+                found.append(int(entry.name))
+    return found

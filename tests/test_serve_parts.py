@@ -169,7 +169,7 @@ def test_health_says_loading_until_the_model_is_ready(sharp: Monkey) -> None:
         assert gate.wait(60)
         return sharp
 
-    service = ModelService(ServeSettings(model="tiny"), load_model=slow_load)
+    service = ModelService(ServeSettings(model="tiny", allowed_hosts=("testserver",)), load_model=slow_load)
     with TestClient(create_app(service)) as client:
         loading = client.get("/health")
         assert loading.status_code == 503 and loading.json()["status"] == "loading"
@@ -197,7 +197,7 @@ def test_a_model_that_fails_to_load_is_reported_and_stops_the_server() -> None:
     def broken() -> Monkey:
         raise CheckpointError("model.safetensors is truncated")
 
-    service = ModelService(ServeSettings(model="tiny"), load_model=broken)
+    service = ModelService(ServeSettings(model="tiny", allowed_hosts=("testserver",)), load_model=broken)
     with TestClient(create_app(service, on_load_failure=failures.append)) as client:
         deadline = time.monotonic() + 30
         while not failures:
@@ -216,7 +216,8 @@ def test_an_unexpected_error_is_a_json_500_that_names_nothing_internal(caplog) -
     from monkey_cli.serve.app import create_app
     from monkey_cli.serve.service import ModelService
 
-    service = ModelService(ServeSettings(model="tiny"), load_model=lambda: (_ for _ in ()).throw(MemoryError()))
+    settings = ServeSettings(model="tiny", allowed_hosts=("testserver",))  # the TestClient's Host header
+    service = ModelService(settings, load_model=lambda: (_ for _ in ()).throw(MemoryError()))
 
     def broken_health() -> dict:
         raise RuntimeError("/srv/monkey/secret.py: state corrupted")

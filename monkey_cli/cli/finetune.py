@@ -15,6 +15,8 @@ from typer.core import TyperGroup
 
 from monkey_cli.cli import app
 from monkey_cli.cli.common import EXIT_INTERRUPTED, needs_extra, user_errors, warn
+from monkey_cli.cli.options import RenderTimeout
+from monkey_cli.documents.renderer import DEFAULT_RENDER_TIMEOUT
 from monkey_cli.tasks import DEFAULT_MODEL
 
 
@@ -89,11 +91,13 @@ def train_command(
     quant: str = typer.Option(
         "auto", "--quant", envvar="MONKEY_QUANT", help="auto (4bit on CUDA, none on CPU), none, 8bit or 4bit (QLoRA)."
     ),
+    render_timeout: RenderTimeout = DEFAULT_RENDER_TIMEOUT,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks for errors."),
 ) -> None:
     """Train a LoRA adapter: monkey finetune train.json --model echo840/Monkey-Chat --out runs/forms."""
     with user_errors(verbose):
         needs_extra("finetune")
+        from monkey_cli.documents.renderer import process_budget
         from monkey_cli.finetune.trainer import FinetuneOptions, train
 
         options = FinetuneOptions(
@@ -128,7 +132,8 @@ def train_command(
 
             callbacks.append(TrainingProgress())
         try:
-            result = train(options, callbacks=callbacks)
+            with process_budget(render_timeout):
+                result = train(options, callbacks=callbacks)
         finally:
             for callback in callbacks:
                 callback.close()

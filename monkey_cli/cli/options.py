@@ -86,6 +86,16 @@ def size(value: str) -> str:
     return f"{height}x{width}"
 
 
+def render_seconds(value: str | float) -> float:
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        number = -1.0
+    if not 0 <= number < float("inf"):
+        raise typer.BadParameter(f"must be a number of seconds (0: no limit); got {value!r}")
+    return number
+
+
 def workers(value: str) -> str:
     text = str(value).strip().lower()
     if text != "auto":
@@ -168,6 +178,14 @@ Password = Annotated[
     typer.Option(
         "--password", envvar="MONKEY_PDF_PASSWORD", metavar="TEXT", rich_help_panel=INPUT,
         help="Password for encrypted PDFs (the variable keeps it out of the shell history).",
+    ),
+]  # fmt: skip
+RenderTimeout = Annotated[
+    float,
+    typer.Option(
+        "--render-timeout", envvar="MONKEY_RENDER_TIMEOUT", metavar="SECONDS", parser=render_seconds,
+        rich_help_panel=INPUT,
+        help="Longest one PDF page may take to render (0: no limit); a page over it is an error for that page.",
     ),
 ]  # fmt: skip
 

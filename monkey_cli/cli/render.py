@@ -9,8 +9,19 @@ import typer
 
 from monkey_cli.cli import app
 from monkey_cli.cli.common import EXIT_SOME_FAILED, Command, user_errors, warn
-from monkey_cli.cli.options import INPUT, OUTPUT, Inputs, Pages, Password, Size, Verbose, out_option, positive_int
-from monkey_cli.documents import DEFAULT_MAX_PIXELS  # the documents module imports nothing heavy
+from monkey_cli.cli.options import (
+    INPUT,
+    OUTPUT,
+    Inputs,
+    Pages,
+    Password,
+    RenderTimeout,
+    Size,
+    Verbose,
+    out_option,
+    positive_int,
+)
+from monkey_cli.documents import DEFAULT_MAX_PIXELS, DEFAULT_RENDER_TIMEOUT  # documents imports nothing heavy
 
 RenderOut = Annotated[Path, out_option("Folder to write into; nothing is written outside it.")]
 MaxPixels = Annotated[
@@ -30,6 +41,7 @@ def render(
     size: Size = None,
     password: Password = None,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    render_timeout: RenderTimeout = DEFAULT_RENDER_TIMEOUT,
     overwrite: Annotated[
         bool,
         typer.Option(
@@ -56,6 +68,7 @@ def render(
             password=password,
             max_pixels=max_pixels,
             overwrite=overwrite,
+            render_timeout=render_timeout,
         )
         for record in records:
             if isinstance(record, PageError):

@@ -46,12 +46,14 @@ from monkey_cli.cli.options import (
     Questions,
     QuestionsFile,
     Ray,
+    RenderTimeout,
     RetryFailed,
     Size,
     Verbose,
     Workers,
     bare_ray_flag,
 )
+from monkey_cli.documents.renderer import DEFAULT_RENDER_TIMEOUT
 from monkey_cli.tasks import DEFAULT_MODEL
 
 # A questions file is read line by line with these limits (a question longer than the model's context is
@@ -69,6 +71,7 @@ def _document_options(
     pages: Pages = None,
     size: Size = None,
     password: Password = None,
+    render_timeout: RenderTimeout = DEFAULT_RENDER_TIMEOUT,
     prompt: Prompt = None,
     prompt_style: PromptStyle = "auto",
     model: Model = DEFAULT_MODEL,
@@ -233,7 +236,10 @@ def _run(
     workers = None if args["workers"] == "auto" else int(args["workers"])
     if args["ray"] is not None and args["device"].startswith("cuda:"):
         raise UsageError(f"--device {args['device']} names a GPU of this machine; with --ray use auto, cuda or cpu")
-    _execute(options, ScaleOptions(workers=workers, ray=args["ray"], verbose=args["verbose"]))
+    from monkey_cli.documents.renderer import process_budget
+
+    with process_budget(args["render_timeout"]):
+        _execute(options, ScaleOptions(workers=workers, ray=args["ray"], verbose=args["verbose"]))
 
 
 def _execute(options: Any, scale: Any) -> None:

@@ -19,9 +19,11 @@ from monkey_cli.cli.options import (
     PromptStyle,
     Quant,
     QuantVision,
+    RenderTimeout,
     Verbose,
     positive_int,
 )
+from monkey_cli.documents.renderer import DEFAULT_RENDER_TIMEOUT
 from monkey_cli.serve import settings as defaults
 from monkey_cli.tasks import DEFAULT_MODEL
 
@@ -111,6 +113,63 @@ MaxPages = Annotated[
     ),
 ]  # fmt: skip
 
+MaxQuestions = Annotated[
+    int,
+    typer.Option(
+        "--max-questions", metavar="N", parser=positive_int, rich_help_panel=SERVER,
+        help="Most questions one document request may ask.",
+    ),
+]  # fmt: skip
+MaxAnswers = Annotated[
+    int,
+    typer.Option(
+        "--max-answers", metavar="N", parser=positive_int, rich_help_panel=SERVER,
+        help="Most answers (pages x questions) one document request may ask for.",
+    ),
+]  # fmt: skip
+BodyTimeout = Annotated[
+    float,
+    typer.Option(
+        "--body-timeout", metavar="SECONDS", parser=_seconds, rich_help_panel=SERVER,
+        help="Seconds a request's body may take to arrive (one more per 64 KiB received); then 408.",
+    ),
+]  # fmt: skip
+
+
+def _names(value: str) -> str:
+    names = [name.strip() for name in str(value).split(",")]
+    if not all(names) or any(" " in name or "/" in name for name in names):
+        raise typer.BadParameter(f"must be names separated by commas (or *); got {value!r}")
+    return ",".join(names)
+
+
+def _origins(value: str) -> str:
+    origins = [origin.strip().rstrip("/") for origin in str(value).split(",")]
+    for origin in origins:
+        scheme, separator, rest = origin.partition("://")
+        if origin != "*" and (not separator or scheme not in ("http", "https") or not rest or "/" in rest):
+            raise typer.BadParameter(f"must be origins such as http://localhost:3000, separated by commas (or *); "
+                                     f"got {value!r}")  # fmt: skip
+    return ",".join(origins)
+
+
+AllowedHosts = Annotated[
+    str | None,
+    typer.Option(
+        "--allowed-hosts", metavar="NAMES", parser=_names, rich_help_panel=SERVER, show_default=False,
+        help="Names the server answers to besides localhost, its IP addresses and --host, comma-separated "
+        "(* any): the Host header of every other request is refused (DNS rebinding).",
+    ),
+]  # fmt: skip
+AllowedOrigins = Annotated[
+    str | None,
+    typer.Option(
+        "--allowed-origins", metavar="ORIGINS", parser=_origins, rich_help_panel=SERVER, show_default=False,
+        help="Web origins whose pages may use the API (CORS), e.g. http://localhost:3000 (* any); every "
+        "other site's POST is refused (CSRF).",
+    ),
+]  # fmt: skip
+
 
 @app.command(cls=Command)
 def serve(
@@ -121,6 +180,12 @@ def serve(
     request_timeout: RequestTimeout = defaults.DEFAULT_REQUEST_TIMEOUT,
     max_upload: MaxUpload = defaults.DEFAULT_MAX_UPLOAD_BYTES,
     max_pages: MaxPages = defaults.DEFAULT_MAX_PAGES,
+    max_questions: MaxQuestions = defaults.DEFAULT_MAX_QUESTIONS,
+    max_answers: MaxAnswers = defaults.DEFAULT_MAX_ANSWERS,
+    body_timeout: BodyTimeout = defaults.DEFAULT_BODY_TIMEOUT,
+    allowed_hosts: AllowedHosts = None,
+    allowed_origins: AllowedOrigins = None,
+    render_timeout: RenderTimeout = DEFAULT_RENDER_TIMEOUT,
     model: Model = DEFAULT_MODEL,
     quant: Quant = "auto",
     quant_vision: QuantVision = False,
@@ -161,5 +226,11 @@ def serve(
             request_timeout=request_timeout,
             max_upload_bytes=max_upload,
             max_pages=max_pages,
+            max_questions=max_questions,
+            max_answers=max_answers,
+            body_timeout=body_timeout,
+            allowed_hosts=tuple(allowed_hosts.split(",")) if allowed_hosts else (),
+            allowed_origins=tuple(allowed_origins.split(",")) if allowed_origins else (),
+            render_timeout=render_timeout,
         )
         run(settings, verbose=verbose)

@@ -29,6 +29,7 @@ from monkey_cli.distributed.protocol import (
     Lost,
     Note,
     NoWorkers,
+    ProcessId,
     Received,
     Setup,
     Stage,
@@ -81,8 +82,10 @@ def run(
         on_start(len(pending))
         if pending:
             backend = backend or backend_factory()
+            count, note = backend.fit(options, quant, min(backend.count, len(pending)))
+            if note:
+                logging.getLogger("monkey_cli").warning(note)  # said as a lowered --batch-size is
             setup = _setup(options, quant, settings, backend)
-            count = min(backend.count, len(pending))
             on_stage(f"starting {count} {backend.noun}{'' if count == 1 else 's'}")
             backend.start(setup, count)
             tasks = [Task(i, item.source, item.target, item.sha256) for i, item in enumerate(pending)]
@@ -113,6 +116,7 @@ def _setup(options: RunOptions, quant: str, settings: dict[str, Any], backend: A
         window=IN_FLIGHT_PER_SLOT * options.job.batch_size,
         cwd=os.getcwd(),
         verbose=backend.verbose,
+        driver=ProcessId.of(os.getpid()),
     )
 
 

@@ -65,7 +65,8 @@ class Setup:
     loads onto (`cuda:0`, its own pinned GPU, or `cpu`); `size` the page size; `settings` the resume
     fingerprint's fields; `write` says the worker writes each document's output itself (Ray actors) instead of
     the driver; `window` is how many documents it works on at once; `cwd` is the driver's folder, which
-    relative paths are relative to.
+    relative paths are relative to; `driver` names the driver's process (`this_process()`), so that a
+    worker on its machine can end the moment it does.
     """
 
     options: RunOptions
@@ -77,6 +78,40 @@ class Setup:
     window: int
     cwd: str
     verbose: bool = False
+    driver: ProcessId | None = None
+
+
+@dataclass(frozen=True)
+class ProcessId:
+    """A process, unmistakably on this machine: the machine's boot id, its pid and its start time (a pid
+    reused after the process ended has another start time)."""
+
+    boot: str
+    pid: int
+    started: str
+
+    @staticmethod
+    def of(pid: int) -> ProcessId | None:
+        """The process `pid` now, or None where /proc does not tell (not Linux) or it is gone."""
+        try:
+            boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) < 20 or fields[0] == "Z":
+            return None
+        return ProcessId(boot, pid, fields[19])  # field 22 of stat: the start time in clock ticks
+
+    def alive(self) -> bool | None:
+        """Whether this process still runs; None when that cannot be known from here (another machine)."""
+        try:
+            boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        except OSError:
+            return None
+        if boot != self.boot:
+            return None
+        return ProcessId.of(self.pid) == self
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from monkey_cli.errors import MonkeyError, UsageError
 
 _POLL_S = 1.0
 _CLOSE_TIMEOUT_S = 30.0
+_DRIVER_WATCH_S = 0.2
 _INSTALL = "pip install 'monkey-cli[ray]'"
 
 
@@ -92,8 +93,6 @@ class RayCluster:
             "log_to_driver": False,  # actors' own prints stay in Ray's logs; their notes come with results
             "logging_level": logging.WARNING if self.verbose else logging.ERROR,
         }
-        if not self.verbose:  # Ray's C++ core writes its warnings straight to stderr: errors only, unless -v
-            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
         local = address == "local" or (address == "" and not os.environ.get("RAY_ADDRESS"))
         if not local:
             _check_reachable(address or os.environ["RAY_ADDRESS"])
@@ -127,6 +126,19 @@ class RayCluster:
             return self._ray.get(plan.remote(model, options.job, self.device, os.getcwd()))
         except self._ray.exceptions.RayTaskError as exc:
             raise _user_error(exc) from None
+
+    def fit(self, options: pipeline.RunOptions, quant: str, count: int) -> tuple[int, str | None]:
+        """`count` actors, lowered to what the cluster's memory (Ray's `memory` resource) holds when they run
+        on CPUs, each with its own model; and the line that says so."""
+        if self.device != "cpu":
+            return count, None
+        from monkey_cli.distributed.workers import memory_cap, worker_memory
+
+        budget = self._ray.cluster_resources().get("memory")
+        fits, note = memory_cap(count, worker_memory(options, quant), int(budget) if budget else None,
+                                "on the Ray cluster")  # fmt: skip
+        self.count = min(self.count, fits)
+        return fits, note
 
     def start(self, setup: Setup, count: int) -> None:
         self._setup = setup
@@ -245,6 +257,7 @@ class DocumentActor:
     def __init__(self, setup: Setup, threads: int) -> None:
         from monkey_cli.distributed.worker import DocumentWorker, route_notes, set_threads
 
+        _end_with_the_driver(setup)
         self._notes: deque[Note] = deque()  # appended by any thread, taken by `process`
         self._problem: str | None = None
         try:
@@ -271,6 +284,22 @@ class DocumentActor:
 
     def close(self) -> None:
         self._worker.close()
+
+
+def _end_with_the_driver(setup: Setup) -> None:
+    """On the driver's machine, the actor ends within a fifth of a second of its driver, however the driver
+    ended (a SIGKILL included): it must not go on writing into --out for a run nobody waits for. (On other
+    machines Ray ends it when the driver's node reports the driver gone.)"""
+    driver = setup.driver
+    if driver is None or driver.alive() is None:
+        return
+
+    def watch() -> None:
+        while driver.alive():
+            time.sleep(_DRIVER_WATCH_S)
+        os._exit(0)  # outputs are written whole or not at all: nothing half-done is left
+
+    threading.Thread(target=watch, name="monkey-driver-watch", daemon=True).start()
 
 
 def _plan(model: pipeline.ModelOptions, job: Any, device: str, cwd: str) -> str:

@@ -67,6 +67,39 @@ def cpu_count() -> int:
     return os.cpu_count() or 1
 
 
+def worker_memory(options: pipeline.RunOptions, quant: str) -> int:
+    """Bytes one CPU worker's model is planned to take: the memory plan `Monkey.load` makes on the CPU for the
+    run's quantization, dtype and answer length, with --batch-size as it lowers it (runtime overhead
+    included); 0 when nothing fits (loading says so)."""
+    from monkey_cli.api import Monkey
+    from monkey_cli.model.memory import MemoryBudgetError
+
+    model, job = options.model, options.job
+    try:
+        choice = Monkey.choose(
+            model.source, device="cpu", dtype=model.dtype, quant=None if quant == "auto" else quant,
+            quant_vision=model.quant_vision, batch_size=job.batch_size, max_new_tokens=job.max_new_tokens,
+        )  # fmt: skip
+    except MemoryBudgetError:
+        return 0
+    return choice.plan.total_bytes
+
+
+def memory_cap(count: int, per_worker: int, budget: int | None, where: str) -> tuple[int, str | None]:
+    """How many workers of `per_worker` bytes fit in `budget` (at least 1; `count` when the budget is
+    unknown), and the line that says so when that is fewer than `count`."""
+    if budget is None or per_worker <= 0 or count * per_worker <= budget:
+        return count, None
+    from monkey_cli.model.memory import format_bytes
+
+    fits = max(1, budget // per_worker)
+    note = (
+        f"--workers {count} lowered to {fits}: what fits in the {format_bytes(budget)} available {where} "
+        f"(each worker holds its own model: about {format_bytes(per_worker)})"
+    )
+    return fits, note
+
+
 def placements(count: int, device: str) -> list[Placement]:
     """Where `count` workers run for `--device`: round-robin over the visible GPUs (auto, cuda), all on one
     (cuda:N), or the CPU (cpu, or auto without a GPU); each gets an equal share of the CPU threads."""
@@ -133,6 +166,20 @@ class LocalWorkers:
             if worker.conn.closed:
                 worker.process.join(timeout=5)
                 raise MonkeyError(f"{worker.place.describe()} {self._death_cause(worker)} while planning memory")
+
+    def fit(self, options: pipeline.RunOptions, quant: str, count: int) -> tuple[int, str | None]:
+        """`count` workers, lowered to what fits in this machine's memory, and the line that says so. On the
+        CPU every worker holds its own copy of the model in RAM; on GPUs each worker's own memory plan
+        quantizes or refuses when its GPU is full."""
+        if self.device != "cpu":
+            return count, None
+        from monkey_cli.model.memory import available_ram
+
+        fits, note = memory_cap(count, worker_memory(options, quant), available_ram(), "in RAM")
+        if fits < count:
+            self.count = fits
+            self._places = placements(fits, "cpu")  # fewer workers: more CPU threads for each
+        return fits, note
 
     def start(self, setup: Setup, count: int) -> None:
         self._setup = setup

@@ -48,6 +48,7 @@ from monkey_cli.documents.records import (
     parse_pages,
     parse_size,
 )
+from monkey_cli.documents.renderer import DEFAULT_RENDER_TIMEOUT, RENDER_TIMEOUT_ENV
 from monkey_cli.documents.types import SUPPORTED_TYPES, sniff_type
 
 __all__ = [
@@ -55,12 +56,14 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MAX_STREAM_BYTES",
     "DEFAULT_PDF_DPI",
+    "DEFAULT_RENDER_TIMEOUT",
     "DEFAULT_SIZE",
     "MAX_STDIN_PATHS",
     "MAX_STREAM_BYTES_ENV",
     "Page",
     "PageError",
     "PageSelection",
+    "RENDER_TIMEOUT_ENV",
     "Record",
     "STDIN_NAME",
     "SUPPORTED_TYPES",

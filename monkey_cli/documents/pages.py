@@ -21,6 +21,12 @@ from monkey_cli.documents.records import (
     parse_pages,
     parse_size,
 )
+from monkey_cli.documents.renderer import (
+    RendererCrashed,
+    RenderTimeout,
+    check_render_timeout,
+    default_render_timeout,
+)
 from monkey_cli.documents.types import HEAD_BYTES, PILLOW_FEATURES, describe_unsupported, sniff_type
 from monkey_cli.errors import DocumentError, UsageError
 
@@ -70,21 +76,23 @@ def iter_pages(
     stdin: bytes | IO[bytes] | IO[str] | None = None,
     max_stream_bytes: int | None = None,
     text_layer: bool = True,
+    render_timeout: float | None | Literal["default"] = "default",
 ) -> Iterator[Page | PageError]:
     """Pages of every input, lazily, one document open at a time and one page rendered at a time.
 
     `size` is (height, width) or "HxW"; None keeps native pixels (PDFs at `pdf_dpi`). `pages` selects pages
     in every document. `text_layer` reads each PDF page's text layer into `Page.text` as Markdown (judged
     first: `documents.textlayer`); without it `Page.text` is None, which saves the conversion when nothing
-    will read it. Arguments are validated now (UsageError); documents only when iterated, and their problems
-    come out as `PageError` records.
+    will read it. `render_timeout` is the budget of one PDF page in seconds (None or 0: none; default:
+    `MONKEY_RENDER_TIMEOUT`, else 30): a page over it is a `PageError`. Arguments are validated now
+    (UsageError); documents only when iterated, and their problems come out as `PageError` records.
     """
     selection = parse_pages(pages)
     if max_pixels < 1:
         raise UsageError(f"max_pixels must be positive, got {max_pixels}")
     if pdf_dpi <= 0:
         raise UsageError(f"pdf_dpi must be positive, got {pdf_dpi}")
-    options = Options(parse_size(size), password, max_pixels, pdf_dpi, text_layer)
+    options = Options(parse_size(size), password, max_pixels, pdf_dpi, text_layer, render_budget(render_timeout))
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     items = list(inputs)
@@ -98,6 +106,17 @@ def iter_pages(
     return _generate(sources, selection, options)
 
 
+def render_budget(render_timeout: float | None | Literal["default"] = "default") -> float | None:
+    """The render budget `render_timeout` asks for ("default": this process's, see `renderer`); UsageError
+    for a value that is not a budget."""
+    if render_timeout == "default":
+        return default_render_timeout()
+    try:
+        return check_render_timeout(render_timeout)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _generate(sources: list[Source], selection: PageSelection | None, options: Options) -> Iterator[Page | PageError]:
     for source in sources:
         yield from _source_pages(source, selection, options)
@@ -109,6 +128,9 @@ def _source_pages(source: Source, selection: PageSelection | None, options: Opti
         return
     try:
         document = open_document(source, options)
+    except (RenderTimeout, RendererCrashed) as exc:  # the machine's doing as much as the file's: retried later
+        yield PageError(source.name, None, str(exc), path=source.path, transient=True)
+        return
     except DocumentError as exc:
         yield PageError(source.name, None, str(exc), path=source.path)
         return
@@ -132,6 +154,8 @@ def _source_pages(source: Source, selection: PageSelection | None, options: Opti
         for number in numbers:
             try:
                 record: Record = document.page(number)
+            except (RenderTimeout, RendererCrashed) as exc:
+                record = PageError(source.name, number, str(exc), pages=count, path=source.path, transient=True)
             except DocumentError as exc:
                 record = PageError(source.name, number, str(exc), pages=count, path=source.path)
             except (OSError, MemoryError) as exc:  # of the moment, not of the document

@@ -194,10 +194,18 @@ class Options:
     max_pixels: int
     pdf_dpi: float
     text_layer: bool = True  # read PDF pages' text layers (judged, as Markdown): see documents.textlayer
+    # Seconds one PDF page may take to render (or a PDF to open), None for no limit: see `renderer`.
+    render_timeout: float | None = field(default_factory=lambda: _default_render_timeout())
 
     @property
     def max_image_bytes(self) -> int:
         return BYTES_PER_ALLOWED_PIXEL * self.max_pixels
+
+
+def _default_render_timeout() -> float | None:
+    from monkey_cli.documents.renderer import default_render_timeout
+
+    return default_render_timeout()
 
 
 def one_line(exc: BaseException | str) -> str:

@@ -53,6 +53,7 @@ class GenerationRequest:
     image_key: Hashable | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     on_token: Callable[[int], None] | None = None
+    group: Hashable | None = None  # stub: the engine branch gives it meaning (round-robin between groups)
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,9 @@ The path between the image tags is only a placeholder (the model receives the pi
 dropped from the prompt exactly as at inference time.
 
 The rule for bad data: a problem with the file itself (missing, not JSON, not a list of objects) is fatal;
-a problem with one item (no image, unreadable image, no assistant turn, image span not first, too long...)
-skips that item with one line naming it. No usable item left is fatal.
+a problem with one item (no image, unreadable image, no assistant turn, image span not first, too long, a
+path the system cannot take, JSON nested too deeply to read...) skips that item with one line naming it.
+No usable item left is fatal.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ IGNORE_INDEX = -100  # labels of positions that carry no loss (the prompt and th
 USER, ASSISTANT = "user", "assistant"
 _LEADING_IMAGE = re.compile(r"<img>(.*?)</img>", re.DOTALL)
 _PAGE_SUFFIX = re.compile(r"#page=(\d+)$")
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},]', re.DOTALL)  # strings, brackets and commas of JSON text
+_SHOWN_PATH = 160  # characters of a path a message shows
 
 
 class DataError(MonkeyError):
@@ -117,9 +120,11 @@ def _raw_items(path: Path) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{path}: cannot read the data file ({exc})") from None
     if text.lstrip().startswith("["):
         try:
-            items = json.loads(text)
+            items: list[Any] = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: not valid JSON ({exc})") from None
+        except RecursionError:  # some item nests too deeply to read: read the items one by one
+            items = _list_items(path, text)
         if not isinstance(items, list):
             raise DataError(f"{path}: expected a JSON list of items")
         for number, item in enumerate(items, start=1):
@@ -133,14 +138,58 @@ def _raw_items(path: Path) -> Iterator[tuple[str, Any]]:
         except json.JSONDecodeError as exc:
             yield f"{path.name}: line {number}", ItemProblem(f"not valid JSON ({exc.msg})")
             continue
+        except RecursionError:
+            yield f"{path.name}: line {number}", ItemProblem("JSON nested too deeply to read")
+            continue
         yield _item_name(path, item, f"line {number}"), item
+
+
+def _list_items(path: Path, text: str) -> list[Any]:
+    """The items of a JSON list read one at a time: an item nested too deeply becomes an ItemProblem (the
+    others are read). The list is cut into its items by a scan of its strings and brackets (no recursion)."""
+    items: list[Any] = []
+    depth, start = 0, None
+    for token in _JSON_TOKENS.finditer(text):
+        mark = token.group()
+        if mark in "[{":
+            depth += 1
+            if depth == 2 and start is None:
+                start = token.start()
+        elif mark in "]}":
+            depth -= 1
+            if depth == 1 and start is not None:
+                items.append(_one_item(text[start : token.end()]))
+                start = None
+            elif depth == 0:
+                return items
+        elif depth == 1 and start is None and mark == ",":
+            continue
+        elif depth == 1 and start is None and mark.startswith('"'):
+            items.append(_one_item(mark))  # a bare string item (refused later as not an object)
+    raise DataError(f"{path}: not valid JSON (the list is not closed)")
+
+
+def _one_item(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except RecursionError:
+        return ItemProblem("JSON nested too deeply to read")
+    except json.JSONDecodeError as exc:
+        return ItemProblem(f"not valid JSON ({exc.msg})")
 
 
 def _item_name(path: Path, item: Any, position: str) -> str:
     identifier = item.get("id") if isinstance(item, dict) else None
     if identifier is None or isinstance(identifier, (dict, list)):
         return f"{path.name}: {position}"
-    return f"{path.name}: {position} (id {identifier!r})"
+    shown = repr(identifier)
+    return f"{path.name}: {position} (id {shown if len(shown) <= 80 else shown[:77] + '...'})"
+
+
+def shown_path(path: Path | str) -> str:
+    """A path as a message shows it: whole, or its start and end when it is very long."""
+    text = str(path)
+    return text if len(text) <= _SHOWN_PATH else f"{text[:80]}...{text[-60:]} ({len(text)} characters)"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -219,8 +268,12 @@ def _image_path(written: str, item: dict[str, Any], root: Path) -> tuple[Path, i
 
 def check_image(image: Path, page: int | None, size: tuple[int, int]) -> None:
     """Open the page once now, so a broken file is skipped up front instead of stopping training later."""
-    if not image.is_file():
-        raise ItemProblem(f"image not found: {image}")
+    try:
+        found = image.is_file()
+    except OSError as exc:  # a name too long for the system, a component that is a file, ...
+        raise ItemProblem(f"cannot use the image path {shown_path(image)}: {exc.strerror or exc}") from None
+    if not found:
+        raise ItemProblem(f"image not found: {shown_path(image)}")
     open_page(image, page, size)
 
 
@@ -228,7 +281,7 @@ def open_page(image: Path, page: int | None, size: tuple[int, int]) -> Image.Ima
     """The page as the model sees it, through the same document loader as `monkey ask`."""
     from monkey_cli.documents import PageError, iter_pages
 
-    records = iter_pages([image], size=size, pages=[page] if page else None)
+    records = iter_pages([image], size=size, pages=[page] if page else None, text_layer=False)  # pixels only
     try:
         record = next(records, None)
     finally:

@@ -11,8 +11,12 @@ process per GPU, each on the GPU of its rank). What this module adds around it:
 * the loss: next-token cross-entropy on the answer tokens and the closing <|endoftext|> only, averaged over
   all such tokens of an optimizer step (so gradient accumulation equals a larger batch);
 * the output folder: `adapter_config.json` + `adapter_model.safetensors`, `training_args.json`,
-  `loss.jsonl` (one line per step, one per held-out evaluation), `checkpoints/checkpoint-N`;
-* resuming from the last complete checkpoint, once the settings and data are checked to be the same;
+  `loss.jsonl` (one line per step, one per held-out evaluation), `checkpoints/checkpoint-N`, each recorded
+  in the folder's manifest (`monkey_cli.output_folder`): a file monkey did not write is never replaced or
+  deleted (a run is refused before training, naming it), and the checkpoints are rotated by monkey, which
+  deletes only what the Trainer wrote in the checkpoint folders it reserved;
+* resuming from the last complete checkpoint, once the settings and data are checked to be the same and
+  the checkpoint itself is checked against the run (`check_checkpoint`);
 * Ctrl-C: the current step finishes, a checkpoint is saved, and training stops (a second Ctrl-C: at once).
 
 This module imports torch and transformers: import it only where training happens.
@@ -25,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -40,14 +45,18 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_callback import PrinterCallback
 
 from monkey_cli import tasks
-from monkey_cli.errors import UsageError
+from monkey_cli.errors import CheckpointError, MonkeyError, UsageError
 from monkey_cli.finetune.adapters import (
+    ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     DECODER_TARGETS,
     TRAINING_ARGS_FILE,
+    AdapterConfig,
     add_lora,
+    check_adapter_weights,
     lora_config,
     quiet_library_warnings,
+    read_adapter_config,
     save_adapter,
     target_pattern,
 )
@@ -58,12 +67,23 @@ if TYPE_CHECKING:  # pragma: no cover
     from peft import PeftModel
 
     from monkey_cli.api import Monkey
+    from monkey_cli.output_folder import OutputFolder
 
 LOSS_LOG_FILE = "loss.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_COMPLETE = "trainer_state.json"  # the Trainer writes it last into a checkpoint folder
 KEEP_CHECKPOINTS = 2
+# The files of a run folder that monkey writes itself, and what the Trainer writes into a checkpoint folder
+# (only these are ever deleted from one when it is rotated out, and a checkpoint holding anything else is
+# not resumed from).
+RUN_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINING_ARGS_FILE, "loss.jsonl")
+TRAINER_FILES = re.compile(
+    r"adapter_model\.safetensors|adapter_config\.json|README\.md|optimizer\.pt|scheduler\.pt|scaler\.pt"
+    r"|rng_state(?:_\d{1,5})?\.pth|trainer_state\.json|training_args\.bin"
+)
+TORCH_FILES = re.compile(r"optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(?:_\d{1,5})?\.pth")
+MAX_STATE_BYTES = 64 << 20
 EVAL_METRICS = ("anls", "accuracy", "relaxed_accuracy")
 EVAL_EXTRA_TOKENS = 32  # a held-out answer may run this much longer than the longest expected one
 # Options that cannot change the trained weights, so a resume may change them (gradient checkpointing
@@ -159,20 +179,47 @@ def train(options: FinetuneOptions, *, callbacks: Sequence[TrainerCallback] = ()
 def _train(options: FinetuneOptions, callbacks: Sequence[TrainerCallback], log: Log) -> TrainResult:
     main_process = int(os.environ.get("RANK", "0")) == 0
     fingerprint = run_fingerprint(options)
+    check_run_folder(options.out)
     checkpoint = prepare_out(options, fingerprint)
     train_data, eval_data = load_datasets(options, log if main_process else _silent)
     monkey = load_base(options)
+    if checkpoint is not None:
+        check_checkpoint(checkpoint, options, monkey.model, _expected_max_steps(options, len(train_data.examples)))
     model = with_lora(monkey, options)
     args = training_arguments(options, monkey)
-    if main_process:
-        options.out.mkdir(parents=True, exist_ok=True)
-        _write_training_args(options, fingerprint, args, train_data, eval_data)
-        _truncate_loss_log(options.out / LOSS_LOG_FILE, checkpoint_step(checkpoint))
+    folder = open_run_folder(options.out) if main_process else None
+    try:
+        return _run_trainer(options, callbacks, log, fingerprint, checkpoint, train_data, eval_data, monkey, model,
+                            args, folder)  # fmt: skip
+    finally:
+        if folder is not None:
+            folder.close()
+
+
+def _run_trainer(
+    options: FinetuneOptions,
+    callbacks: Sequence[TrainerCallback],
+    log: Log,
+    fingerprint: dict[str, Any],
+    checkpoint: Path | None,
+    train_data: LoadedData,
+    eval_data: LoadedData | None,
+    monkey: Monkey,
+    model: PeftModel,
+    args: TrainingArguments,
+    folder: OutputFolder | None,
+) -> TrainResult:
+    main_process = folder is not None
+    if folder is not None:
+        _write_training_args(folder, options, fingerprint, args, train_data, eval_data)
+        _truncate_loss_log(folder, checkpoint_step(checkpoint))
 
     stop = StopOnInterrupt(announce=main_process)
-    loss_log = LossLog(options.out / LOSS_LOG_FILE)
+    loss_log = LossLog(folder)
     evaluations: list[dict[str, Any]] = []
     all_callbacks: list[TrainerCallback] = [stop, loss_log, *callbacks]
+    if folder is not None:
+        all_callbacks.append(CheckpointRecords(folder))  # after `stop`: it sees the save an interrupt asks for
     if eval_data is not None:
         held_out = HeldOutEval(monkey, eval_data.examples, options.eval_metric, loss_log, evaluations, log, stop)
         all_callbacks.append(held_out)
@@ -186,8 +233,8 @@ def _train(options: FinetuneOptions, callbacks: Sequence[TrainerCallback], log: 
     trainer.remove_callback(PrinterCallback)  # it prints every log dict on stdout, which carries results only
     with stop.installed():
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    if main_process and not stop.requested:
-        save_adapter(model, options.out)
+    if folder is not None and not stop.requested:
+        save_adapter(model, options.out, folder=folder)
     return TrainResult(
         out=options.out,
         steps=trainer.state.global_step,
@@ -287,7 +334,7 @@ def training_arguments(options: FinetuneOptions, monkey: Monkey) -> TrainingArgu
         logging_steps=1,
         save_strategy="steps",
         save_steps=options.save_steps,
-        save_total_limit=KEEP_CHECKPOINTS,
+        save_total_limit=None,  # monkey rotates them (CheckpointRecords): only what it reserved is ever deleted
         remove_unused_columns=False,  # pixel_values is not in peft's forward signature
         label_names=["labels"],
         dataloader_pin_memory=not on_cpu,
@@ -330,6 +377,52 @@ class AnswerLossTrainer(Trainer):
 # ---------------------------------------------------------------------------------------------------------
 # The output folder: resume, fingerprint, training arguments, loss log
 # ---------------------------------------------------------------------------------------------------------
+def check_run_folder(out: Path) -> None:
+    """Refuse (one line naming the file) a --out that holds, where a run writes, anything monkey's manifest
+    does not list: the run's own files (adapter, training_args.json, loss.jsonl) would be replaced, and
+    everything under checkpoints/ could be deleted by the checkpoint rotation. Nothing is written here."""
+    import warnings
+
+    from monkey_cli.output_folder import OutputFolder
+
+    if not os.path.lexists(out):
+        return
+    if not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    with warnings.catch_warnings(record=True):  # an unreadable manifest: then nothing there is known to be ours
+        warnings.simplefilter("always")
+        folder = OutputFolder(out)
+    try:
+        for name in RUN_FILES:
+            if os.path.lexists(out / name) and not folder.owns(name):
+                raise UsageError(_not_ours(out / name, out))
+        checkpoints = out / CHECKPOINTS_DIR
+        if not os.path.lexists(checkpoints):
+            return
+        if checkpoints.is_symlink() or not checkpoints.is_dir():
+            raise UsageError(f"--out {out}: {checkpoints} is a symbolic link or not a folder; monkey never writes "
+                             "through one (remove it, or choose another --out)")  # fmt: skip
+        for entry in sorted(os.scandir(checkpoints), key=lambda entry: entry.name):
+            relative = f"{CHECKPOINTS_DIR}/{entry.name}"
+            if not folder.owns(relative) or entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
+                raise UsageError(_not_ours(Path(entry.path), out))
+    finally:
+        folder.close()
+
+
+def _not_ours(path: Path, out: Path) -> str:
+    return (
+        f"--out {out}: {path} was not written by monkey (its manifest does not list it), and a training run there "
+        "would replace or delete it: move it away, or choose another --out"
+    )
+
+
+def open_run_folder(out: Path) -> OutputFolder:
+    from monkey_cli.output_folder import OutputFolder
+
+    return OutputFolder(out)
+
+
 def prepare_out(options: FinetuneOptions, fingerprint: dict[str, Any]) -> Path | None:
     """The checkpoint to resume from (None: start fresh); refuses to mix two runs in one folder."""
     checkpoint = last_checkpoint(options.out)
@@ -381,9 +474,13 @@ def base_model_identity(model: str) -> str:
 
 
 def _check_same_run(recorded: Path, fingerprint: dict[str, Any]) -> None:
+    from monkey_cli.model.sources import read_regular_file
+
     try:
-        before = json.loads(recorded.read_text(encoding="utf-8"))["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError):
+        before = json.loads(read_regular_file(recorded, MAX_STATE_BYTES, error=UsageError))["fingerprint"]
+        if not isinstance(before, dict):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, RecursionError, MonkeyError):
         raise UsageError(f"{recorded}: unreadable, so this run cannot be resumed safely; use another --out") from None
     for key in sorted(set(before) | set(fingerprint)):
         if before.get(key) != fingerprint.get(key):
@@ -393,7 +490,98 @@ def _check_same_run(recorded: Path, fingerprint: dict[str, Any]) -> None:
             )
 
 
+def check_checkpoint(checkpoint: Path, options: FinetuneOptions, model: Any, max_steps: int | None) -> None:
+    """Before resuming from `checkpoint`, check that it is one this run saved, and safe to load: only the files
+    the Trainer writes, each a regular file; trainer_state.json valid JSON whose step is the folder's and
+    within the run's steps; the adapter's config this run's LoRA and its weights exactly the tensors and
+    shapes of this run's adapter for this model (`model`: the base, before LoRA is added); every torch file
+    loadable as weights only (no pickled code). Each failure is one line naming the file (CheckpointError)."""
+    from monkey_cli.model.sources import read_regular_file
+
+    for entry in sorted(os.scandir(checkpoint), key=lambda entry: entry.name):
+        if not TRAINER_FILES.fullmatch(entry.name):
+            raise CheckpointError(f"{entry.path}: not a file the Trainer writes into a checkpoint; refusing to "
+                                  "resume from it (remove it, or the checkpoint folder)")  # fmt: skip
+        if entry.is_symlink() or not entry.is_file(follow_symlinks=False):
+            raise CheckpointError(f"{entry.path}: not a regular file; refusing to resume from it")
+    state_path = checkpoint / CHECKPOINT_COMPLETE
+    try:
+        state = json.loads(read_regular_file(state_path, MAX_STATE_BYTES))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{state_path}: not valid JSON ({type(exc).__name__}); remove {checkpoint} to resume "
+                              "from the checkpoint before it") from None  # fmt: skip
+    step = state.get("global_step") if isinstance(state, dict) else None
+    saved_max = state.get("max_steps") if isinstance(state, dict) else None
+    if not _whole(step) or step != checkpoint_step(checkpoint):
+        raise CheckpointError(f"{state_path}: its global_step ({_shown(step)}) is not this checkpoint's step "
+                              f"({checkpoint_step(checkpoint)}); refusing to resume from it")  # fmt: skip
+    if not _whole(saved_max) or step > saved_max or (max_steps is not None and saved_max != max_steps):
+        wanted = f" (this run has {max_steps})" if max_steps is not None else ""
+        raise CheckpointError(f"{state_path}: step {step} of max_steps {_shown(saved_max)} is not a step of this "
+                              f"run{wanted}; refusing to resume from it")  # fmt: skip
+    _check_checkpoint_adapter(checkpoint, options, model)
+    for entry in sorted(os.scandir(checkpoint), key=lambda entry: entry.name):
+        if TORCH_FILES.fullmatch(entry.name):
+            _check_weights_only(Path(entry.path))
+
+
+def _check_checkpoint_adapter(checkpoint: Path, options: FinetuneOptions, model: Any) -> None:
+    config = read_adapter_config(checkpoint)
+    wanted = AdapterConfig(options.lora_r, float(options.lora_alpha), options.lora_dropout,
+                           tuple(options.lora_targets), options.train_window_lora)  # fmt: skip
+    differs = {
+        "r": config.r != wanted.r,
+        "lora_alpha": config.alpha != wanted.alpha,
+        "lora_dropout": config.dropout != wanted.dropout,
+        "target_modules": set(config.targets) != set(wanted.targets),
+        "modules_to_save": config.window_lora != wanted.window_lora,
+    }
+    for label, different in differs.items():
+        if different:
+            raise CheckpointError(f"{checkpoint / ADAPTER_CONFIG}: its {label} is not this run's; refusing to "
+                                  "resume from it")  # fmt: skip
+    check_adapter_weights(checkpoint, model, config)
+
+
+def _check_weights_only(path: Path) -> None:
+    from transformers.trainer_pt_utils import safe_globals
+
+    try:
+        with safe_globals():
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - an UnpicklingError for code, anything else for damage
+        import pickle
+
+        if isinstance(exc, pickle.UnpicklingError):
+            why = "it holds pickled objects besides tensors, which could run code"
+        else:
+            why = re.sub(r"[\x00-\x1f\x7f]\[?[0-9;]*m?", "", " ".join(str(exc).split()))[:100] or type(exc).__name__
+        raise CheckpointError(f"{path}: not a weights-only torch file, so it is not loaded ({why})") from None
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _expected_max_steps(options: FinetuneOptions, examples: int) -> int | None:
+    """The optimizer steps of this run, as the Trainer counts them (one process; None under torchrun, where
+    the data is split by the launcher)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        return None
+    if options.max_steps is not None:
+        return options.max_steps
+    batches = math.ceil(examples / options.batch_size)
+    per_epoch = max(batches // options.grad_accum + int(batches % options.grad_accum > 0), 1)
+    return math.ceil(options.epochs * per_epoch)
+
+
 def _write_training_args(
+    folder: OutputFolder,
     options: FinetuneOptions,
     fingerprint: dict[str, Any],
     args: TrainingArguments,
@@ -421,28 +609,23 @@ def _write_training_args(
             "peft": peft.__version__,
         },
     }
-    _write_atomic(options.out / TRAINING_ARGS_FILE, json.dumps(record, indent=2) + "\n")
+    folder.write(TRAINING_ARGS_FILE, (json.dumps(record, indent=2) + "\n").encode(), {"finetune": "settings"})
 
 
-def _truncate_loss_log(path: Path, step: int) -> None:
+def _truncate_loss_log(folder: OutputFolder, step: int) -> None:
     """On resume, drop the lines of steps after the checkpoint: they are about to be trained again."""
-    if not path.is_file():
+    data = folder.read(LOSS_LOG_FILE, limit=1 << 30) if folder.owns(LOSS_LOG_FILE) else None
+    if data is None:
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _log_step(line) <= step]
-    _write_atomic(path, "".join(line + "\n" for line in kept))
+    kept = [line for line in data.decode("utf-8", "replace").splitlines() if _log_step(line) <= step]
+    folder.write(LOSS_LOG_FILE, "".join(line + "\n" for line in kept).encode(), {"finetune": "loss"})
 
 
 def _log_step(line: str) -> float:
     try:
         return float(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return math.inf  # an unreadable line (cut by a crash mid-write): drop it
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    scratch = path.with_name(f".{path.name}.tmp")
-    scratch.write_text(text, encoding="utf-8")
-    os.replace(scratch, path)
 
 
 def _file_sha256(path: Path) -> str:
@@ -519,15 +702,18 @@ class StopOnInterrupt(TrainerCallback):
 
 
 class LossLog(TrainerCallback):
-    """loss.jsonl: one line per optimizer step ({"step", "epoch", "loss", "learning_rate", "grad_norm"})."""
+    """loss.jsonl: one line per optimizer step ({"step", "epoch", "loss", "learning_rate", "grad_norm"}),
+    appended through the run folder (recorded as monkey's; None in the other processes of a multi-GPU run)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, folder: OutputFolder | None) -> None:
+        self.folder = folder
         self.last_loss: float | None = None
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as stream:
-            stream.write(json.dumps(record) + "\n")
+        if self.folder is None:
+            return
+        with self.folder.open_file(LOSS_LOG_FILE, append=True) as stream:
+            stream.write((json.dumps(record) + "\n").encode("utf-8"))
 
     def on_log(
         self,
@@ -544,6 +730,38 @@ class LossLog(TrainerCallback):
             record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
             record.update({k: logs[k] for k in ("loss", "learning_rate", "grad_norm") if k in logs})
             self.write(record)
+
+
+class CheckpointRecords(TrainerCallback):
+    """The Trainer's checkpoints, kept by monkey's rules: each checkpoint folder is recorded in the run
+    folder's manifest before the Trainer writes it (so everything in it is known to be the Trainer's), and
+    after each save all but the newest KEEP_CHECKPOINTS are removed, deleting only the files the Trainer
+    writes there (a file of anyone else's keeps its folder)."""
+
+    def __init__(self, folder: OutputFolder) -> None:
+        self.folder = folder
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if control.should_save:
+            self._reserve(state.global_step)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._reserve(state.global_step)
+        steps = sorted(self._recorded())
+        for step in steps[:-KEEP_CHECKPOINTS]:
+            self.folder.clear_folder(f"{CHECKPOINTS_DIR}/{CHECKPOINT_PREFIX}{step}", TRAINER_FILES)
+
+    def _reserve(self, step: int) -> None:
+        relative = f"{CHECKPOINTS_DIR}/{CHECKPOINT_PREFIX}{step}"
+        if not self.folder.owns(relative):
+            self.folder.record({relative: {"finetune": "checkpoint"}})
+
+    def _recorded(self) -> list[int]:
+        prefix = f"{CHECKPOINTS_DIR}/{CHECKPOINT_PREFIX}"
+        steps = [key[len(prefix) :] for key in self.folder.recorded() if key.startswith(prefix)]
+        return [int(step) for step in steps if step.isdigit()]
 
 
 class HeldOutEval(TrainerCallback):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,7 +33,10 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 
 GENERATION_CONFIG = "generation_config.json"
 # Files transformers' from_pretrained opens on its own when they exist (besides config.json and weights).
-_TRANSFORMERS_READS = (GENERATION_CONFIG, "adapter_config.json")
+_TRANSFORMERS_READS = (GENERATION_CONFIG,)
+# With peft installed, transformers applies an adapter it finds in the checkpoint folder by itself, reading
+# its files unchecked: a checkpoint folder holding one is refused (adapters come only through --adapter).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 # What the checkpoint's generation_config.json may set: only the sampling knobs, used when a caller asks
 # to sample. Greedy stays the default (as every call site of the original passes do_sample=False).
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p")  # what the engine's sampler takes
@@ -81,7 +85,15 @@ def _shards_from_index(folder: Path, index: Path) -> list[Path]:
 
 
 def check_model_files(folder: Path) -> WeightFiles:
-    """Every file loading will open, checked to be a regular file inside `folder`; returns the weights."""
+    """Every file loading will open, checked to be a regular file inside `folder`; returns the weights. A
+    folder with an adapter in it is refused: transformers would apply it silently, unchecked and unhashed."""
+    for name in ADAPTER_FILES:
+        if os.path.lexists(folder / name):
+            raise CheckpointError(
+                f"{folder / name}: this checkpoint folder holds a LoRA adapter, which monkey applies only with "
+                "--adapter (checked, and part of the resume fingerprint): give the base checkpoint to --model "
+                "and the adapter's folder to --adapter, or move the adapter's files out of this folder"
+            )
     for name in _TRANSFORMERS_READS:
         model_file(folder, name, required=False)
     return find_weight_files(folder)

@@ -22,8 +22,16 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from monkey_cli import __version__
-from monkey_cli.serve.errors import APIError, bad_request, too_large
-from monkey_cli.serve.middleware import AdmissionMiddleware, ApiKeyMiddleware, BodyLimitMiddleware
+from monkey_cli.serve.errors import APIError, bad_request, too_large, too_slow
+from monkey_cli.serve.middleware import (
+    AdmissionMiddleware,
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    CrossSiteMiddleware,
+    HostMiddleware,
+    SecurityHeadersMiddleware,
+    host_names,
+)
 from monkey_cli.serve.routers import chat, documents, health, models, web
 from monkey_cli.serve.service import ClientGone, ModelService
 
@@ -63,12 +71,32 @@ def create_app(
         app.include_router(router)
     app.mount("/static", StaticFiles(packages=[("monkey_cli.serve", "static")]), name="static")
     _install_error_handlers(app, service, verbose)
-    # The last added runs first: the key, then the queue limit, then the body size.
-    app.add_middleware(BodyLimitMiddleware, limit=service.settings.max_upload_bytes)
-    app.add_middleware(AdmissionMiddleware, service=service)
-    if service.settings.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=service.settings.api_key)
+    _install_middleware(app, service)
     return app
+
+
+def _install_middleware(app: FastAPI, service: ModelService) -> None:
+    """The last added runs first: security headers, Host, CORS (for allowed origins), cross-site refusal,
+    the key, the queue limit, the body's size and pace."""
+    settings = service.settings
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes, timeout=settings.body_timeout)
+    app.add_middleware(AdmissionMiddleware, service=service)
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(CrossSiteMiddleware, allowed_origins=settings.allowed_origins)
+    if settings.allowed_origins:  # the allowed pages may also read the answers (and send JSON, after asking)
+        from starlette.middleware.cors import CORSMiddleware
+
+        origins = [origin.rstrip("/") for origin in settings.allowed_origins]
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    names = host_names(settings.host, settings.allowed_hosts)
+    app.add_middleware(HostMiddleware, names=names, any_host="*" in settings.allowed_hosts)
+    app.add_middleware(SecurityHeadersMiddleware)
 
 
 def _load(service: ModelService, on_failure: Callable[[BaseException], None] | None) -> None:
@@ -103,6 +131,8 @@ def _install_error_handlers(app: FastAPI, service: ModelService, verbose: bool) 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         if exc.status_code == 413:
             return _json(too_large(limit))
+        if exc.status_code == 408:
+            return _json(too_slow(service.settings.body_timeout))
         if exc.status_code == 404:
             return _json(APIError(404, f"no such endpoint: {request.method} {request.url.path}", code="not_found"))
         if exc.status_code == 405:
@@ -141,4 +171,5 @@ def _validation_error(errors: list[dict[str, Any]]) -> APIError:
         return bad_request("the request body must be a JSON object (Content-Type: application/json)")
     param = ".".join(where)
     message = "missing" if first.get("type") == "missing" else first.get("msg", "invalid")
+    message = message.removeprefix("Value error, ")  # our own validators' words, without pydantic's label
     return bad_request(f"{param}: {message}", param)

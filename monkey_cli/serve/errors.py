@@ -14,7 +14,9 @@ _TYPES = {
     400: "invalid_request_error",
     401: "invalid_request_error",
     404: "invalid_request_error",
+    403: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
@@ -61,6 +63,18 @@ def too_large(limit: int) -> APIError:
         413,
         f"the request body is larger than this server's limit of {describe_bytes(limit)} (monkey serve --max-upload)",
         code="request_too_large",
+    )
+
+
+def too_slow(timeout: float) -> APIError:
+    from monkey_cli.serve.settings import MIN_BODY_RATE
+
+    return APIError(
+        408,
+        f"the request body did not arrive in time: a body gets {timeout:g} s (--body-timeout), and one more "
+        f"second per {describe_bytes(MIN_BODY_RATE)} received",
+        code="body_timeout",
+        headers={"Connection": "close"},
     )
 
 

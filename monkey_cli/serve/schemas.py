@@ -3,14 +3,23 @@
 Requests accept what OpenAI's clients send: fields this server has no use for (`user`, `metadata`,
 `logit_bias`, `tools`, ...) are accepted and ignored, as other OpenAI-compatible servers do; fields whose
 meaning it cannot honour (`n` other than 1, `stop`) are refused with a 400 naming them, rather than
-silently answering something else than was asked.
+silently answering something else than was asked. Numbers are bounded to what decoding can honour: a
+temperature or top_p too close to 0 overflows the sampler's arithmetic (its probabilities become NaN), and a
+seed outside 64 bits cannot seed a generator; each is a 400 naming the field.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MIN_TEMPERATURE = 0.01  # a positive temperature below it is refused: 0 is greedy, as the original decodes
+MAX_TEMPERATURE = 2.0
+MIN_TOP_P = 0.001
+MAX_TOP_K = 1_000_000  # far beyond any vocabulary: the cut is then no cut
+MAX_TOKENS = 1_000_000  # what a client may ask for; the server's --max-new-tokens caps it anyway
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what a torch generator takes
 
 
 class _Request(BaseModel):
@@ -49,17 +58,29 @@ class StreamOptions(_Request):
 
 
 class ChatCompletionRequest(_Request):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
     model: str | None = Field(None, description="Accepted and ignored: the server serves one model.")
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1, description="Wins over max_tokens.")
-    temperature: float | None = Field(None, ge=0, le=2, description="0 or absent: greedy (the original's).")
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS, description="Wins over max_tokens.")
+    temperature: float | None = Field(
+        None, ge=0, le=MAX_TEMPERATURE, description=f"0 or absent: greedy (the original's); else {MIN_TEMPERATURE}-2."
+    )
+    top_p: float | None = Field(None, ge=MIN_TOP_P, le=1)
+    top_k: int | None = Field(None, ge=0, le=MAX_TOP_K, description="0: no top-k cut (not an OpenAI field).")
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     n: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float | None) -> float | None:
+        if value is not None and 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or from {MIN_TEMPERATURE} to {MAX_TEMPERATURE:g}, got {value!r}")
+        return value
 
 
 # --- chat completions: the response --------------------------------------------------------------------

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import io
+import itertools
 import logging
 import threading
 import time
@@ -36,6 +37,13 @@ log = logging.getLogger("monkey_cli.serve")
 
 _END = object()  # the request is finished (or failed, or its time ran out)
 _GONE = object()  # the client disconnected
+_GROUPS = itertools.count(1)  # one scheduling group per HTTP request: the engine takes turns between groups
+
+
+def new_group() -> tuple[str, int]:
+    """A fresh scheduling group: every generation of one HTTP request carries the same one, so that one
+    request with many questions takes its turn with the others instead of going first with all of them."""
+    return ("http", next(_GROUPS))
 
 
 class ClientGone(Exception):
@@ -55,6 +63,7 @@ class ChatJob:
     image_param: str
     max_tokens: int
     sampling: dict[str, Any]
+    client: str = ""  # who asks (routers.common.client_identity): features are shared within one client only
 
 
 @dataclass(frozen=True)
@@ -89,7 +98,9 @@ class ModelService:
     # --- life cycle ---------------------------------------------------------------------------------------
     @property
     def model_name(self) -> str:
-        return self.settings.model
+        """How responses name the model: the --model hub id as given, a local folder by its name only (its
+        path on this machine is none of a client's business)."""
+        return shown_model_name(self.settings.model)
 
     def load(self) -> None:
         """Load the model and start the engine (blocking: run it in a thread). Raises what loading raised."""
@@ -121,9 +132,13 @@ class ModelService:
         )
 
     def close(self) -> None:
-        """Stop the engine (requests still running are failed) and the waiting threads."""
+        """Stop the engine (requests still running are failed), the renderer (a page being drawn must not
+        keep the server from stopping) and the waiting threads."""
+        from monkey_cli.documents import renderer
+
         if self.loop is not None:
             self.loop.close()
+        renderer.shutdown()
         self._waiters.shutdown(wait=False, cancel_futures=True)
 
     def ready(self) -> Monkey:
@@ -151,6 +166,11 @@ class ModelService:
             )
         return health
 
+    @property
+    def render_timeout(self) -> float | None:
+        """Seconds one page may take to render (None: no limit)."""
+        return self.settings.render_timeout or None
+
     def max_tokens(self, asked: int | None) -> int:
         """A client's max_tokens, capped at the server's --max-new-tokens (its default too)."""
         return min(asked or self.settings.max_new_tokens, self.settings.max_new_tokens)
@@ -168,13 +188,14 @@ class ModelService:
         from monkey_cli.engine import GenerationRequest
 
         ids = self._prompt_ids(monkey, tasks.vqa_prompt(job.question), job.max_tokens, "messages")
-        page = uploads.open_page(job.image, monkey.processor.input_size, job.image_param)
+        page = uploads.open_page(job.image, monkey.processor.input_size, job.image_param, self.render_timeout)
         return GenerationRequest(
             ids,
             image=monkey.preprocess(page.image),
-            image_key=job.image.key,
+            image_key=(job.client, *job.image.key),
             params=monkey.sampling_params(job.max_tokens, **job.sampling),
             on_token=on_token,
+            group=new_group(),
         )
 
     @staticmethod
@@ -261,9 +282,29 @@ class ModelService:
         from monkey_cli.documents import Source
         from monkey_cli.engine import Job
 
-        self._check_pages(monkey, Source(job.name, data=job.data), job.pages, job.password)
+        self.check_questions(job.questions)
+        pages = self._check_pages(monkey, Source(job.name, data=job.data), job.pages, job.password)
+        answers = pages * max(1, len(job.questions))
+        if answers > self.settings.max_answers:
+            raise bad_request(
+                f"{pages} pages x {max(1, len(job.questions))} questions = {answers} answers; this server gives at "
+                f"most {self.settings.max_answers} per request (--max-answers): choose fewer pages or questions, "
+                "or send several requests",
+                "question" if len(job.questions) > 1 else "pages",
+                code="too_many_answers",
+            )
         for _shown, prompt, _error in Job(task=job.task, questions=job.questions).prompts(chat=monkey.chat):
             self._prompt_ids(monkey, prompt, job.max_tokens, "question" if job.task == "ask" else "task")
+
+    def check_questions(self, questions: tuple[str, ...]) -> None:
+        """A 400 before anything is read for more questions than --max-questions."""
+        if len(questions) > self.settings.max_questions:
+            raise bad_request(
+                f"{len(questions)} questions; this server takes at most {self.settings.max_questions} per request "
+                "(--max-questions): send the others in another request",
+                "question",
+                code="too_many_questions",
+            )
 
     async def run_document(
         self,
@@ -302,6 +343,7 @@ class ModelService:
         from monkey_cli.documents import Source, iter_pages
         from monkey_cli.engine import Engine, Job
         from monkey_cli.output import Record, make_writer
+        from monkey_cli.pipeline import reads_text_layer
 
         model_job = Job(
             task=job.task,
@@ -320,7 +362,12 @@ class ModelService:
         )
         source = Source(job.name, data=job.data)
         size = monkey.processor.input_size
-        pages = uploads.serialized(iter_pages([source], size=size, pages=job.pages, password=job.password))
+        pages = uploads.serialized(
+            iter_pages(
+                [source], size=size, pages=job.pages, password=job.password, render_timeout=self.render_timeout,
+                text_layer=reads_text_layer(model_job),
+            )  # fmt: skip
+        )
         buffer = io.StringIO()
         writer = make_writer("json", buffer)
         for event in engine.run(pages):
@@ -342,11 +389,16 @@ class ModelService:
         source = Source(name, data=data)
         self._check_pages(monkey, source, pages, password)
         size = monkey.processor.input_size
-        shown, errors = uploads.preview(iter_pages([source], size=size, pages=pages, password=password))
+        records = iter_pages(
+            [source], size=size, pages=pages, password=password, render_timeout=self.render_timeout, text_layer=False
+        )
+        shown, errors = uploads.preview(records)
         return {"source": name, "pages": shown, "errors": errors}
 
-    def _check_pages(self, monkey: Monkey, source: Any, pages: str | None, password: str | None) -> None:
-        count = uploads.selected_pages(source, pages, password, monkey.processor.input_size)
+    def _check_pages(self, monkey: Monkey, source: Any, pages: str | None, password: str | None) -> int:
+        """How many pages the request selects; a 400 when it cannot be read or takes too many."""
+        size = monkey.processor.input_size
+        count = uploads.selected_pages(source, pages, password, size, self.render_timeout)
         if count > self.settings.max_pages:
             raise bad_request(
                 f"{count} pages selected; this server takes at most {self.settings.max_pages} per request "
@@ -354,6 +406,7 @@ class ModelService:
                 "pages",
                 code="too_many_pages",
             )
+        return count
 
 
 class AnswerText:
@@ -389,6 +442,7 @@ class _DocumentRun:
 
     def __init__(self, loop: Any) -> None:
         self.loop = loop
+        self.group = new_group()  # all of this document's generations take one turn together
         self._handles: list[RequestHandle] = []
         self._aborted = False
         self._lock = threading.Lock()
@@ -397,7 +451,7 @@ class _DocumentRun:
         with self._lock:
             if self._aborted:
                 raise _Abandoned
-            handle = self.loop.submit(request)
+            handle = self.loop.submit(dataclasses.replace(request, group=self.group))
             self._handles.append(handle)
             return handle
 
@@ -450,6 +504,20 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
     """Mark a worker's outcome as seen (an abandoned run's error is expected and needs no log line)."""
     if not future.cancelled():
         future.exception()
+
+
+def shown_model_name(model: str) -> str:
+    """A hub id as given; a local folder by its name alone (`/srv/models/monkey-forms` -> `monkey-forms`)."""
+    from pathlib import Path
+
+    path = Path(model).expanduser()
+    try:
+        local = path.is_dir()
+    except OSError:
+        local = False
+    if not local:
+        return model
+    return path.resolve().name or "model"
 
 
 def completion_id() -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from monkey_cli.documents.renderer import DEFAULT_RENDER_TIMEOUT
 from monkey_cli.tasks import DEFAULT_MODEL
 
 DEFAULT_HOST = "127.0.0.1"  # loopback only, unless the user says otherwise
@@ -14,6 +15,11 @@ DEFAULT_MAX_QUEUE = 128
 DEFAULT_REQUEST_TIMEOUT = 300.0
 DEFAULT_MAX_UPLOAD_BYTES = 64 * 2**20
 DEFAULT_MAX_PAGES = 64
+DEFAULT_MAX_QUESTIONS = 32
+DEFAULT_MAX_ANSWERS = 256
+DEFAULT_BODY_TIMEOUT = 30.0
+MIN_BODY_RATE = 64 * 2**10  # bytes per second a body must keep up after --body-timeout's grace
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
 @dataclass(frozen=True)
@@ -22,7 +28,13 @@ class ServeSettings:
     CLI's --batch-size, lowered to what fits). `max_new_tokens` is the longest answer a request gets (its
     default, and the cap on a client's `max_tokens`). Limits: `max_queue` requests in progress at once (one
     beyond them gets 429 before its body is read), `request_timeout` seconds per HTTP request (a whole
-    document included), `max_upload_bytes` per request body (413), `max_pages` per document request."""
+    document included), `max_upload_bytes` per request body (413), `max_pages` per document request,
+    `max_questions` per document request and `max_answers` (questions x pages) per document request;
+    `body_timeout` seconds for a request's body to arrive (plus a second per MIN_BODY_RATE bytes received).
+    Browsers: `allowed_hosts` are names a request's Host header may carry besides loopback names, IP
+    addresses and `host`; `allowed_origins` are the web origins (`http://localhost:3000`) whose pages may
+    send requests that change something (POST), "*" any. `render_timeout` is the budget of one page's
+    rendering (uploads, previews)."""
 
     model: str = DEFAULT_MODEL
     device: str = "auto"
@@ -41,14 +53,24 @@ class ServeSettings:
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_pages: int = DEFAULT_MAX_PAGES
+    max_questions: int = DEFAULT_MAX_QUESTIONS
+    max_answers: int = DEFAULT_MAX_ANSWERS
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
+    render_timeout: float = DEFAULT_RENDER_TIMEOUT  # 0: no limit
 
     def __post_init__(self) -> None:
-        for name in ("slots", "max_new_tokens", "max_queue", "max_upload_bytes", "max_pages"):
+        counts = ("slots", "max_new_tokens", "max_queue", "max_upload_bytes", "max_pages")
+        for name in (*counts, "max_questions", "max_answers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not self.request_timeout > 0:
-            raise ValueError(f"request_timeout must be positive, got {self.request_timeout!r}")
+        if not 0 <= self.render_timeout < float("inf"):
+            raise ValueError(f"render_timeout must be 0 (no limit) or positive, got {self.render_timeout!r}")
+        for name in ("request_timeout", "body_timeout"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.api_key is not None and not self.api_key.strip():

@@ -7,8 +7,10 @@ size-checked, turned upright and flattened onto white, PDF pages are rendered st
 size, with the CLI's page selection syntax. Nothing a request names is ever fetched or opened: remote
 `http(s)` URLs and local paths are refused with a 400.
 
-MuPDF must not be used from two threads at once, and a server opens documents for several requests at a
-time: all document work in the server goes through `DOCUMENTS_LOCK` (one page render at a time).
+MuPDF works in one renderer process (`monkey_cli.documents.renderer`), one request at a time, and a server
+opens documents for several requests at a time: all document work in the server goes through
+`DOCUMENTS_LOCK` (one page render at a time), each page within the render budget (`--render-timeout`), so a
+page that would take hours to draw is an error for that page and never stops the server answering.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from monkey_cli.documents import DEFAULT_MAX_PIXELS, DEFAULT_PDF_DPI, Page, PageError, Source, open_document
 from monkey_cli.documents.records import Options, one_line, parse_pages
+from monkey_cli.documents.renderer import RenderTimeout
 from monkey_cli.errors import UsageError
 from monkey_cli.serve.errors import bad_request
 
@@ -104,12 +107,15 @@ def _page_number(fragment: str, param: str) -> int:
 # --- pages ---------------------------------------------------------------------------------------------
 
 
-def open_page(image: ImageRef, size: tuple[int, int], param: str) -> Page:
-    """The page `image` means, rendered at `size` (height, width) as the CLI renders it; a 400 otherwise."""
-    options = Options(size, None, DEFAULT_MAX_PIXELS, DEFAULT_PDF_DPI)
+def open_page(image: ImageRef, size: tuple[int, int], param: str, render_timeout: float | None = None) -> Page:
+    """The page `image` means, rendered at `size` (height, width) as the CLI renders it, within
+    `render_timeout` seconds (None: no limit); a 400 otherwise."""
+    options = Options(size, None, DEFAULT_MAX_PIXELS, DEFAULT_PDF_DPI, render_timeout)
     with DOCUMENTS_LOCK:
         try:
             document = open_document(Source("image", data=image.data), options)
+        except RenderTimeout as exc:
+            raise bad_request(f"the document: {exc}", param, code="render_timeout") from None
         except Exception as exc:  # DocumentError, or anything hostile bytes make a decoder raise
             raise bad_request(f"cannot read the image: {one_line(exc)}", param, code="invalid_image") from None
         try:
@@ -119,6 +125,8 @@ def open_page(image: ImageRef, size: tuple[int, int], param: str) -> Page:
                 raise bad_request(f"#page={image.page}: the document has {count} {noun}", param, code="invalid_page")
             try:
                 return document.page(image.page)
+            except RenderTimeout as exc:
+                raise bad_request(f"page {image.page}: {exc}", param, code="render_timeout") from None
             except Exception as exc:
                 message = f"cannot read page {image.page}: {one_line(exc)}"
                 raise bad_request(message, param, code="invalid_image") from None
@@ -126,17 +134,21 @@ def open_page(image: ImageRef, size: tuple[int, int], param: str) -> Page:
             document.close()
 
 
-def selected_pages(source: Source, pages: str | None, password: str | None, size: tuple[int, int]) -> int:
+def selected_pages(
+    source: Source, pages: str | None, password: str | None, size: tuple[int, int], render_timeout: float | None = None
+) -> int:
     """How many pages of `source` the `pages` selection (the CLI's --pages syntax) takes; a 400 when the
     document cannot be opened at all or the selection cannot be read (what fails per page is a record)."""
     try:
         selection = parse_pages(pages.strip() if pages and pages.strip() else None)
     except UsageError as exc:
         raise bad_request(str(exc).replace("--pages", "pages", 1), "pages") from None
-    options = Options(size, password, DEFAULT_MAX_PIXELS, DEFAULT_PDF_DPI)
+    options = Options(size, password, DEFAULT_MAX_PIXELS, DEFAULT_PDF_DPI, render_timeout)
     with DOCUMENTS_LOCK:
         try:
             document = open_document(source, options)
+        except RenderTimeout as exc:
+            raise bad_request(f"{source.name}: {exc}", "file", code="render_timeout") from None
         except Exception as exc:  # DocumentError, or anything a hostile file makes a decoder raise
             raise bad_request(f"{source.name}: {one_line(exc)}", "file", code="invalid_document") from None
         try:

@@ -20,7 +20,7 @@ from fastapi.responses import StreamingResponse
 from monkey_cli.printing import json_text
 from monkey_cli.serve import uploads
 from monkey_cli.serve.errors import APIError, bad_request
-from monkey_cli.serve.routers.common import Service, client_gone
+from monkey_cli.serve.routers.common import Service, client_gone, client_identity
 from monkey_cli.serve.schemas import (
     ERROR_RESPONSES,
     AssistantMessage,
@@ -48,7 +48,8 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 async def chat_completions(body: ChatCompletionRequest, request: Request, service: Service) -> Any:
     """A chat completion; with `stream: true`, server-sent events as the answer is decoded, token by token."""
     service.ready()
-    job = await asyncio.to_thread(read_chat, body, service)  # base64 and hashing of a large image: off the loop
+    # base64 and hashing of a large image: off the loop
+    job = await asyncio.to_thread(read_chat, body, service, client_identity(request))
     if body.stream:
         tokens, on_token = service.token_feed()
         handle = await service.start_chat(job, on_token)
@@ -67,8 +68,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, servic
     )
 
 
-def read_chat(body: ChatCompletionRequest, service: ModelService) -> ChatJob:
-    """The question, the one image and the sampling settings of a chat request; a 400 naming what is wrong."""
+def read_chat(body: ChatCompletionRequest, service: ModelService, client: str = "") -> ChatJob:
+    """The question, the one image and the sampling settings of a chat request; a 400 naming what is wrong.
+    `client` names who asks (see `client_identity`): only its own requests share this image's features."""
     if body.n not in (None, 1):
         raise bad_request("only one choice per request is supported (n=1)", "n")
     if body.stop:
@@ -104,6 +106,7 @@ def read_chat(body: ChatCompletionRequest, service: ModelService) -> ChatJob:
         image_param=param,
         max_tokens=service.max_tokens(body.max_completion_tokens or body.max_tokens),
         sampling=_sampling(body),
+        client=client,
     )
 
 
@@ -128,6 +131,8 @@ def _sampling(body: ChatCompletionRequest) -> dict[str, Any]:
     options: dict[str, Any] = {"do_sample": True, "temperature": body.temperature}
     if body.top_p is not None:
         options["top_p"] = body.top_p
+    if body.top_k is not None:
+        options["top_k"] = body.top_k
     if body.seed is not None:
         options["seed"] = body.seed
     return options

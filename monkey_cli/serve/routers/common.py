@@ -1,7 +1,8 @@
-"""What the routers share: the model service of the app, and noticing that a client has gone."""
+"""What the routers share: the model service of the app, who a client is, and noticing that it has gone."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -21,3 +22,12 @@ async def client_gone(request: Request) -> None:
     on the channel is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def client_identity(request: Request) -> str:
+    """Who sends `request`, for what clients may share: its address and the key it gave (hashed), so that the
+    vision features of an image are reused for the same client's follow-up questions, but never serve (or
+    reveal, by a faster answer) another client's image."""
+    host = request.client.host if request.client else ""
+    key = request.headers.get("authorization", "")
+    return hashlib.sha256(f"{host}\0{key}".encode()).hexdigest()[:32]

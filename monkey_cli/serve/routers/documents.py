@@ -24,7 +24,7 @@ from fastapi.responses import Response, StreamingResponse
 from monkey_cli.serve.errors import APIError, bad_request
 from monkey_cli.serve.routers.chat import SSE_HEADERS, sse
 from monkey_cli.serve.routers.common import Service, client_gone
-from monkey_cli.serve.schemas import ERROR_RESPONSES, DocumentResult, Preview
+from monkey_cli.serve.schemas import ERROR_RESPONSES, MAX_TOKENS, DocumentResult, Preview
 from monkey_cli.serve.service import ClientGone, DocumentJob, ModelService
 
 log = logging.getLogger("monkey_cli.serve")
@@ -50,7 +50,7 @@ async def documents(
     pages: Pages = None,
     password: Password = None,
     force_ocr: Annotated[bool, Form(description="read: use the model even where a PDF has text.")] = False,
-    max_tokens: Annotated[int | None, Form(ge=1)] = None,
+    max_tokens: Annotated[int | None, Form(ge=1, le=MAX_TOKENS)] = None,
     stream: Annotated[bool, Form()] = False,
 ) -> Any:
     """The CLI's records for the uploaded document (`--format json`)."""
@@ -61,6 +61,7 @@ async def documents(
                           "question", code="missing_question")
     if task != "ask" and questions:
         raise bad_request(f"{task} takes no question (only ask does)", "question")
+    service.check_questions(questions)
     job = DocumentJob(
         data=await file.read(),
         name=upload_name(file.filename),

@@ -1,5 +1,6 @@
 """GET /: the web page. Plain HTML, CSS and JavaScript shipped in the package (`static/`), no build step and
-nothing from another origin: its Content-Security-Policy lets it load only from this server."""
+nothing from another origin: its Content-Security-Policy (set on every response, `/static/...` included, by
+`middleware.SecurityHeadersMiddleware`) lets it load only from this server."""
 
 from __future__ import annotations
 
@@ -11,20 +12,10 @@ from fastapi.responses import HTMLResponse, Response
 
 router = APIRouter(include_in_schema=False)
 
-# The page may load scripts, styles and data from this server only; images also from data: URLs (previews).
-SECURITY_HEADERS = {
-    "Content-Security-Policy": (
-        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
-        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-    ),
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
-
 
 @router.get("/", response_class=HTMLResponse)
 async def page() -> HTMLResponse:
-    return HTMLResponse(_index(), headers=SECURITY_HEADERS)
+    return HTMLResponse(_index())
 
 
 @router.get("/favicon.ico")

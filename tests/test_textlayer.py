@@ -197,11 +197,18 @@ def test_read_sends_a_garbage_layer_to_the_model_with_a_note(tmp_path: Path) -> 
 def test_force_ocr_skips_the_conversion(flag: str | None, monkeypatch) -> None:
     from hostile import cli
 
-    import monkey_cli.documents.pdf as pdf
+    from monkey_cli.documents.renderer import Renderer
 
+    # The renderer process converts a page's text layer only when the page request asks for it.
     converted = []
-    real = pdf.read_text_layer
-    monkeypatch.setattr(pdf, "read_text_layer", lambda page: converted.append(page.number) or real(page))
+    real = Renderer.request
+
+    def spy(self, header, payload, timeout):  # noqa: ANN001, ANN202 - Renderer.request's own signature
+        if header.get("op") == "page" and header.get("text_layer"):
+            converted.append(header["number"] - 1)
+        return real(self, header, payload, timeout)
+
+    monkeypatch.setattr(Renderer, "request", spy)
     model = str(require_parity("tiny-monkey"))
     args = ["read", str(SAMPLES_DIR / "invoice.pdf"), "--model", model, "--max-new-tokens", "2", "-f", "json"]
     result = cli(*args, *([flag] if flag else []))

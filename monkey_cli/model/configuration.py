@@ -20,14 +20,12 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from monkey_cli.errors import ConfigError
+from monkey_cli.model.families import FAMILIES, FAMILY_CHOICES, MONKEY, TEXTMONKEY
 
 WINDOW_SIZE = 448  # every view the ViT sees is 448x448 (the original's visual.image_size per window)
 TOKENS_PER_VIEW = 256  # resampler queries (a 16x16 grid)
 IMAGE_START_OFFSET = 214  # <img> = <|endoftext|> + 3 chat tokens + 205 extras + 6 grounding tags
 
-MONKEY, TEXTMONKEY = "monkey", "textmonkey"
-FAMILIES = (MONKEY, TEXTMONKEY)
-FAMILY_CHOICES = ("auto", *FAMILIES)
 # The keys only TextMonkey's `visual` dict has (finetune_multitask_dialouge_doc.py writes them), and the class
 # name its save_pretrained() writes into `architectures`.
 TEXTMONKEY_VISUAL_KEYS = ("add_window", "use_global", "resampler")

@@ -23,6 +23,7 @@ import torch
 
 from monkey_cli.errors import CheckpointError
 from monkey_cli.model.configuration import MonkeyConfig, load_config
+from monkey_cli.model.families import DISPLAY_NAMES
 from monkey_cli.model.sources import MAX_JSON_BYTES, model_file, read_regular_file
 
 SAFETENSORS = "model.safetensors"
@@ -36,8 +37,6 @@ _TRANSFORMERS_READS = (GENERATION_CONFIG, "adapter_config.json")
 # What the checkpoint's generation_config.json may set: only the sampling knobs, used when a caller asks
 # to sample. Greedy stays the default (as every call site of the original passes do_sample=False).
 SAMPLING_FIELDS = ("temperature", "top_k", "top_p")  # what the engine's sampler takes
-
-_FAMILY_NAMES = {"monkey": "Monkey", "textmonkey": "TextMonkey"}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -160,14 +159,14 @@ def check_weights(config: MonkeyConfig, weights: WeightFiles) -> None:
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(
-            f"{weights.folder}: missing weight '{missing[0]}'{more} of a {_FAMILY_NAMES[config.family]} model"
+            f"{weights.folder}: missing weight '{missing[0]}'{more} of a {DISPLAY_NAMES[config.family]} model"
         )
     for key, (shape, file) in sorted(found.items()):
         if key not in expected:
             if any(p.search(key) for p in ignored):
                 continue
             raise CheckpointError(
-                f"{file}: unexpected weight '{key}' (not part of a {_FAMILY_NAMES[config.family]} model with this "
+                f"{file}: unexpected weight '{key}' (not part of a {DISPLAY_NAMES[config.family]} model with this "
                 "config; --family chooses the other one)"
             )
         if shape != expected[key]:

@@ -14,7 +14,8 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from monkey_cli.model import textmonkey_vision, vision
-from monkey_cli.model.configuration import TEXTMONKEY, MonkeyConfig, VisionConfig
+from monkey_cli.model.configuration import MonkeyConfig, VisionConfig
+from monkey_cli.model.families import TEXTMONKEY
 from monkey_cli.model.qwen import (
     QWenBlock,
     RMSNorm,

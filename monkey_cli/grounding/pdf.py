@@ -1,0 +1,102 @@
+"""A searchable PDF: the original pages with an invisible text layer at the spotted positions (as OCRmyPDF makes).
+
+A PDF input keeps its pages as they are (vectors, fonts, images: copied, not re-rendered); an image input becomes
+one page per image (frame), the picture filling a page of its size in points (its stored resolution, 72 dpi
+when it has none). Only the pages the records cover go in, in their order. Each spotted text is written
+word by word in render mode 3 (invisible: selectable, searchable and extractable, never drawn) in its box; the
+font size makes a word fit its (estimated) box, so a viewer's selection matches the page. Latin text uses the
+built-in Helvetica, anything else the built-in Droid Sans Fallback (CJK, Cyrillic, Greek, ...). Rotated PDF
+pages get their text turned with them, so it reads in the displayed orientation.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+from monkey_cli.errors import DocumentError
+from monkey_cli.grounding import record_spans
+from monkey_cli.grounding.geometry import text_box, word_boxes
+
+LATIN_FONT = "helv"
+FALLBACK_FONT = "china-s"  # PyMuPDF's built-in Droid Sans Fallback: wide Unicode coverage
+JPEG_QUALITY = 92
+_ASCENT, _DESCENT = 0.75, 0.2  # of the font size, around the baseline (Helvetica's, close enough for others)
+
+
+def searchable_pdf(records: Sequence[Any], source: Any, password: str | None = None) -> bytes:
+    """The PDF bytes for one document's `records` (`output.Record`s of one source) and its `documents.Source`.
+
+    Raises DocumentError when the document cannot be opened again (it changed since it was read, say)."""
+    import pymupdf
+
+    from monkey_cli.documents import DEFAULT_MAX_PIXELS, DEFAULT_PDF_DPI, open_document
+    from monkey_cli.documents.records import Options
+
+    numbers = _page_numbers(records)
+    document = open_document(source, Options(None, password, DEFAULT_MAX_PIXELS, DEFAULT_PDF_DPI))
+    output = pymupdf.open()
+    try:
+        original = getattr(document, "doc", None)
+        for number in numbers:
+            if original is not None:
+                output.insert_pdf(original, from_page=number - 1, to_page=number - 1)
+            else:
+                _add_image_page(output, document.page(number))
+        for record in records:
+            geometry, spans = record_spans(record)
+            if geometry is None:
+                continue
+            page = output[numbers.index(record.page or 1)]
+            for span in spans:
+                _add_text(pymupdf, page, span.text, text_box(span.points, span.text, geometry.points[1]))
+        return output.tobytes(garbage=3, deflate=True)
+    except (RuntimeError, ValueError) as exc:  # MuPDF's own errors
+        raise DocumentError(f"cannot write the searchable PDF ({exc})") from None
+    finally:
+        output.close()
+        document.close()
+
+
+def _page_numbers(records: Sequence[Any]) -> list[int]:
+    numbers: list[int] = []
+    for record in records:
+        number = record.page or 1
+        if number not in numbers:
+            numbers.append(number)
+    return numbers
+
+
+def _add_image_page(output: Any, page: Any) -> None:
+    """A new page the image's size in points, the image filling it."""
+    from monkey_cli.grounding.geometry import PageGeometry
+
+    width, height = PageGeometry.of(page).points
+    new = output.new_page(width=width, height=height)
+    buffer = io.BytesIO()
+    if page.kind == "jpeg":
+        page.image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    else:
+        page.image.save(buffer, format="PNG", compress_level=6)
+    new.insert_image(new.rect, stream=buffer.getvalue())
+
+
+def _add_text(pymupdf: Any, page: Any, text: str, box: tuple[float, ...]) -> None:
+    """`text`'s words, invisible, each in its share of `box` (displayed page coordinates, points)."""
+    for word, (x0, y0, x1, y1) in word_boxes(text, box):
+        font = LATIN_FONT if _latin(word) else FALLBACK_FONT
+        length = pymupdf.get_text_length(word, fontname=font, fontsize=1) or 1.0
+        size = max(min((y1 - y0) / (_ASCENT + _DESCENT), (x1 - x0) / length), 0.5)
+        baseline = (y0 + y1) / 2 + (_ASCENT - _DESCENT) / 2 * size
+        origin = pymupdf.Point(x0, baseline) * page.derotation_matrix
+        page.insert_text(origin, word, fontname=font, fontsize=size, render_mode=3, rotate=page.rotation)
+
+
+def _latin(text: str) -> bool:
+    """Whether Helvetica's built-in encoding (WinAnsi, about Latin-1) holds every character."""
+    try:
+        text.encode("cp1252")
+    except UnicodeEncodeError:
+        return False
+    return True

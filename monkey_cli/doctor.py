@@ -44,6 +44,7 @@ def collect() -> dict[str, Any]:
         "huggingface_hub": _probe(_huggingface_hub),
     }
     report["memory"] = _probe(lambda: _memory(report["devices"]))
+    report["memory_textmonkey"] = _probe(lambda: _memory(report["devices"], TEXTMONKEY_MODEL))
     report["problems"] = problems(report)
     return report
 
@@ -278,12 +279,17 @@ def default_dtype(device: str, bf16: bool = True) -> str:
     return "bfloat16"
 
 
-def _memory(devices: dict[str, Any]) -> dict[str, Any]:
-    """Which --quant fits on which device for the released model, batch size 1, default lengths."""
-    from monkey_cli.model.configuration import real_monkey_config
+# TextMonkey's weights are published on ModelScope, not the Hugging Face hub: planned from its derived config.
+TEXTMONKEY_MODEL = "TextMonkey (ModelScope lvskiller/TextMonkey)"
+
+
+def _memory(devices: dict[str, Any], model: str = DEFAULT_MODEL) -> dict[str, Any]:
+    """Which --quant fits on which device for the released model (Monkey, or TextMonkey for TEXTMONKEY_MODEL),
+    batch size 1, default lengths."""
+    from monkey_cli.model.configuration import real_monkey_config, real_textmonkey_config
     from monkey_cli.model.memory import AUTO_OPTIONS, plan
 
-    config = real_monkey_config()
+    config = real_textmonkey_config() if model == TEXTMONKEY_MODEL else real_monkey_config()
     targets: list[tuple[str, int | None, str]] = []
     for cuda in devices.get("cuda", []):
         if "device" in cuda:
@@ -310,7 +316,7 @@ def _memory(devices: dict[str, Any]) -> dict[str, Any]:
                     "auto": auto,
                 }
             )
-    return {"model": DEFAULT_MODEL, "batch_size": 1, "plans": plans}
+    return {"model": model, "batch_size": 1, "image_tokens": config.tokens_per_image, "plans": plans}
 
 
 # --- findings ------------------------------------------------------------------------------------

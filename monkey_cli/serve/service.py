@@ -167,7 +167,8 @@ class ModelService:
     ) -> GenerationRequest:
         from monkey_cli.engine import GenerationRequest
 
-        ids = self._prompt_ids(monkey, tasks.vqa_prompt(job.question), job.max_tokens, "messages")
+        prompt = tasks.vqa_prompt(job.question, getattr(monkey, "family", "monkey"))
+        ids = self._prompt_ids(monkey, prompt, job.max_tokens, "messages")
         page = uploads.open_page(job.image, monkey.processor.input_size, job.image_param)
         return GenerationRequest(
             ids,
@@ -262,8 +263,10 @@ class ModelService:
         from monkey_cli.engine import Job
 
         self._check_pages(monkey, Source(job.name, data=job.data), job.pages, job.password)
-        for _shown, prompt, _error in Job(task=job.task, questions=job.questions).prompts(chat=monkey.chat):
-            self._prompt_ids(monkey, prompt, job.max_tokens, "question" if job.task == "ask" else "task")
+        family = getattr(monkey, "family", "monkey")
+        for _shown, prompt, _error in Job(task=job.task, questions=job.questions).prompts(monkey.chat, family):
+            if prompt is not None:  # a task the family has no prompt for: its records say so
+                self._prompt_ids(monkey, prompt, job.max_tokens, "question" if job.task == "ask" else "task")
 
     async def run_document(
         self,

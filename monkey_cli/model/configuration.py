@@ -34,6 +34,7 @@ TEXTMONKEY_ARCHITECTURE = "TextMonkeyLMHeadModel"
 # window.py:435,569), for checkpoints built with other ones: the tiny parity checkpoint does. Real TextMonkey
 # folders have no such file and get the released literals (TextMonkeySizes' defaults).
 HARDCODED_SIZES_FILE = "parity_hardcoded_sizes.json"
+DEFAULT_KEEP_TOKENS = 512  # TextMonkey's `r` when a config leaves it out: finetune_textmonkey.sh's --remain
 
 # field -> accepted types, for the top-level Qwen fields the model needs.
 _QWEN_FIELDS: dict[str, tuple[type, ...]] = {
@@ -235,7 +236,7 @@ class MonkeyConfig(PretrainedConfig):
             lora_repeat_num=v["lora_repeat_num"],
             image_start_id=v["image_start_id"],
             family=self.family,
-            keep_tokens=int(v.get("r", 0)) if textmonkey else 0,
+            keep_tokens=int(v.get("r", DEFAULT_KEEP_TOKENS)) if textmonkey else 0,
             sizes=textmonkey_sizes(self.hardcoded_sizes) if textmonkey else None,
         )
 
@@ -504,7 +505,7 @@ def _validate_textmonkey_visual(visual: dict[str, Any], data: dict[str, Any], fa
     if visual["layers"] <= last:
         fail("visual.layers", f"must be over {last} for TextMonkey's shifted-window layers, got {visual['layers']}")
     local = TEXTMONKEY_GRID[0] * TEXTMONKEY_GRID[1] * TOKENS_PER_VIEW  # 256 attn_pool tokens per window
-    keep = visual.get("r", 512)
+    keep = visual.get("r", DEFAULT_KEEP_TOKENS)
     if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= local:
         fail("visual.r", f"must be an integer from 1 to {local} (the local tokens to keep), got {_short(keep)}")
     span = visual.get("n_queries")

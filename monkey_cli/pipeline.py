@@ -111,8 +111,7 @@ def run(
 
     overlays = OutputFolder(options.overlay_dir, overwrite=options.overwrite) if options.overlay_dir else None
     try:
-        if options.job.positions:
-            check_positions(options.model)
+        check_family_task(options.model, options.job)
         sources = documents.expand_inputs(list(options.inputs), stdin, exclude=_outputs_filter(folder, overlays))
         device, quant = _device_and_quant(options.model, options.job)
         settings = _settings(options, quant)
@@ -235,14 +234,19 @@ def _outputs_filter(folder: OutputFolder | None, overlays: OutputFolder | None) 
     return lambda path: next((why for check in filters if (why := check(path)) is not None), None)
 
 
-def check_positions(model: ModelOptions) -> None:
-    """A run asking for text positions needs a family that gives them: a one-line refusal otherwise."""
+def check_family_task(model: ModelOptions, job: Job) -> None:
+    """A task the checkpoint's family was not trained for (text positions from Monkey, a caption from TextMonkey)
+    is refused in one line before any work; a --prompt template is the user's own and always goes."""
     from monkey_cli import tasks
     from monkey_cli.model.sources import peek_config
 
+    if not job.positions and (job.template is not None or job.task != "caption"):
+        return
     family = peek_config(model.source, model.family).family
-    if not tasks.prompt_forms(family).positions:
+    if job.positions and not tasks.prompt_forms(family).positions:
         raise tasks.refuse_positions(family)
+    if job.task == "caption" and job.template is None:
+        tasks.caption_prompt(family=family)  # raises UnsupportedTask for a family without one
 
 
 def _failure(source: str, options: RunOptions, quant: str, message: str) -> Record:

@@ -1,9 +1,10 @@
 """An overlay: the page with each spotted text's box drawn and labelled, for a person to check at a glance.
 
 The page is drawn at its own pixels (an image as it is, a PDF page at `DEFAULT_PDF_DPI`), scaled down so that
-its longer side is at most MAX_SIDE. Each box gets an outline and a light tint, numbered in reading order; the
-text is written above it on a solid label (below when there is no room above). A point (a box without area)
-is a dot with its label. Colours cycle so that neighbouring boxes stay apart.
+its longer side is at most MAX_SIDE. Each box gets an outline and a light tint, numbered in reading order; its
+number and text go on a label in the box's colour, placed where it hides the least of the other boxes (above the
+box, below it, to its right, or over its corner). A point (a box without area) is a dot with its label. Colours
+cycle so that neighbouring boxes stay apart.
 """
 
 from __future__ import annotations
@@ -29,15 +30,14 @@ def draw_overlay(image: Image, spans: Sequence[Span]) -> Image:
     scale = min(1.0, MAX_SIDE / max(canvas.size))
     if scale < 1.0:
         canvas = canvas.resize((max(1, round(canvas.width * scale)), max(1, round(canvas.height * scale))))
+    boxes = [_scaled(text_box(span.bbox, span.text, image.height), scale) for span in spans]
     tint = canvas.copy()
     tint_draw = ImageDraw.Draw(tint)
-    boxes = [_scaled(text_box(span.bbox, span.text, image.height), scale) for span in spans]
     for index, box in enumerate(boxes):
         tint_draw.rectangle(box, fill=COLOURS[index % len(COLOURS)])
     canvas = Image.blend(canvas, tint, 0.18)
     draw = ImageDraw.Draw(canvas)
     line = max(2, round(min(canvas.size) / 500))
-    font = _font(max(12, round(min(canvas.size) / 70)))
     for index, (span, box) in enumerate(zip(spans, boxes, strict=True)):
         colour = COLOURS[index % len(COLOURS)]
         if span.bbox[2] > span.bbox[0] and span.bbox[3] > span.bbox[1]:
@@ -45,8 +45,22 @@ def draw_overlay(image: Image, spans: Sequence[Span]) -> Image:
         else:
             cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
             draw.ellipse((cx - 3 * line, cy - 3 * line, cx + 3 * line, cy + 3 * line), fill=colour)
-        _label(draw, f"{index + 1} {_short(span.text)}", box, colour, font, canvas.size)
-    return canvas
+    # Labels on a layer of their own, slightly see-through, each where it covers the least of the other boxes
+    # and labels (above its box, below it, to its right, or over its own top left corner).
+    labels = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
+    label_draw = ImageDraw.Draw(labels)
+    font = _font(max(12, round(min(canvas.size) / 70)))
+    taken: list[tuple[float, ...]] = list(boxes)
+    for index, (span, box) in enumerate(zip(spans, boxes, strict=True)):
+        text = f"{index + 1} {_short(span.text)}"
+        left, top, right, bottom = label_draw.textbbox((0, 0), text, font=font)
+        size = (right - left + 6, bottom - top + 6)
+        others = taken[:index] + taken[index + 1 :]
+        where = min(_placements(box, size, canvas.size), key=lambda rect: _covered(rect, others))
+        label_draw.rectangle(where, fill=(*COLOURS[index % len(COLOURS)], 225))
+        label_draw.text((where[0] + 3 - left, where[1] + 3 - top), text, font=font, fill=(255, 255, 255, 255))
+        taken.append(where)
+    return Image.alpha_composite(canvas.convert("RGBA"), labels).convert("RGB")
 
 
 def _scaled(box: tuple[float, ...], scale: float) -> tuple[float, float, float, float]:
@@ -54,16 +68,28 @@ def _scaled(box: tuple[float, ...], scale: float) -> tuple[float, float, float, 
     return x0, y0, max(x1 - 1, x0), max(y1 - 1, y0)
 
 
-def _label(draw: Any, text: str, box: tuple[float, ...], colour: tuple[int, int, int], font: Any,
-           size: tuple[int, int]) -> None:
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    width, height, pad = right - left, bottom - top, 3
-    x = min(max(box[0], 0), max(size[0] - width - 2 * pad, 0))
-    y = box[1] - height - 2 * pad
-    if y < 0:
-        y = box[3] + 1
-    draw.rectangle((x, y, x + width + 2 * pad, y + height + 2 * pad), fill=colour)
-    draw.text((x + pad - left, y + pad - top), text, font=font, fill=(255, 255, 255))
+def _placements(box: tuple[float, ...], size: tuple[int, int], canvas: tuple[int, int]) -> list[tuple[float, ...]]:
+    """Where a label of `size` may go for `box`, in order of preference, kept on the canvas."""
+    width, height = size
+    x0, y0, x1, y1 = box
+    spots = [(x0, y0 - height - 1), (x0, y1 + 1), (x1 + 2, y0), (x0, y0)]
+    placed = []
+    for x, y in spots:
+        x = min(max(x, 0), max(canvas[0] - width, 0))
+        y = min(max(y, 0), max(canvas[1] - height, 0))
+        placed.append((x, y, x + width, y + height))
+    return placed
+
+
+def _covered(rect: tuple[float, ...], others: Sequence[tuple[float, ...]]) -> float:
+    """How much of the other boxes and labels `rect` would hide (area)."""
+    total = 0.0
+    for other in others:
+        width = min(rect[2], other[2]) - max(rect[0], other[0])
+        height = min(rect[3], other[3]) - max(rect[1], other[1])
+        if width > 0 and height > 0:
+            total += width * height
+    return total
 
 
 def _font(size: int) -> Any:

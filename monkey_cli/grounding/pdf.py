@@ -2,11 +2,12 @@
 
 A PDF input keeps its pages as they are (vectors, fonts, images: copied, not re-rendered); an image input becomes
 one page per image (frame), the picture filling a page of its size in points (its stored resolution, 72 dpi
-when it has none). Only the pages the records cover go in, in their order. Each spotted text is written
-word by word in render mode 3 (invisible: selectable, searchable and extractable, never drawn) in its box; the
-font size makes a word fit its (estimated) box, so a viewer's selection matches the page. Latin text uses the
-built-in Helvetica, anything else the built-in Droid Sans Fallback (CJK, Cyrillic, Greek, ...). Rotated PDF
-pages get their text turned with them, so it reads in the displayed orientation.
+when it has none). Only the pages the records cover go in, in their order. Each spotted text is written as one
+line in render mode 3 (invisible: selectable, searchable and extractable, never drawn) in its box; the font size
+makes the line fit its box, so a viewer's selection matches the page. Latin-1 text uses the
+built-in Helvetica, anything else the built-in Droid Sans Fallback (CJK, Cyrillic, Greek, the euro sign, ...);
+scripts neither covers (Hebrew, Arabic, Devanagari) are missing from the text layer (they stay in the records
+and the hOCR). Rotated PDF pages get their text turned with them, so it reads in the displayed orientation.
 """
 
 from __future__ import annotations
@@ -17,12 +18,11 @@ from typing import Any
 
 from monkey_cli.errors import DocumentError
 from monkey_cli.grounding import record_spans
-from monkey_cli.grounding.geometry import text_box, word_boxes
+from monkey_cli.grounding.geometry import text_box
 
 LATIN_FONT = "helv"
 FALLBACK_FONT = "china-s"  # PyMuPDF's built-in Droid Sans Fallback: wide Unicode coverage
 JPEG_QUALITY = 92
-_ASCENT, _DESCENT = 0.75, 0.2  # of the font size, around the baseline (Helvetica's, close enough for others)
 
 
 def searchable_pdf(records: Sequence[Any], source: Any, password: str | None = None) -> bytes:
@@ -83,20 +83,37 @@ def _add_image_page(output: Any, page: Any) -> None:
 
 
 def _add_text(pymupdf: Any, page: Any, text: str, box: tuple[float, ...]) -> None:
-    """`text`'s words, invisible, each in its share of `box` (displayed page coordinates, points)."""
-    for word, (x0, y0, x1, y1) in word_boxes(text, box):
-        font = LATIN_FONT if _latin(word) else FALLBACK_FONT
-        length = pymupdf.get_text_length(word, fontname=font, fontsize=1) or 1.0
-        size = max(min((y1 - y0) / (_ASCENT + _DESCENT), (x1 - x0) / length), 0.5)
-        baseline = (y0 + y1) / 2 + (_ASCENT - _DESCENT) / 2 * size
-        origin = pymupdf.Point(x0, baseline) * page.derotation_matrix
-        page.insert_text(origin, word, fontname=font, fontsize=size, render_mode=3, rotate=page.rotation)
+    """`text`, invisible, as one line in `box` (displayed page coordinates, points): the font size makes its line
+    box (ascender to descender, what viewers select and extractors report) as tall as the box, or smaller where
+    the text would overrun the box's width; extractors then find its words along the line, inside the box."""
+    line = " ".join(text.split())
+    if not line:
+        return
+    x0, y0, x1, y1 = box
+    font = LATIN_FONT if _latin(line) else FALLBACK_FONT
+    ascender, descender = _metrics(pymupdf, font)
+    length = pymupdf.get_text_length(line, fontname=font, fontsize=1) or 1.0
+    size = max(min((y1 - y0) / (ascender - descender), (x1 - x0) / length), 0.5)
+    baseline = (y0 + y1) / 2 + (ascender + descender) / 2 * size  # the line box centred on the box's middle
+    origin = pymupdf.Point(x0, baseline) * page.derotation_matrix
+    page.insert_text(origin, line, fontname=font, fontsize=size, render_mode=3, rotate=page.rotation)
+
+
+_METRICS: dict[str, tuple[float, float]] = {}
+
+
+def _metrics(pymupdf: Any, font: str) -> tuple[float, float]:
+    """(ascender, descender) of a built-in font, per point of size (descender negative)."""
+    if font not in _METRICS:
+        loaded = pymupdf.Font(font)
+        _METRICS[font] = (loaded.ascender, loaded.descender)
+    return _METRICS[font]
 
 
 def _latin(text: str) -> bool:
-    """Whether Helvetica's built-in encoding (WinAnsi, about Latin-1) holds every character."""
+    """Whether the built-in Helvetica as PyMuPDF writes it (Latin-1) holds every character (not the euro sign)."""
     try:
-        text.encode("cp1252")
+        text.encode("latin-1")
     except UnicodeEncodeError:
         return False
     return True

@@ -182,6 +182,8 @@ def _save(
 ) -> None:
     """Write one document's file and its manifest entry; a refused or failed write is an error record."""
     failed = [record for record in records if not record.ok]
+    if options.fmt == "pdf" and len(failed) == len(records):
+        return  # a searchable PDF of nothing: the errors are reported, no file is made (a rerun tries again)
     # Permanent: every error came from the document itself (same bytes, same settings, same error).
     permanent = len(failed) == len(page_errors) and not any(error.transient for error in page_errors)
     entry = output.ResumeIndex.entry(item.sha256 or "", settings, records, permanent=permanent)

@@ -9,6 +9,7 @@ text in TextMonkey's syntax, so that positions flow through the engine, the reco
 from __future__ import annotations
 
 import json
+import shutil
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
@@ -120,10 +121,18 @@ def test_hocr_pdf_and_overlay_from_the_cli(spotting, tiny: str, tmp_path: Path) 
             x0, y0, x1, y1 = (int(v) for v in span.get("title").removeprefix("bbox ").split())
             assert 0 <= x0 <= x1 <= width and 0 <= y0 <= y1 <= height
 
-    out, overlays = tmp_path / "out", tmp_path / "overlays"
-    result = _cli("spot", str(report), str(SAMPLES_DIR / "scan.png"), "--pages", "1,-1", "-m", tiny, *FAST,
-                  "-f", "pdf", "--out", str(out), "--overlay", str(overlays))
-    assert result.exit_code == 0, result.output
+    out, overlays, inputs = tmp_path / "out", tmp_path / "overlays", tmp_path / "in"
+    inputs.mkdir()
+    for name in ("report.pdf", "scan.png"):
+        (inputs / name).write_bytes((SAMPLES_DIR / name).read_bytes())
+    notes = inputs / "notes.txt"
+    notes.write_text("not a document")
+    result = _cli("spot", str(inputs), "--pages", "1,-1", "-m", tiny, *FAST, "-f", "pdf", "--out", str(out),
+                  "--overlay", str(overlays))
+    assert result.exit_code == 1, result.output  # the text file failed; the others are written
+    (error,) = [line for line in _stderr_lines(result) if line.startswith("error:")]
+    assert error.startswith(f"error: {notes}: unsupported type: text")
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["report.pdf.pdf", "scan.png.pdf"]
     with pymupdf.open(out / "report.pdf.pdf") as pdf:
         assert pdf.page_count == 2
         for page in pdf:
@@ -137,6 +146,8 @@ def test_hocr_pdf_and_overlay_from_the_cli(spotting, tiny: str, tmp_path: Path) 
         assert image.size == (850, 1100)
         image.load()
     # Overlays are outputs: a later run over the folder holding them does not read them as inputs.
+    shutil.rmtree(inputs)
+    shutil.rmtree(out)
     (tmp_path / "scan.png").write_bytes((SAMPLES_DIR / "scan.png").read_bytes())
     again = _cli("spot", str(tmp_path), "-m", tiny, *FAST, "-f", "jsonl", "--overlay", str(overlays))
     assert again.exit_code == 0, again.output

@@ -46,7 +46,7 @@ def searchable_pdf(records: Sequence[Any], source: Any, password: str | None = N
                 _add_image_page(output, document.page(number))
         for record in records:
             geometry, spans = record_spans(record)
-            if geometry is None:
+            if geometry is None or (record.page or 1) not in numbers:
                 continue
             page = output[numbers.index(record.page or 1)]
             for span in spans:
@@ -60,8 +60,11 @@ def searchable_pdf(records: Sequence[Any], source: Any, password: str | None = N
 
 
 def _page_numbers(records: Sequence[Any]) -> list[int]:
+    """The pages of the answered records, in order (a page that failed to render is left out)."""
     numbers: list[int] = []
     for record in records:
+        if getattr(record, "error", None) is not None:
+            continue
         number = record.page or 1
         if number not in numbers:
             numbers.append(number)

@@ -10,6 +10,8 @@ Streams (stdout carries results only):
          so each line stands alone: `grep`, `head`, `jq -c` and concatenating files all keep it valid.
   md     a readable report, grouped by document and page, written at close (records of different
          documents may arrive interleaved from a batched engine).
+  hocr   the records' pages and text positions as hOCR, written at close (`monkey_cli.grounding.hocr`).
+  pdf    no stream: with `--out`, one searchable PDF per document (`monkey_cli.grounding.pdf`).
 
 Writers are context managers; `close()` (also on KeyboardInterrupt) writes what is finished, so Ctrl-C
 still leaves a valid JSON document / Markdown report of the records done so far.
@@ -55,9 +57,8 @@ ANSWER_SOURCES = ("model", "text_layer")
 
 FORMATS = ("text", "json", "jsonl", "md", "hocr", "pdf")
 EXTENSIONS = {"text": ".txt", "json": ".json", "jsonl": ".jsonl", "md": ".md", "hocr": ".hocr", "pdf": ".pdf"}
-# Formats of text positions (records with spans: spot, read --positions, ask --ground; monkey_cli.grounding).
+# hocr and pdf show text positions (records with spans: spot, read --positions, ask --ground; monkey_cli.grounding);
 # pdf is bytes made from the document itself, one file per document: written by `write_document` with the source.
-POSITION_FORMATS = ("hocr", "pdf")
 
 EMPTY_ANSWER = "(empty answer)"  # what text and Markdown show for an answer with no text
 

@@ -279,3 +279,17 @@ def test_ref_tags_are_special_tokens_only_in_the_locate_form() -> None:
 def test_real_monkey_config_is_still_monkey() -> None:
     config = real_monkey_config()
     assert config.family == "monkey" and config.tokens_per_image == 1280 and config.vision.sizes is None
+
+
+def test_window_lora_training_is_refused_without_window_lora(tmp_path: Path) -> None:
+    """`monkey finetune --train-window-lora` trains Monkey's per-window LoRA sets; TextMonkey as released has none
+    (its decoder adapters train as Monkey's do)."""
+    from types import SimpleNamespace
+
+    from monkey_cli.errors import UsageError
+    from monkey_cli.finetune.trainer import FinetuneOptions, with_lora
+
+    base = SimpleNamespace(model=SimpleNamespace(config=load_config(require_parity("tiny-textmonkey"))))
+    options = FinetuneOptions(data=tmp_path / "d.json", out=tmp_path / "o", train_window_lora=True)
+    with pytest.raises(UsageError, match="no per-window LoRA to train"):
+        with_lora(base, options)

@@ -201,7 +201,7 @@ Model = Annotated[
     typer.Option(
         "--model", "-m", envvar="MONKEY_MODEL", metavar="PATH|HUB-ID", rich_help_panel=MODEL,
         help="Checkpoint folder or Hugging Face hub id: echo840/Monkey-Chat (full answers) or echo840/Monkey "
-        "(short benchmark answers).",
+        "(short benchmark answers), or a TextMonkey folder (text positions: spot, ask --ground).",
     ),
 ]  # fmt: skip
 Family = Annotated[

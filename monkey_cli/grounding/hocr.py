@@ -23,8 +23,12 @@ HOCR_CAPABILITIES = "ocr_page ocr_line ocrx_word"
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
-def render_hocr(records: Sequence[Any], title: str = "monkey-cli") -> str:
-    """An hOCR document for `records` (`output.Record`s; those without spans give empty pages)."""
+def render_hocr(records: Sequence[Any], title: str | None = None) -> str:
+    """An hOCR document for `records` (`output.Record`s; those without spans give empty pages), titled `title`
+    (default: the document's name when there is one document, else "monkey-cli")."""
+    if title is None:
+        sources = {record.source for record in records}
+        title = sources.pop() if len(sources) == 1 else "monkey-cli"
     lines = [
         '<?xml version="1.0" encoding="UTF-8"?>',
         '<!DOCTYPE html PUBLIC "-//W3C//DTD XHTML 1.0 Transitional//EN" '

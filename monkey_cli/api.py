@@ -6,6 +6,10 @@
     m.caption("scan.tiff")                                  # several pages: one answer per page, in a list
     m.generate([img1, img2], ["<img></img> What is the title? Answer: "] * 2)   # batched
 
+    t = Monkey.load("path/to/TextMonkey")                   # the family is read from the checkpoint's config
+    t.spot("scan.png").spans                                # every text with its box (page pixels, PDF points)
+    t.ask("invoice.pdf", "What is the total?", ground=True) # the answer and where on the page it was read
+
 Everything the CLI does goes through this class; it holds the model, the tokenizer and the image processor.
 Generation runs on the engine (`monkey_cli.engine`: static KV cache, a compiled decode step with `compile=True`,
 continuous batching over `batch_size` slots, shared image prefixes); `hf_generate_ids` keeps transformers'
@@ -64,6 +68,7 @@ class PromptTooLongError(MonkeyError):
 class Monkey:
     """A loaded Monkey model ready to answer questions about documents and images.
 
+    `family` is "monkey" or "textmonkey" (the vision tower and the prompt forms it was trained on);
     `chat` says whether the checkpoint is Monkey-Chat (its caption prompt differs); `batch_size` is the
     most sequences the memory plan allows at once (the engine's decode slots); `sampling` holds the
     checkpoint's sampling defaults (from its generation_config.json), used when a caller passes
@@ -80,6 +85,7 @@ class Monkey:
     sampling: dict[str, Any] = field(default_factory=dict)
     compile: bool = False
     adapter: str | None = None  # the LoRA adapter folder applied on top of the checkpoint, if any
+    family: str = "monkey"
     _scheduler: Scheduler | None = field(default=None, init=False, repr=False)
     _calls: Any = field(default_factory=itertools.count, init=False, repr=False)
 
@@ -99,6 +105,7 @@ class Monkey:
         prompts: Sequence[Prompt | str] = (),
         compile: bool | None = None,
         adapter: str | Path | None = None,
+        family: str | None = None,
     ) -> Monkey:
         """Load a checkpoint from a local folder or a Hugging Face hub id (downloaded into the HF cache).
 
@@ -114,14 +121,16 @@ class Monkey:
         compile: capture the engine's decode step with torch.compile (CUDA graphs on a GPU); None: on for
         CUDA, off for the CPU (where compiling costs more than it saves). Both give the same tokens.
         adapter: a LoRA adapter folder from `monkey finetune`, applied unmerged (so it works on a quantized base).
+        family: "monkey" or "textmonkey"; None or "auto" reads it from config.json (TextMonkey's `visual` keys).
         """
-        from monkey_cli.model.configuration import load_config
+        from monkey_cli.model.configuration import check_family, load_config
         from monkey_cli.model.loading import load_model, sampling_defaults
         from monkey_cli.model.processor import MonkeyImageProcessor
         from monkey_cli.model.sources import display_name, resolve_device, resolve_source, warn_if_slow
         from monkey_cli.model.tokenizer import QWenTokenizer
 
         tasks.is_chat_checkpoint(style=prompt_style)  # a bad style fails before any work
+        family = check_family(family)
         if adapter is not None:  # a bad folder fails now, not after loading the weights
             from monkey_cli.finetune.adapters import check_adapter_dir
 
@@ -129,7 +138,7 @@ class Monkey:
         folder = resolve_source(source)
         device = resolve_device(device)
         overrides = {"seq_length": _positive(seq_length, "seq_length")} if seq_length is not None else None
-        config = load_config(folder)
+        config = load_config(folder, family)
         config.update(overrides or {})
         tokenizer = QWenTokenizer.from_dir(folder, image_token_span=config.tokens_per_image)
         _check_tokenizer(tokenizer, config, folder)
@@ -146,6 +155,7 @@ class Monkey:
             quant=choice.plan.quant,
             quant_vision=choice.plan.quant_vision,
             config_overrides=overrides,
+            family=config.family,
         )
         if adapter is not None:
             from monkey_cli.finetune.adapters import apply_adapter
@@ -163,6 +173,7 @@ class Monkey:
             sampling=sampling_defaults(folder),
             compile=device.startswith("cuda") if compile is None else bool(compile),
             adapter=str(adapter) if adapter is not None else None,
+            family=config.family,
         )
 
     @staticmethod
@@ -174,6 +185,7 @@ class Monkey:
         quant_vision: bool = False,
         batch_size: int = 1,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        family: str | None = None,
     ) -> list[MemoryPlan]:
         """Memory estimates for --quant none, 8bit and 4bit on `device`, from the config alone (no weights)."""
         from monkey_cli.model.loading import resolve_dtype
@@ -181,7 +193,7 @@ class Monkey:
         from monkey_cli.model.sources import peek_config, resolve_device
 
         device = resolve_device(device)
-        config = peek_config(source)
+        config = peek_config(source, family)
         return plan_all(
             config,
             device_budget(device),
@@ -201,13 +213,15 @@ class Monkey:
         quant_vision: bool = False,
         batch_size: int = 1,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        family: str | None = None,
     ) -> Choice:
         """What `load` would pick for quant and batch size, from the config alone (no weights, no prompts:
         a short question is assumed). Raises MemoryBudgetError when nothing fits."""
         from monkey_cli.model.sources import peek_config, resolve_device
 
         device = resolve_device(device)
-        return _choose(peek_config(source), device, dtype, quant, quant_vision, batch_size, max_new_tokens, None)
+        config = peek_config(source, family)
+        return _choose(config, device, dtype, quant, quant_vision, batch_size, max_new_tokens, None)
 
     # --- tasks --------------------------------------------------------------------------------------
     # A document is a PIL image, a `Page`, or the path of an image, a PDF or a multi-page TIFF. The answer
@@ -221,22 +235,50 @@ class Monkey:
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         *,
         page: int | None = None,
+        ground: bool = False,
         **kwargs: Any,
-    ) -> str | list[str]:
-        """Answer one question about a document (one answer per page, see above)."""
-        return self._per_page(document, page, tasks.vqa_prompt(question), max_new_tokens, kwargs)
+    ) -> Any:
+        """Answer one question about a document (one answer per page, see above). With `ground` (TextMonkey),
+        each answer is a `Grounded` result: its text and the positions it was read at."""
+        prompt = tasks.vqa_prompt(question, self.family, ground=ground)
+        if ground:
+            return self._grounded(document, page, prompt, max_new_tokens, kwargs, "ask")
+        return self._per_page(document, page, prompt, max_new_tokens, kwargs)
 
     def caption(
         self, document: Any, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, *, page: int | None = None, **kwargs: Any
     ) -> str | list[str]:
-        """A detailed caption, in the form the loaded checkpoint was trained on (Monkey-Chat or base)."""
-        return self._per_page(document, page, tasks.caption_prompt(self.chat), max_new_tokens, kwargs)
+        """A detailed caption, in the form the loaded checkpoint was trained on (Monkey-Chat or base; TextMonkey
+        has none: UnsupportedTask)."""
+        return self._per_page(document, page, tasks.caption_prompt(self.chat, self.family), max_new_tokens, kwargs)
 
     def read(
         self, document: Any, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, *, page: int | None = None, **kwargs: Any
     ) -> str | list[str]:
         """Dense text extraction by the model ("Read all the text in the image."), also for born-digital PDFs."""
-        return self._per_page(document, page, tasks.task_prompt("read"), max_new_tokens, kwargs)
+        prompt = tasks.task_prompt("read", family=self.family)
+        return self._per_page(document, page, prompt, max_new_tokens, kwargs)
+
+    def spot(
+        self, document: Any, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, *, page: int | None = None, **kwargs: Any
+    ) -> Any:
+        """Text spotting (TextMonkey, "OCR with grounding:"): every text of each page with its box, as a
+        `Grounded` result per page (`.text` one text per line, `.spans` with page pixels and PDF points)."""
+        prompt = tasks.spot_prompt(self.family)
+        return self._grounded(document, page, prompt, max_new_tokens, kwargs, "spot")
+
+    def locate(
+        self,
+        document: Any,
+        text: str,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        *,
+        page: int | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Where `text` is on each page (TextMonkey's `<ref>TEXT</ref>` prompt), as a `Grounded` result per page."""
+        prompt = tasks.locate_prompt(text, self.family)
+        return self._grounded(document, page, prompt, max_new_tokens, kwargs, "locate", name=text)
 
     def _per_page(
         self, document: Any, page: int | None, prompt: Prompt, max_new_tokens: int, kwargs: dict[str, Any]
@@ -245,8 +287,36 @@ class Monkey:
         answers = self.generate(images, [prompt] * len(images), max_new_tokens=max_new_tokens, **kwargs)
         return answers[0] if one else answers
 
+    def _grounded(
+        self,
+        document: Any,
+        page: int | None,
+        prompt: Prompt,
+        max_new_tokens: int,
+        kwargs: dict[str, Any],
+        how: str,
+        name: str | None = None,
+    ) -> Any:
+        """Grounded results for each page: the answer's texts with their positions on that page."""
+        from monkey_cli.grounding import Grounded
+
+        pages, one = self._pages_of(document, page)
+        images = [p.image for p in pages]
+        rows = self.generate_ids(images, [prompt] * len(pages), max_new_tokens=max_new_tokens, **kwargs)
+        results = [
+            Grounded.of(self.tokenizer.decode_grounded(row), p, lines=how == "spot", unnamed=name)
+            for row, p in zip(rows, pages, strict=True)
+        ]
+        return results[0] if one else results
+
     def _images_of(self, document: Any, page: int | None) -> tuple[list[Any], bool]:
         """The page images of `document` and whether it counts as one page."""
+        pages, one = self._pages_of(document, page)
+        return [p.image for p in pages], one
+
+    def _pages_of(self, document: Any, page: int | None) -> tuple[list[Page], bool]:
+        """The pages of `document` at the model's input size (a PIL image becomes one page) and whether it counts
+        as one page."""
         from PIL import Image
 
         from monkey_cli.documents import Page, load_documents
@@ -254,13 +324,16 @@ class Monkey:
         if isinstance(document, (Image.Image, Page)):
             if page not in (None, 1):
                 raise ValueError(f"page={page}: an image or Page has only page 1")
-            return [document.image if isinstance(document, Page) else document], True
+            if isinstance(document, Page):
+                return [document], True
+            image_page = Page("<image>", 1, 1, document, "image", document.size, document.info.get("dpi"))
+            return [image_page], True
         if not isinstance(document, (str, os.PathLike)):
             raise TypeError(f"expected a PIL image, a Page or a path, got {type(document).__name__}")
         size = self.processor.input_size
         selected = None if page is None else [page]
         pages: list[Page] = load_documents([document], size=size, pages=selected, text_layer=False)  # images only
-        return [p.image for p in pages], page is not None or len(pages) == 1
+        return pages, page is not None or len(pages) == 1
 
     # --- batched generation -------------------------------------------------------------------------
     def preprocess(self, image: Any) -> torch.Tensor:
@@ -273,7 +346,7 @@ class Monkey:
         return torch.cat([batch.windows, batch.global_view[:, None]], dim=1)[0]
 
     def encode_images(self, images: Sequence[Any]) -> torch.Tensor:
-        """Vision features for images (PIL, paths, or `preprocess` results): [images, views*256, hidden]."""
+        """Vision features for images (PIL, paths, or `preprocess` results): [images, tokens_per_image, hidden]."""
         import torch
 
         pixel_values = torch.stack([img if isinstance(img, torch.Tensor) else self.preprocess(img) for img in images])
@@ -459,7 +532,7 @@ def _choose(
 
 def _encode(tokenizer: QWenTokenizer, prompt: Prompt | str) -> list[int]:
     prompt = prompt if isinstance(prompt, Prompt) else Prompt.parse(prompt)
-    return tokenizer.encode_prompt(prompt.before, prompt.after)
+    return tokenizer.encode_prompt(prompt.before, prompt.after, prompt.ref)
 
 
 def _check_tokenizer(tokenizer: QWenTokenizer, config: MonkeyConfig, folder: Path) -> None:

@@ -46,6 +46,7 @@ def collect(model: str = DEFAULT_MODEL) -> dict[str, Any]:
         "huggingface_hub": _probe(lambda: _huggingface_hub(model)),
     }
     report["memory"] = _probe(lambda: _memory(report["devices"], model))
+    report["memory_textmonkey"] = _probe(lambda: _memory(report["devices"], TEXTMONKEY_MODEL))
     report["problems"] = problems(report)
     return report
 
@@ -290,19 +291,28 @@ def default_dtype(device: str, bf16: bool = True, checkpoint: str = "bfloat16") 
     return "float32" if checkpoint == "float16" else checkpoint
 
 
+# TextMonkey's weights are published on ModelScope, not the Hugging Face hub: planned from its derived config.
+TEXTMONKEY_MODEL = "TextMonkey (ModelScope lvskiller/TextMonkey)"
+
+
 def model_config(model: str) -> Any:
     """The config `model` is sized from: a local folder's config.json, the hub cache's copy, or for a hub id
-    not cached yet the released checkpoints' shape; a path that is no folder is an error, not a guess."""
+    not cached yet the released checkpoints' shape; a path that is no folder is an error, not a guess.
+    TEXTMONKEY_MODEL is the released TextMonkey's derived config."""
     from monkey_cli.errors import ConfigError
+    from monkey_cli.model.configuration import real_textmonkey_config
     from monkey_cli.model.sources import is_hub_id, peek_config
 
+    if model == TEXTMONKEY_MODEL:
+        return real_textmonkey_config()
     if not Path(model).expanduser().is_dir() and not is_hub_id(model):
         raise ConfigError(f"--model {model}: no such checkpoint folder (and not a hub id such as owner/name)")
     return peek_config(model)
 
 
 def _memory(devices: dict[str, Any], model: str = DEFAULT_MODEL) -> dict[str, Any]:
-    """Which --quant fits on which device for `model`, batch size 1, default lengths."""
+    """Which --quant fits on which device for `model` (or the released TextMonkey for TEXTMONKEY_MODEL),
+    batch size 1, default lengths."""
     from monkey_cli.model.memory import AUTO_OPTIONS, plan
 
     config = model_config(model)
@@ -334,7 +344,7 @@ def _memory(devices: dict[str, Any], model: str = DEFAULT_MODEL) -> dict[str, An
                     "auto": auto,
                 }
             )
-    return {"model": model, "batch_size": 1, "plans": plans}
+    return {"model": model, "batch_size": 1, "image_tokens": config.tokens_per_image, "plans": plans}
 
 
 # --- findings ------------------------------------------------------------------------------------

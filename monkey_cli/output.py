@@ -8,11 +8,13 @@ Streams (stdout carries results only):
   jsonl  one JSON object per record, written and flushed as soon as the record arrives so pipelines
          stream. Every line carries `"schema_version"` as its first key (rather than a header line),
          so each line stands alone: `grep`, `head`, `jq -c` and concatenating files all keep it valid.
-  md     for `read`, the documents themselves as one Markdown document: each page's text (a PDF's text
-         layer is Markdown already; the model's reading is escaped, its lines kept), each page marked by
-         an HTML comment naming its source, page and where its text came from. For ask and caption, a
-         report grouped by document and page. Written at close (records of different documents may
-         arrive interleaved from a batched engine).
+  md     for `read` and `spot`, the documents themselves as one Markdown document: each page's text (a
+         PDF's text layer is Markdown already; the model's reading is escaped, its lines kept), each page
+         marked by an HTML comment naming its source, page and where its text came from. For ask and
+         caption, a report grouped by document and page. Written at close (records of different documents
+         may arrive interleaved from a batched engine).
+  hocr   the records' pages and text positions as hOCR, written at close (`monkey_cli.grounding.hocr`).
+  pdf    no stream: with `--out`, one searchable PDF per document (`monkey_cli.grounding.pdf`).
 
 Writers are context managers; `close()` (also on KeyboardInterrupt) writes what is finished, so Ctrl-C
 still leaves a valid JSON document / Markdown report of the records done so far.
@@ -53,11 +55,13 @@ from monkey_cli.printing import json_text, terminal_line, terminal_text
 
 SCHEMA_VERSION = 1
 
-TASKS = ("ask", "caption", "read")
+TASKS = ("ask", "caption", "read", "spot")
 ANSWER_SOURCES = ("model", "text_layer")
 
-FORMATS = ("text", "json", "jsonl", "md")
-EXTENSIONS = {"text": ".txt", "json": ".json", "jsonl": ".jsonl", "md": ".md"}
+FORMATS = ("text", "json", "jsonl", "md", "hocr", "pdf")
+EXTENSIONS = {"text": ".txt", "json": ".json", "jsonl": ".jsonl", "md": ".md", "hocr": ".hocr", "pdf": ".pdf"}
+# hocr and pdf show text positions (records with spans: spot, read --positions, ask --ground; monkey_cli.grounding);
+# pdf is bytes made from the document itself, one file per document: written by `write_document` with the source.
 
 EMPTY_ANSWER = "(empty answer)"  # what text and Markdown show for an answer with no text
 
@@ -122,6 +126,11 @@ class Record:
     # Notes about the page that did not stop it (a PDF MuPDF had to repair, unreadable EXIF data). Added in
     # schema_version 1 as an optional key: readers of older files get an empty list.
     warnings: list[str] = dataclasses.field(default_factory=list)
+    # Text positions (spot, read --positions, ask --ground: `monkey_cli.grounding`): each span's text, `bbox` in
+    # page pixels, `points` in PDF points, `frame` (the model's 0..1000 coordinates), `kind` and `page`; and the
+    # page's size they refer to (`{"pixels": [w, h], "points": [w, h]}`). Optional keys, absent otherwise.
+    spans: list[dict[str, Any]] | None = None
+    page_size: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -154,6 +163,9 @@ class Record:
         data = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
         data["seconds"] = round(float(self.seconds), 3)
         data["warnings"] = list(self.warnings)
+        for optional in ("spans", "page_size"):
+            if data[optional] is None:
+                del data[optional]
         return data
 
     @classmethod
@@ -258,6 +270,22 @@ class JsonlWriter(Writer):
         self.stream.flush()
 
 
+class HocrWriter(Writer):
+    """The records' pages and text positions as one hOCR document, written at close (`grounding.hocr`)."""
+
+    def __init__(self, stream: TextIO, *, multi: bool = False, show_prompt: bool = False) -> None:
+        super().__init__(stream, multi=multi, show_prompt=show_prompt)
+        self._records: list[Record] = []
+
+    def _write(self, record: Record) -> None:
+        self._records.append(record)
+
+    def _finish(self) -> None:
+        from monkey_cli.grounding.hocr import render_hocr
+
+        self.stream.write(render_hocr(self._records))
+
+
 class MarkdownWriter(Writer):
     """`read`: the documents as Markdown; ask and caption: a report (`## document`, `### Page N`, question
     and answer, errors marked). Written at close."""
@@ -278,6 +306,7 @@ _WRITERS: dict[str, type[Writer]] = {
     "json": JsonWriter,
     "jsonl": JsonlWriter,
     "md": MarkdownWriter,
+    "hocr": HocrWriter,
 }
 
 
@@ -288,6 +317,8 @@ def make_writer(fmt: str, stream: TextIO, *, multi: bool = False, show_prompt: b
     show_prompt: there are several questions: text headers name the question too.
     """
     writer_class = _WRITERS.get(fmt)
+    if fmt == "pdf":
+        raise UsageError("--format pdf writes one PDF per document: give --out DIR")
     if writer_class is None:
         raise UsageError(f"--format {fmt!r}: unknown format (choose from {', '.join(FORMATS)})")
     return writer_class(stream, multi=multi, show_prompt=show_prompt)
@@ -327,8 +358,8 @@ def _group(records: Iterable[Record]) -> dict[str, dict[int | None, list[Record]
 
 
 def render_markdown(records: Sequence[Record]) -> str:
-    """`read` records as the documents' text in Markdown; any other task's as a report."""
-    if records and all(record.task == "read" for record in records):
+    """`read` and `spot` records as the documents' text in Markdown; any other task's as a report."""
+    if records and all(record.task in ("read", "spot") for record in records):
         return render_markdown_document(records)
     grouped = _group(records)
     errors = sum(not record.ok for record in records)
@@ -365,7 +396,7 @@ def _markdown_record(record: Record) -> list[str]:
     if not record.ok:
         return lines + [f"> **Error:** {record.error}", ""]
     answer = (record.answer or "").strip("\n")
-    label = {"ask": "**A:**", "caption": "**Caption:**", "read": "**Text:**"}[record.task]
+    label = {"ask": "**A:**", "caption": "**Caption:**", "read": "**Text:**", "spot": "**Text:**"}[record.task]
     if not answer.strip():
         lines.append(f"{label} _{EMPTY_ANSWER}_")
     else:
@@ -574,12 +605,18 @@ def _with_digest(path: PurePosixPath, key: str) -> PurePosixPath:
 
 
 def write_document(folder: OutputFolder, relative: str | PurePosixPath, records: Sequence[Record], fmt: str,
-                   entry: Mapping[str, Any] | None = None) -> Path:
+                   entry: Mapping[str, Any] | None = None, *, source: Any = None, password: str | None = None) -> Path:
     """Render one document's records in `fmt` and write them into the output folder atomically.
 
-    Rendering happens before anything is touched, so a failure anywhere leaves the old file as it was.
+    Rendering happens before anything is touched, so a failure anywhere leaves the old file as it was. The pdf
+    format is made from the document itself: give its `source` (and `password`).
     """
-    data = render(records, fmt).encode("utf-8", "backslashreplace")
+    if fmt == "pdf":
+        from monkey_cli.grounding.pdf import searchable_pdf
+
+        data = searchable_pdf(records, source, password)
+    else:
+        data = render(records, fmt).encode("utf-8", "backslashreplace")
     return folder.write(relative, data, {**(entry or {}), **output_fingerprint(data)})
 
 

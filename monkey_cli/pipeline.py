@@ -35,6 +35,7 @@ class ModelOptions:
     prompt_style: str = "auto"
     compile: bool | None = None  # None: on for CUDA, off for the CPU
     adapter: str | None = None  # a LoRA adapter folder (monkey finetune) applied on top of `source`
+    family: str | None = None  # "monkey" or "textmonkey" (--family); None: the checkpoint's config says
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class RunOptions:
     fmt: str = "text"
     overwrite: bool = False
     retry_failed: bool = False
+    overlay_dir: Path | None = None  # each page with its text positions drawn (spot, ask --ground), as PNGs here
 
 
 @dataclass
@@ -109,9 +111,11 @@ def run(
         on_stage("answering")
         return model
 
+    overlays = OutputFolder(options.overlay_dir, overwrite=options.overwrite) if options.overlay_dir else None
     try:
+        check_family_task(options.model, options.job)
         sources = documents.expand_inputs(
-            list(options.inputs), stdin, exclude=OutputsFilter(folder), pipe_hint=pipe_hint(options.job)
+            list(options.inputs), stdin, exclude=_outputs_filter(folder, overlays), pipe_hint=pipe_hint(options.job)
         )
         device, quant = _device_and_quant(options.model, options.job)
         settings = _settings(options, quant)
@@ -126,11 +130,12 @@ def run(
             streamer_factory=streamer_factory,
         )
         by_name = {item.source.name: item for item in pending}
+        overlay_dirs = _overlay_dirs([item.source for item in pending], overlays)
         page_errors = _PageErrors()
         # Rendered lazily: the engine renders and preprocesses ahead on its own thread while the model works.
         pages = documents.iter_pages(
             [item.source for item in pending],
-            size=options.size or model_input_size(options.model.source),
+            size=options.size or model_input_size(options.model.source, options.model.family),
             pages=options.pages,
             password=options.password,
             text_layer=reads_text_layer(options.job),
@@ -142,9 +147,14 @@ def run(
             errors = page_errors.pop(name)
             if folder is not None and item is not None and item.target is not None:
                 _save(folder, item, records, errors, settings, options, summary, on_record)
+            if overlays is not None and item is not None and item.source.name in overlay_dirs:
+                directory = overlay_dirs[item.source.name]
+                _save_overlays(overlays, directory, item.source, records, options, on_record, summary)
     finally:
         if folder is not None:
             folder.close()
+        if overlays is not None:
+            overlays.close()
         summary.seconds = time.perf_counter() - started
     return summary
 
@@ -195,16 +205,73 @@ def _save(
 ) -> None:
     """Write one document's file and its manifest entry; a refused or failed write is an error record."""
     failed = [record for record in records if not record.ok]
+    if options.fmt == "pdf" and len(failed) == len(records):
+        return  # a searchable PDF of nothing: the errors are reported, no file is made (a rerun tries again)
     # Permanent: every error came from the document itself (same bytes, same settings, same error).
     permanent = len(failed) == len(page_errors) and not any(error.transient for error in page_errors)
     entry = output.ResumeIndex.entry(item.sha256 or "", settings, records, permanent=permanent)
     try:
-        summary.written.append(output.write_document(folder, item.target, records, options.fmt, entry))
+        summary.written.append(
+            output.write_document(
+                folder, item.target, records, options.fmt, entry, source=item.source, password=options.password
+            )
+        )
     except OutputFull:
         raise
-    except OutputError as exc:
+    except (OutputError, DocumentError) as exc:  # DocumentError: a searchable PDF's document cannot be reopened
         summary.failed += 1
         on_record(_failure(item.source.name, options, settings["quant"], str(exc)))
+
+
+def _save_overlays(
+    overlays: OutputFolder,
+    directory: PurePosixPath,
+    source: documents.Source,
+    records: list[Record],
+    options: RunOptions,
+    on_record: Callable[[Record], None],
+    summary: Summary,
+) -> None:
+    """One overlay PNG per page with positions; a page that cannot be drawn or written is an error record."""
+    from monkey_cli.grounding.files import write_overlays
+
+    try:
+        summary.written += write_overlays(overlays, directory, source, records, options.password)
+    except OutputFull:
+        raise
+    except (OutputError, DocumentError) as exc:
+        summary.failed += 1
+        on_record(_failure(source.name, options, records[0].quant if records else "none", f"overlay: {exc}"))
+
+
+def _overlay_dirs(sources: list[documents.Source], overlays: OutputFolder | None) -> dict[str, PurePosixPath]:
+    """The folder under --overlay DIR of each document (its path relative to the inputs' common folder)."""
+    if overlays is None:
+        return {}
+    from monkey_cli.render import output_dirs
+
+    return {name: PurePosixPath(path.as_posix()) for name, path in output_dirs(sources, Path()).items()}
+
+
+def _outputs_filter(folder: OutputFolder | None, overlays: OutputFolder | None) -> Callable[[Path], str | None]:
+    """What is never read as an input: the output folder's files, and the overlay folder's (outputs too)."""
+    filters = [OutputsFilter(folder)] + ([OutputsFilter(overlays)] if overlays is not None else [])
+    return lambda path: next((why for check in filters if (why := check(path)) is not None), None)
+
+
+def check_family_task(model: ModelOptions, job: Job) -> None:
+    """A task the checkpoint's family was not trained for (text positions from Monkey, a caption from TextMonkey)
+    is refused in one line before any work; a --prompt template is the user's own and always goes."""
+    from monkey_cli import tasks
+    from monkey_cli.model.sources import peek_config
+
+    if not job.positions and (job.template is not None or job.task != "caption"):
+        return
+    family = peek_config(model.source, model.family).family
+    if job.positions and not tasks.prompt_forms(family).positions:
+        raise tasks.refuse_positions(family)
+    if job.task == "caption" and job.template is None:
+        tasks.caption_prompt(family=family)  # raises UnsupportedTask for a family without one
 
 
 def _failure(source: str, options: RunOptions, quant: str, message: str) -> Record:
@@ -302,6 +369,8 @@ def _settings(options: RunOptions, quant: str) -> dict[str, Any]:
         "quant_vision": options.model.quant_vision,
         "prompt_style": options.model.prompt_style,
         "adapter": _adapter_fingerprint(options.model.adapter),
+        "family": options.model.family,
+        "positions": job.positions or None,  # None when off: older runs' fingerprints stay valid
         "task": job.task,
         "questions": [str(question) for question in job.questions],
         "template": job.template,
@@ -351,8 +420,10 @@ def quant_choice(model: ModelOptions, job: Job, device: str) -> tuple[str, Any]:
 
 def _load(model: ModelOptions, job: Job, device: str) -> Any:
     from monkey_cli.api import Monkey
+    from monkey_cli.model.sources import peek_config
 
-    prompts = [prompt for _shown, prompt, error in job.prompts(chat=True) if error is None]
+    family = peek_config(model.source, model.family).family
+    prompts = [prompt for _shown, prompt, error in job.prompts(chat=True, family=family) if error is None]
     options = _plan_options(model, job, device)
     return Monkey.load(
         model.source,
@@ -373,12 +444,13 @@ def _plan_options(model: ModelOptions, job: Job, device: str) -> dict[str, Any]:
         "quant_vision": model.quant_vision,
         "batch_size": job.batch_size,
         "max_new_tokens": job.max_new_tokens,
+        "family": model.family,
     }
 
 
-def model_input_size(source: str) -> tuple[int, int]:
+def model_input_size(source: str, family: str | None = None) -> tuple[int, int]:
     """The page size the model reads, from the checkpoint's config without loading (or downloading) weights."""
     from monkey_cli.model.sources import peek_config
 
-    config = peek_config(source)
+    config = peek_config(source, family)
     return config.vision.input_size

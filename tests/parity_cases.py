@@ -104,7 +104,14 @@ class StaticTeacher:
         self.cache = SlotCache(model.config, 1, max_length, weights.dtype, weights.device)
         self.step = DecodeStep(model, self.cache, compile=compile)
 
-    def run(self, ids: list[int], pixels: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    def run(
+        self,
+        ids: list[int],
+        pixels: torch.Tensor | None,
+        reference: torch.Tensor,
+        image_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Step logits [steps, vocab]; the image as `pixels`, or as its features `image_embeds` [1, tokens, hidden]."""
         model, cache = self.model, self.cache
         transformer = model.transformer
         alpha = transformer.ntk_alpha_for(len(ids))
@@ -112,6 +119,7 @@ class StaticTeacher:
             out = model(
                 input_ids=torch.tensor([ids]),
                 pixel_values=pixels,
+                image_embeds=image_embeds,
                 past_key_values=cache.writer(0, 0),
                 ntk_alphas=[alpha],
                 logits_to_keep=1,

@@ -20,7 +20,7 @@ from monkey_cli.model.memory import AUTO_OPTIONS
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {
     "monkey_cli", "model", "python", "torch", "devices", "bitsandbytes", "compile", "transformers", "huggingface_hub",
-    "memory", "problems",
+    "memory", "memory_textmonkey", "problems",
 }
 
 
@@ -60,6 +60,21 @@ def test_json_report_plans_every_quant_for_every_device(json_report: dict) -> No
     assert cpu["--quant 4bit --quant-vision"]["total_bytes"] < cpu["--quant none"]["total_bytes"]
 
 
+def test_json_report_plans_textmonkey_too(json_report: dict) -> None:
+    """TextMonkey's plans come from its own sizes: 768 image tokens, its window layers and token resampler
+    (7.8 M parameters more than Monkey, whose 9.4 M ViT LoRA values it has not)."""
+    monkey, textmonkey = json_report["memory"], json_report["memory_textmonkey"]
+    assert (monkey["image_tokens"], textmonkey["image_tokens"]) == (1280, 768)
+    assert "TextMonkey" in textmonkey["model"]
+    assert len(textmonkey["plans"]) == len(monkey["plans"])
+    weights = {(p["device"], p["flags"]): p["weight_bytes"] for p in monkey["plans"]}
+    for p in textmonkey["plans"]:
+        # bf16: 2 bytes per value; TextMonkey has 9,715,823,361 values, Monkey 9,708,053,824.
+        if p["flags"] == "--quant none" and p["dtype"] == "bfloat16":
+            assert p["weight_bytes"] == 2 * 9_715_823_361
+            assert p["weight_bytes"] - weights[(p["device"], p["flags"])] == 2 * (9_715_823_361 - 9_708_053_824)
+
+
 def test_no_gpu_is_reported(json_report: dict, cuda: bool) -> None:
     if cuda:
         pytest.skip("this machine has a CUDA device")  # the check below is about CPU-only machines
@@ -72,7 +87,8 @@ def test_text_report(cuda: bool) -> None:
     result = CliRunner().invoke(app, ["doctor"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     out = result.stdout
-    for heading in ("Environment", "Devices", "Memory needed by echo840/Monkey-Chat", "HF_HUB_OFFLINE"):
+    headings = ("Environment", "Devices", "Memory needed by echo840/Monkey-Chat", "Memory needed by TextMonkey")
+    for heading in (*headings, "HF_HUB_OFFLINE"):
         assert heading in out
     assert "--quant 4bit --quant-vision" in out
     if not cuda:

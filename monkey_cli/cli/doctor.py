@@ -44,7 +44,8 @@ def _print_tables(report: dict[str, Any]) -> None:
     console = Console(highlight=False, soft_wrap=False)
     console.print(_environment_table(report))
     console.print(_devices_table(report))
-    console.print(_memory_table(report))
+    console.print(_memory_table(report["memory"]))
+    console.print(_memory_table(report["memory_textmonkey"]))
     found = report["problems"]
     if found:
         console.print("Problems:", style="bold")
@@ -173,15 +174,17 @@ def _devices_table(report: dict[str, Any]) -> Any:
     return table
 
 
-def _memory_table(report: dict[str, Any]) -> Any:
-    memory = report["memory"]
+def _memory_table(memory: dict[str, Any]) -> Any:
     if "error" in memory:
         table = _table("Memory plan", "Error")
         table.add_row(memory["error"])
         return table
     plans = memory["plans"]
     devices = list(dict.fromkeys((p["device"], p["dtype"]) for p in plans))
-    title = f"Memory needed by {memory['model']}, batch size {memory['batch_size']}"
+    title = (
+        f"Memory needed by {memory['model']}, batch size {memory['batch_size']}, "
+        f"{memory['image_tokens']} image tokens per page"
+    )
     table = _table(title, "Options", *(f"{device} ({dtype})" for device, dtype in devices))
     for flags in dict.fromkeys(p["flags"] for p in plans):
         cells = []

@@ -15,11 +15,13 @@ from typing import Annotated, Any
 import typer
 
 from monkey_cli.errors import UsageError
+from monkey_cli.model.families import FAMILY_CHOICES
 from monkey_cli.tasks import PROMPT_STYLES
 
 INPUT, PROMPT, MODEL, OUTPUT, SCALE = "Input", "Prompt", "Model", "Output", "Scale"
 
-FORMATS = ("text", "json", "jsonl", "md")
+FORMATS = ("text", "json", "jsonl", "md", "hocr", "pdf")
+POSITION_FORMATS = ("hocr", "pdf")  # need text positions: spot, read --positions, ask --ground
 QUANTS = ("auto", "none", "8bit", "4bit")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 WINDOW = 448  # page sizes are whole numbers of the model's 448-pixel windows
@@ -222,7 +224,15 @@ Model = Annotated[
     typer.Option(
         "--model", "-m", envvar="MONKEY_MODEL", metavar="PATH|HUB-ID", rich_help_panel=MODEL,
         help="Checkpoint folder or Hugging Face hub id: echo840/Monkey-Chat (full answers) or echo840/Monkey "
-        "(short benchmark answers).",
+        "(short benchmark answers), or a TextMonkey folder (text positions: spot, ask --ground).",
+    ),
+]  # fmt: skip
+Family = Annotated[
+    str,
+    choice_option(
+        "--family", envvar="MONKEY_FAMILY", choices=FAMILY_CHOICES, panel=MODEL,
+        help="The checkpoint's model family: auto reads it from its config.json (TextMonkey's has add_window, "
+        "use_global and resampler in 'visual'); monkey or textmonkey force it.",
     ),
 ]  # fmt: skip
 Quant = Annotated[
@@ -287,7 +297,16 @@ BatchSize = Annotated[
 Format = Annotated[
     str,
     choice_option("--format", "-f", choices=FORMATS, panel=OUTPUT,
-                  help="Results as text, one JSON document, JSON lines, or a Markdown report."),
+                  help="Results as text, one JSON document, JSON lines, a Markdown report; with text positions "
+                  "(spot, read --positions, ask --ground) also hOCR, or a searchable PDF per document (needs --out)."),
+]  # fmt: skip
+Overlay = Annotated[
+    Path | None,
+    typer.Option(
+        "--overlay", metavar="DIR", parser=out_folder, rich_help_panel=OUTPUT,
+        help="Write each page with its text positions drawn and labelled as a PNG here (spot, read --positions, "
+        "ask --ground): DIR/<document>/page-001-spots.png.",
+    ),
 ]  # fmt: skip
 Out = Annotated[
     Path | None,

@@ -1,4 +1,4 @@
-"""`monkey ask`, `monkey caption`, `monkey read`: parse, call `monkey_cli.pipeline.run`, print.
+"""`monkey ask`, `monkey caption`, `monkey read`, `monkey spot`: parse, call `monkey_cli.pipeline.run`, print.
 
 stdout carries results only (text, json, jsonl or md); errors, progress and the summary go to stderr.
 """
@@ -26,16 +26,20 @@ from monkey_cli.cli.common import (
 )
 from monkey_cli.cli.options import (
     INPUT,
+    POSITION_FORMATS,
+    PROMPT,
     Adapter,
     BatchSize,
     Compile,
     Device,
     Dtype,
+    Family,
     Format,
     Inputs,
     MaxNewTokens,
     Model,
     Out,
+    Overlay,
     Overwrite,
     Pages,
     Password,
@@ -65,6 +69,20 @@ ForceOcr = Annotated[
     bool,
     typer.Option("--force-ocr", rich_help_panel=INPUT, help="Use the model even where a PDF has a text layer."),
 ]
+Positions = Annotated[
+    bool,
+    typer.Option(
+        "--positions", rich_help_panel=PROMPT,
+        help="Read with text positions (TextMonkey): the same as `monkey spot` (implies --force-ocr).",
+    ),
+]  # fmt: skip
+Ground = Annotated[
+    bool,
+    typer.Option(
+        "--ground", rich_help_panel=PROMPT,
+        help="Ask for where on the page each answer was read too (TextMonkey): records get `spans`.",
+    ),
+]  # fmt: skip
 
 
 def _document_options(
@@ -75,6 +93,7 @@ def _document_options(
     prompt: Prompt = None,
     prompt_style: PromptStyle = "auto",
     model: Model = DEFAULT_MODEL,
+    family: Family = "auto",
     quant: Quant = "auto",
     quant_vision: QuantVision = False,
     device: Device = "auto",
@@ -85,13 +104,14 @@ def _document_options(
     batch_size: BatchSize = 4,
     fmt: Format = "text",
     out: Out = None,
+    overlay: Overlay = None,
     overwrite: Overwrite = False,
     retry_failed: RetryFailed = False,
     verbose: Verbose = False,
     workers: Workers = "auto",
     ray: Ray = None,
 ) -> None:
-    """The options ask, caption and read share: only its signature is used (see `_with_document_options`)."""
+    """The options ask, caption, read and spot share: only its signature is used (see `_with_document_options`)."""
 
 
 class _RunCommand(Command):
@@ -112,11 +132,17 @@ def _with_document_options(command: Callable[..., None]) -> Callable[..., None]:
 
 @app.command(cls=_RunCommand)
 @_with_document_options
-def ask(inputs: Inputs, question: Questions = None, questions_file: QuestionsFile = None, **options: Any) -> None:
+def ask(
+    inputs: Inputs,
+    question: Questions = None,
+    questions_file: QuestionsFile = None,
+    ground: Ground = False,
+    **options: Any,
+) -> None:
     """Answer questions about each page: monkey ask invoice.pdf -q "What is the total?"."""
     with user_errors(options["verbose"]):
         questions = _questions(question or [], questions_file)
-        _run("ask", inputs, options, questions=questions)
+        _run("ask", inputs, options, questions=questions, positions=ground)
 
 
 @app.command(cls=_RunCommand)
@@ -129,10 +155,22 @@ def caption(inputs: Inputs, **options: Any) -> None:
 
 @app.command(cls=_RunCommand)
 @_with_document_options
-def read(inputs: Inputs, force_ocr: ForceOcr = False, **options: Any) -> None:
+def read(inputs: Inputs, force_ocr: ForceOcr = False, positions: Positions = False, **options: Any) -> None:
     """Extract the text of each page (a PDF's own text layer when it has one, unless --force-ocr)."""
     with user_errors(options["verbose"]):
-        _run("read", inputs, options, force_ocr=force_ocr)
+        if positions:
+            _run("spot", inputs, options, positions=True)
+        else:
+            _run("read", inputs, options, force_ocr=force_ocr)
+
+
+@app.command(cls=_RunCommand)
+@_with_document_options
+def spot(inputs: Inputs, **options: Any) -> None:
+    """Read every text of each page with its position (TextMonkey's text spotting): records get `spans` (page
+    pixels and PDF points); -f hocr, -f pdf (a searchable PDF) and --overlay DIR show them."""
+    with user_errors(options["verbose"]):
+        _run("spot", inputs, options, positions=True)
 
 
 def _questions(flags: list[str], questions_file: Path | None) -> list[Any]:
@@ -192,7 +230,12 @@ def _bounded_lines(handle: Any) -> Any:
 
 
 def _run(
-    task: str, inputs: list[str], args: dict[str, Any], questions: list[Any] | None = None, force_ocr: bool = False
+    task: str,
+    inputs: list[str],
+    args: dict[str, Any],
+    questions: list[Any] | None = None,
+    force_ocr: bool = False,
+    positions: bool = False,
 ) -> None:
     from monkey_cli.distributed import ScaleOptions
     from monkey_cli.engine import Job
@@ -205,6 +248,11 @@ def _run(
         needs_extra("ray")
     if args["adapter"] is not None:
         needs_extra("finetune")
+    if not positions and (args["fmt"] in POSITION_FORMATS or args["overlay"] is not None):
+        what = "--overlay" if args["overlay"] is not None else f"--format {args['fmt']}"
+        raise UsageError(f"{what} shows text positions: use spot, read --positions or ask --ground")
+    if args["fmt"] == "pdf" and args["out"] is None:
+        raise UsageError("--format pdf writes one searchable PDF per document: give --out DIR")
     options = RunOptions(
         inputs=tuple(inputs),
         job=Job(
@@ -214,6 +262,7 @@ def _run(
             max_new_tokens=args["max_new_tokens"],
             batch_size=args["batch_size"],
             force_ocr=force_ocr,
+            positions=positions,
         ),
         model=ModelOptions(
             source=args["model"],
@@ -224,6 +273,7 @@ def _run(
             prompt_style=args["prompt_style"],
             compile=args["compile"],
             adapter=None if args["adapter"] is None else str(args["adapter"]),
+            family=None if args["family"] == "auto" else args["family"],
         ),
         pages=args["pages"],
         password=args["password"],
@@ -232,6 +282,7 @@ def _run(
         fmt=args["fmt"],
         overwrite=args["overwrite"],
         retry_failed=args["retry_failed"],
+        overlay_dir=args["overlay"],
     )
     workers = None if args["workers"] == "auto" else int(args["workers"])
     if args["ray"] is not None and args["device"].startswith("cuda:"):
@@ -251,12 +302,18 @@ def _execute(options: Any, scale: Any) -> None:
     from monkey_cli.pipeline import run
 
     single_process = distributed.single_process(scale, options)
+    if options.overlay_dir is not None and not single_process:
+        from monkey_cli.errors import UsageError
+
+        raise UsageError("--overlay runs in one process: give --workers 1 (and no --ray)")
     stdout = sys.stdout
     if hasattr(stdout, "reconfigure"):
         stdout.reconfigure(encoding="utf-8")  # answers can be any script; never crash on a non-UTF-8 console
     to_stdout = options.out_dir is None  # with --out, results go to the files only, whatever the format
     single = _single_page(options)
+    # A positions answer is shown once its markup is read, not as raw tokens.
     streaming = to_stdout and options.fmt == "text" and stdout.isatty() and single and single_process
+    streaming = streaming and not options.job.positions
     progress = Progress(enabled=sys.stderr.isatty())
     writer = None
     if to_stdout:

@@ -51,23 +51,33 @@ class Job:
     max_new_tokens: int = 512
     batch_size: int = 4
     force_ocr: bool = False
+    positions: bool = False  # read the text positions in the answers into the records' `spans` (TextMonkey)
 
-    def prompts(self, chat: bool = False) -> list[tuple[str, tasks.Prompt | None, str | None]]:
+    def prompts(self, chat: bool = False, family: str = "monkey") -> list[tuple[str, tasks.Prompt | None, str | None]]:
         """(what the record shows as its prompt, the model prompt, an error) for each question of a page.
-        `chat`: the checkpoint is Monkey-Chat (its caption prompt differs)."""
+        `chat`: the checkpoint is Monkey-Chat (its caption prompt differs); `family`: the model family, whose
+        prompt forms are used (a task it has none for is an error)."""
         if self.task == "ask":
-            return [self._question_prompt(question) for question in self.questions]
+            return [self._question_prompt(question, family) for question in self.questions]
         if self.template is not None:
             return [(self.template, tasks.custom_prompt(self.template), None)]
-        shown = tasks.READ_QUESTION if self.task == "read" else tasks.CAPTION_QUESTION
-        return [(shown, tasks.task_prompt(self.task, chat=chat), None)]
+        shown = tasks.shown_prompt(self.task)
+        try:
+            return [(shown, tasks.task_prompt(self.task, chat=chat, family=family), None)]
+        except tasks.UnsupportedTask as exc:
+            return [(shown, None, str(exc))]
 
-    def _question_prompt(self, question: str | BadQuestion) -> tuple[str, tasks.Prompt | None, str | None]:
+    def _question_prompt(
+        self, question: str | BadQuestion, family: str = "monkey"
+    ) -> tuple[str, tasks.Prompt | None, str | None]:
         if isinstance(question, BadQuestion):
             return question.shown, None, question.error
         if self.template is not None:
             return question, tasks.custom_prompt(self.template, question), None
-        return question, tasks.vqa_prompt(question), None
+        try:
+            return question, tasks.vqa_prompt(question, family, ground=self.positions), None
+        except tasks.UnsupportedTask as exc:
+            return question, None, str(exc)
 
 
 @dataclass(frozen=True)
@@ -157,7 +167,8 @@ class Engine:
             return [_Slot(item, record.prompt, record=record)]
         model = self._model()
         slots = []
-        for shown, prompt, error in self.job.prompts(chat=bool(getattr(model, "chat", False))):
+        family = getattr(model, "family", "monkey")
+        for shown, prompt, error in self.job.prompts(chat=bool(getattr(model, "chat", False)), family=family):
             error = error or self._prompt_error(prompt)
             if error is None:
                 slots.append(_Slot(item, shown, prompt))
@@ -235,8 +246,14 @@ class Engine:
             result = handle.wait()
         except Exception as exc:  # this page's request failed (an image the processor cannot take, say)
             return self._failure(page.source, page.page, page.pages, exc, slot.shown_prompt)
-        answer = tasks.clean_answer(self._model().tokenizer.decode(result.token_ids, skip_special_tokens=True))
-        return self._record(page, slot.shown_prompt, answer, "model", handle.seconds)
+        tokenizer = self._model().tokenizer
+        answer = tasks.clean_answer(tokenizer.decode(result.token_ids, skip_special_tokens=True))
+        record = self._record(page, slot.shown_prompt, answer, "model", handle.seconds)
+        if self.job.positions:  # the answer's texts and positions, from its tokens with the grounding tags
+            from monkey_cli.grounding import ground_record
+
+            ground_record(record, tokenizer.decode_grounded(result.token_ids), page)
+        return record
 
     # --- records ----------------------------------------------------------------------------------
     def _record(self, page: Page, prompt: str, answer: str, source: str, seconds: float) -> Record:

@@ -298,13 +298,16 @@ def training_device(device: str) -> str:
 
 def with_lora(monkey: Monkey, options: FinetuneOptions) -> PeftModel:
     """The base wrapped with a fresh adapter (seeded), gradient checkpointing on if asked."""
+    windows = monkey.model.config.vision.lora_repeat_num  # one LoRA set per window; none in TextMonkey as released
+    if options.train_window_lora and not windows:
+        raise UsageError("--train-window-lora: this checkpoint's vision tower has no per-window LoRA to train")
     config = lora_config(
         r=options.lora_r,
         alpha=options.lora_alpha,
         dropout=options.lora_dropout,
         targets=options.lora_targets,
         train_window_lora=options.train_window_lora,
-        windows=monkey.model.config.vision.num_windows,
+        windows=windows,
     )
     set_seed(options.seed)
     if options.gradient_checkpointing:

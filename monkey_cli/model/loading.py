@@ -24,6 +24,7 @@ import torch
 
 from monkey_cli.errors import CheckpointError
 from monkey_cli.model.configuration import MonkeyConfig, load_config
+from monkey_cli.model.families import DISPLAY_NAMES
 from monkey_cli.model.sources import MAX_JSON_BYTES, model_file, read_regular_file
 
 SAFETENSORS = "model.safetensors"
@@ -169,12 +170,17 @@ def check_weights(config: MonkeyConfig, weights: WeightFiles) -> None:
     missing = sorted(set(expected) - set(found))
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{weights.folder}: missing weight '{missing[0]}'{more}")
+        raise CheckpointError(
+            f"{weights.folder}: missing weight '{missing[0]}'{more} of a {DISPLAY_NAMES[config.family]} model"
+        )
     for key, (shape, file) in sorted(found.items()):
         if key not in expected:
             if any(p.search(key) for p in ignored):
                 continue
-            raise CheckpointError(f"{file}: unexpected weight '{key}' (not part of a Monkey model with this config)")
+            raise CheckpointError(
+                f"{file}: unexpected weight '{key}' (not part of a {DISPLAY_NAMES[config.family]} model with this "
+                "config; --family chooses the other one)"
+            )
         if shape != expected[key]:
             raise CheckpointError(
                 f"{file}: weight '{key}' has shape {list(shape)}, the config expects {list(expected[key])}"
@@ -209,15 +215,18 @@ def load_model(
     quant: str = "none",
     quant_vision: bool = False,
     config_overrides: dict[str, Any] | None = None,
+    family: str | None = None,
 ) -> Any:
-    """Build MonkeyForCausalLM from a local checkpoint folder, checked before loading, in eval mode."""
+    """Build MonkeyForCausalLM from a local checkpoint folder, checked before loading, in eval mode.
+
+    `family` ("monkey", "textmonkey"; None: the config says) picks the vision tower."""
     from transformers.utils import logging as hf_logging
 
     from monkey_cli.model.modeling import MonkeyForCausalLM, default_generation_config
     from monkey_cli.model.quantization import bitsandbytes_config
 
     folder = Path(folder)
-    config = load_config(folder)
+    config = load_config(folder, family=family)
     for field, value in (config_overrides or {}).items():
         setattr(config, field, value)
     weights = check_model_files(folder)

@@ -1,7 +1,8 @@
 """Memory plans: how many bytes Monkey needs for a quantization, dtype and batch, before loading it.
 
 Everything here is arithmetic on a `MonkeyConfig` (no torch at import): the parameter inventory is
-derived from the config and matches the real checkpoint's state dict key for key, the weight bytes
+derived from the config and matches the real checkpoint's state dict key for key (Monkey's, or TextMonkey's with
+its shifted-window layers and token resampler, from `config.family`), the weight bytes
 follow how bitsandbytes stores LLM.int8 and NF4 weights, and the activation terms are deliberately
 conservative working sets (a plan that says "fits" should not run out of memory halfway through a PDF).
 Only `device_budget` touches torch, to ask a CUDA device how much memory is free.
@@ -34,6 +35,7 @@ IN_PROJ_LORA_RANK = 16
 OUT_PROJ_LORA_RANK = 16
 MLP_LORA_RANK = 32
 VIT_POS_EMBED_TOKENS = 256  # a 16x16 table, interpolated to the 32x32 patch grid of a 448px view
+RESAMPLER_QUERIES = 256  # attn_pool's queries: the tokens each view gives
 
 # bitsandbytes NF4: 64 weights share one absmax; with double quantisation the absmax values are stored
 # as uint8 in blocks of 256 that each keep one float32 scale (plus a float32 offset per tensor).
@@ -107,6 +109,7 @@ def parameter_groups(config: MonkeyConfig) -> list[tuple[TensorSpec, int]]:
         *((tensor, config.num_hidden_layers) for tensor in _decoder_layer(config, decoder_layer)),
         *((tensor, 1) for tensor in _vision_ends(config)),
         *((tensor, v.layers) for tensor in _vision_block(config, vision_block)),
+        *((tensor, 1) for tensor in _textmonkey_parts(config)),
     ]
 
 
@@ -166,7 +169,7 @@ def _lora_bank(name: str, count: int, in_features: int, out_features: int, rank:
 
 def _vision_block(config: MonkeyConfig, block: str) -> Iterator[TensorSpec]:
     v = config.vision
-    width, mlp_width, windows = v.width, v.mlp_width, v.num_windows
+    width, mlp_width, windows = v.width, v.mlp_width, v.lora_repeat_num  # LoRA sets: one per window, or none
     yield from _layer_norm(f"{block}.ln_1", width, VIT_OTHER)
     yield from _linear(f"{block}.attn.in_proj", 3 * width, width, VIT_LINEARS, bias=True)
     yield from _lora_bank(f"{block}.attn.in_proj_lora", windows, width, 3 * width, IN_PROJ_LORA_RANK)
@@ -181,7 +184,7 @@ def _vision_block(config: MonkeyConfig, block: str) -> Iterator[TensorSpec]:
 def _vision_ends(config: MonkeyConfig) -> Iterator[TensorSpec]:
     v = config.vision
     width, out = v.width, v.output_dim
-    queries = config.tokens_per_image // v.num_views  # resampler queries per view (256)
+    queries = RESAMPLER_QUERIES
     root = "transformer.visual"
     yield TensorSpec(f"{root}.conv1.weight", (width, 3, v.patch_size, v.patch_size), VIT_OTHER)
     yield TensorSpec(f"{root}.positional_embedding", (VIT_POS_EMBED_TOKENS, width), VIT_OTHER)
@@ -198,6 +201,42 @@ def _vision_ends(config: MonkeyConfig) -> Iterator[TensorSpec]:
     yield from _layer_norm(f"{pool}.ln_kv", out, RESAMPLER)
     yield from _layer_norm(f"{root}.ln_post", out, RESAMPLER)
     yield TensorSpec(f"{root}.proj", (out, out), RESAMPLER)
+
+
+def _textmonkey_parts(config: MonkeyConfig) -> Iterator[TensorSpec]:
+    """TextMonkey's shifted-window layers (`window_attention.K`) and token resampler (`downresampler`); nothing
+    for Monkey. Both stay in the compute dtype under every --quant (as the resampler does)."""
+    v = config.vision
+    if v.family != "textmonkey" or v.sizes is None:
+        return
+    width, out, sizes = v.width, v.output_dim, v.sizes
+    page_tokens = (v.grid[0] * v.patches_per_side) * (v.grid[1] * v.patches_per_side)  # 64 x 64
+    for k, (dim, heads) in enumerate(zip(sizes.window_widths, sizes.window_heads, strict=True)):
+        layer = f"transformer.visual.transformer.window_attention.{k}"
+        block = f"{layer}.shift_attn"
+        yield TensorSpec(f"{layer}.position_embedding", (1, page_tokens, width), VIT_OTHER)
+        yield from _linear(f"{block}.downsample", dim, width, VIT_OTHER, bias=False)
+        yield from _layer_norm(f"{block}.norm1", dim, VIT_OTHER)
+        table = (2 * sizes.window_size - 1) ** 2
+        yield TensorSpec(f"{block}.attn.relative_position_bias_table", (table, heads), VIT_OTHER)
+        yield from _linear(f"{block}.attn.qkv", 3 * dim, dim, VIT_OTHER, bias=True)
+        yield from _linear(f"{block}.attn.proj", dim, dim, VIT_OTHER, bias=True)
+        yield from _layer_norm(f"{block}.norm2", dim, VIT_OTHER)
+        yield from _linear(f"{block}.mlp.fc1", 2 * dim, dim, VIT_OTHER, bias=False)
+        yield from _linear(f"{block}.mlp.fc2", width, 2 * dim, VIT_OTHER, bias=False)
+        yield TensorSpec(f"{block}.mlp.scale", (1,), VIT_OTHER)
+    root = "transformer.visual.downresampler"
+    dim, inner = sizes.resampler_width, sizes.resampler_heads * sizes.resampler_head_dim
+    yield from _linear(f"{root}.downsample", dim, out, RESAMPLER, bias=False)
+    yield from _layer_norm(f"{root}.layers.0.0.norm_media", dim, RESAMPLER)
+    yield from _layer_norm(f"{root}.layers.0.0.norm_latents", dim, RESAMPLER)
+    yield from _linear(f"{root}.layers.0.0.to_q", inner, dim, RESAMPLER, bias=False)
+    yield from _linear(f"{root}.layers.0.0.to_kv", 2 * inner, dim, RESAMPLER, bias=False)
+    yield from _linear(f"{root}.layers.0.0.to_out", dim, inner, RESAMPLER, bias=False)
+    yield from _layer_norm(f"{root}.layers.0.1.norm", dim, RESAMPLER)
+    yield from _linear(f"{root}.layers.0.1.fc1", dim, dim, RESAMPLER, bias=False)
+    yield from _linear(f"{root}.layers.0.1.fc2", out, dim, RESAMPLER, bias=False)
+    yield TensorSpec(f"{root}.layers.0.1.scale", (1,), RESAMPLER)
 
 
 def parameter_counts(config: MonkeyConfig) -> dict[str, int]:
@@ -421,13 +460,36 @@ def _vision_working_set(config: MonkeyConfig, batch_size: int, width: int) -> in
     # Resampler (cross-attention of 256 queries on one view's tokens): kv_proj output, its LayerNorm,
     # key input with positions, keys and values (5 x output_dim per ViT token); queries, attention
     # output and result (3 x output_dim per query); and the scores.
-    queries = config.tokens_per_image // v.num_views
+    queries = RESAMPLER_QUERIES
     heads = v.output_dim // 128
     per_view = (5 * tokens + 3 * queries) * v.output_dim + heads * queries * tokens
     resampler = views * per_view * width
     # The features handed to the decoder (views x 256 tokens x output_dim) outlive both.
     features = views * queries * v.output_dim * width
-    return max(vit, resampler) + features
+    return max(vit, resampler, _textmonkey_working_set(config, batch_size, width)) + features
+
+
+def _textmonkey_working_set(config: MonkeyConfig, batch_size: int, width: int) -> int:
+    """TextMonkey's peaks beside the ViT's: a shifted-window layer on the page's whole patch grid, and the token
+    resampler (the selection's float32 similarity matrix, the perceiver over all local tokens)."""
+    v = config.vision
+    if v.family != "textmonkey" or v.sizes is None:
+        return 0
+    sizes = v.sizes
+    page_tokens = v.num_windows * v.patches_per_side**2
+    dim, heads = max(sizes.window_widths), max(sizes.window_heads)
+    padded = -(-(v.grid[0] * v.patches_per_side) // sizes.window_size) * sizes.window_size
+    area = sizes.window_size**2
+    windows = (padded // sizes.window_size) ** 2
+    # The ViT stream in and out plus the layer's own tensors (down-projection, norms, q/k/v, MLP hidden: ~8 dim),
+    # and the scores with their bias and mask for every window and head.
+    window_layer = page_tokens * (3 * v.width + 8 * dim) * width + windows * heads * area * area * (width + 4)
+    local = v.num_windows * RESAMPLER_QUERIES
+    inner = sizes.resampler_heads * sizes.resampler_head_dim
+    similarity = 2 * local * local * 4  # the scores in float32, and their masked copy
+    perceiver = (local + v.keep_tokens) * (4 * sizes.resampler_width + 2 * inner + v.output_dim) * width
+    perceiver += sizes.resampler_heads * v.keep_tokens * (local + v.keep_tokens) * width
+    return batch_size * max(window_layer, similarity + perceiver)
 
 
 def _decoder_working_set(config: MonkeyConfig, batch_size: int, prompt_tokens: int, width: int) -> int:

@@ -13,8 +13,9 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from monkey_cli.model import vision
-from monkey_cli.model.configuration import MonkeyConfig
+from monkey_cli.model import textmonkey_vision, vision
+from monkey_cli.model.configuration import MonkeyConfig, VisionConfig
+from monkey_cli.model.families import TEXTMONKEY
 from monkey_cli.model.qwen import (
     QWenBlock,
     RMSNorm,
@@ -24,7 +25,18 @@ from monkey_cli.model.qwen import (
     ntk_alpha,
     positions_from_mask,
 )
+from monkey_cli.model.textmonkey_vision import TextMonkeyVisionTransformer
 from monkey_cli.model.vision import VisionTransformer
+
+_VISION_MODULES = frozenset({vision.__name__, textmonkey_vision.__name__})
+
+
+def build_vision_tower(vision_config: VisionConfig) -> nn.Module:
+    """The vision tower of the checkpoint's family (the decoder is the same for both)."""
+    if vision_config.family == TEXTMONKEY:
+        return TextMonkeyVisionTransformer(vision_config)
+    return VisionTransformer(vision_config)
+
 
 # Where a Cache remembers the NTK alphas chosen at prefill, so decoding keeps them (as the original does).
 _NTK_ALPHAS = "monkey_ntk_alphas"
@@ -34,7 +46,7 @@ class MonkeyPreTrainedModel(PreTrainedModel):
     config_class = MonkeyConfig
     base_model_prefix = "transformer"
     main_input_name = "input_ids"
-    _no_split_modules = ["QWenBlock", "VisionBlock"]
+    _no_split_modules = ["QWenBlock", "VisionBlock", "CrossWindowAttention", "TokenResampler"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     supports_gradient_checkpointing = True  # QWenBlock is a GradientCheckpointingLayer (used by finetune)
@@ -45,8 +57,8 @@ class MonkeyPreTrainedModel(PreTrainedModel):
         # Only reached for weights a checkpoint did not provide (or a model built from a config alone).
         if isinstance(module, RMSNorm):
             init.ones_(module.weight)
-        elif hasattr(module, "reset_parameters") and module.__module__ == vision.__name__:
-            module.reset_parameters()  # the vision tower's own modules know the original's init
+        elif hasattr(module, "reset_parameters") and module.__module__ in _VISION_MODULES:
+            module.reset_parameters()  # the vision towers' own modules know the original's init
         else:
             super()._init_weights(module)
 
@@ -59,7 +71,7 @@ class MonkeyModel(MonkeyPreTrainedModel):
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
         self.h = nn.ModuleList(QWenBlock(config, i) for i in range(config.num_hidden_layers))
         self.ln_f = RMSNorm(config.hidden_size, config.layer_norm_epsilon)
-        self.visual = VisionTransformer(config.vision)
+        self.visual = build_vision_tower(config.vision)
         self.rotary = RotaryEmbedding(config.head_dim, config.rotary_emb_base)
         self.post_init()
 
@@ -70,7 +82,8 @@ class MonkeyModel(MonkeyPreTrainedModel):
         self.wte = value
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[images, views, 3, 448, 448] (windows row-major, then the global view) -> [images, views*256, hidden]."""
+        """[images, views, 3, 448, 448] (windows row-major, then the global view) -> [images, tokens_per_image,
+        hidden] (Monkey: 256 per view; TextMonkey: its kept local tokens, then the global view's 256)."""
         return self.visual(pixel_values[:, :-1], pixel_values[:, -1])
 
     def splice_images(self, input_ids: torch.Tensor, embeds: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
@@ -182,7 +195,7 @@ class MonkeyForCausalLM(MonkeyPreTrainedModel, GenerationMixin):
         return self.lm_head
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Vision features for a batch of processed images: [images, views*256, hidden]."""
+        """Vision features for a batch of processed images: [images, tokens_per_image, hidden]."""
         return self.transformer.encode_images(pixel_values)
 
     def forward(

@@ -123,24 +123,27 @@ def warn_if_slow(device: str, parameters: int) -> None:
         )
 
 
-def peek_config(source: str | os.PathLike[str]) -> MonkeyConfig:
-    """The checkpoint's config without loading weights or touching the network.
+def peek_config(source: str | os.PathLike[str], family: str | None = None) -> MonkeyConfig:
+    """The checkpoint's config without loading weights or touching the network (`family` forces the model
+    family, see `load_config`).
 
     A local folder's config.json, else the hub cache's copy; a hub id that is not cached yet is assumed to
-    have the released checkpoints' shape (both published Monkey models read 896x896 pages).
+    have the released checkpoints' shape (both published Monkey models and TextMonkey read 896x896 pages):
+    Monkey's, or TextMonkey's when `family` says so or the id names it.
     """
-    from monkey_cli.model.configuration import load_config, real_monkey_config
+    from monkey_cli.model.configuration import check_family, load_config, real_config
 
     path = Path(str(source)).expanduser()
     if path.is_dir():
-        return load_config(path)
+        return load_config(path, family)
     if is_hub_id(str(source)):
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(str(source), "config.json")
         if isinstance(cached, str):
-            return load_config(cached)
-    return real_monkey_config()
+            return load_config(cached, family)
+    forced = check_family(family)
+    return real_config(forced or ("textmonkey" if "textmonkey" in str(source).lower() else "monkey"))
 
 
 # --- model files: regular files inside the model folder, read with a limit -----------------------------------

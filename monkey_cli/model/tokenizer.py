@@ -152,16 +152,22 @@ class QWenTokenizer:
         the path's bytes show as the BPE tokens whose ids equal those byte values (as the original)."""
         return [self._id_to_token[token_id] for token_id in self.encode(text)]
 
-    def encode_prompt(self, before: str, after: str) -> list[int]:
-        """Ids of a prompt built from user text: `before`, one image span, `after`.
+    def encode_prompt(self, before: str, after: str, ref: str | None = None) -> list[int]:
+        """Ids of a prompt built from user text: `before`, one image span, `after`, and, with `ref`, the
+        grounding form `<ref>` ref `</ref>` (TextMonkey's "where is this text" prompt; the tags are the special
+        tokens, `ref` itself plain text).
 
         The texts are plain text (NFC, tiktoken's ordinary encoding): `<img>`, `<|endoftext|>`, `<ref>` and
         every other special-token look-alike in them become ordinary BPE pieces, so user text can neither
         end the prompt nor open an image span. The span is `<img>`, `image_token_span` x `<imgpad>`,
-        `</img>`. For texts without such look-alikes this equals `encode(before + "<img></img>" + after)`.
+        `</img>`. For texts without such look-alikes this equals `encode(before + "<img></img>" + after)`
+        (+ `"<ref>" + ref + "</ref>"`).
         """
         span = [self.img_start_id, *[self.img_pad_id] * self.image_token_span, self.img_end_id]
-        return self._plain_ids(before) + span + self._plain_ids(after)
+        ids = self._plain_ids(before) + span + self._plain_ids(after)
+        if ref is not None:
+            ids += [self.ref_start_id, *self._plain_ids(ref), self.ref_end_id]
+        return ids
 
     def _plain_ids(self, text: str) -> list[int]:
         return self._encoding.encode_ordinary(unicodedata.normalize("NFC", text))
@@ -229,6 +235,20 @@ class QWenTokenizer:
                     f"cannot decode token id {token_id}: the vocabulary has ids 0..{len(self) - 1}"
                 )
         return self._encoding.decode(ids, errors="replace")
+
+    def decode_grounded(self, ids: Iterable[int] | Any) -> str:
+        """Text of generated `ids` with the grounding tags (`<ref>`, `</ref>`, `<box>`, `</box>`, `<quad>`,
+        `</quad>`) written out, as the original demo decodes an answer to find positions in it; every other
+        special id (end of text, image tags, ids beyond the vocabulary) is dropped. Never raises."""
+        keep = {self.special_tokens[tag] for tag in GROUNDING_TAGS}
+        pieces: list[bytes] = []
+        for token_id in _as_id_list(ids):
+            token = self._id_to_token.get(token_id)
+            if isinstance(token, bytes):
+                pieces.append(token)
+            elif token_id in keep:
+                pieces.append(str(token).encode("ascii"))
+        return b"".join(pieces).decode("utf-8", errors="replace")
 
     def batch_decode(
         self, input_ids: Any, attention_mask: Any | None = None, skip_special_tokens: bool = False

@@ -132,7 +132,7 @@ class VisionAttention(nn.Module):
 
     def __init__(self, vision: VisionConfig) -> None:
         super().__init__()
-        width, windows = vision.width, vision.num_windows
+        width, windows = vision.width, vision.lora_repeat_num  # one LoRA set per window (none in TextMonkey)
         self.num_heads = vision.heads
         self.head_dim = width // vision.heads
         self.in_proj = nn.Linear(width, 3 * width)
@@ -170,7 +170,7 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(vision)
         self.ln_2 = nn.LayerNorm(vision.width, eps=LAYER_NORM_EPS)
         self.mlp = VisionMLP(vision)
-        self.mlp_lora = LoraBank(vision.num_windows, vision.width, vision.width, MLP_LORA_RANK)
+        self.mlp_lora = LoraBank(vision.lora_repeat_num, vision.width, vision.width, MLP_LORA_RANK)
 
     def forward(self, x: torch.Tensor, routing: LoraRouting) -> torch.Tensor:  # [N, L, width]
         x = x + self.attn(self.ln_1(x), routing)

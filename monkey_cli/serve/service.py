@@ -187,7 +187,8 @@ class ModelService:
     ) -> GenerationRequest:
         from monkey_cli.engine import GenerationRequest
 
-        ids = self._prompt_ids(monkey, tasks.vqa_prompt(job.question), job.max_tokens, "messages")
+        prompt = tasks.vqa_prompt(job.question, getattr(monkey, "family", "monkey"))
+        ids = self._prompt_ids(monkey, prompt, job.max_tokens, "messages")
         page = uploads.open_page(job.image, monkey.processor.input_size, job.image_param, self.render_timeout)
         return GenerationRequest(
             ids,
@@ -293,8 +294,10 @@ class ModelService:
                 "question" if len(job.questions) > 1 else "pages",
                 code="too_many_answers",
             )
-        for _shown, prompt, _error in Job(task=job.task, questions=job.questions).prompts(chat=monkey.chat):
-            self._prompt_ids(monkey, prompt, job.max_tokens, "question" if job.task == "ask" else "task")
+        family = getattr(monkey, "family", "monkey")
+        for _shown, prompt, _error in Job(task=job.task, questions=job.questions).prompts(monkey.chat, family):
+            if prompt is not None:  # a task the family has no prompt for: its records say so
+                self._prompt_ids(monkey, prompt, job.max_tokens, "question" if job.task == "ask" else "task")
 
     def check_questions(self, questions: tuple[str, ...]) -> None:
         """A 400 before anything is read for more questions than --max-questions."""

@@ -141,8 +141,9 @@ def test_hocr_pdf_and_overlay_from_the_cli(spotting, tiny: str, tmp_path: Path) 
             top = 0.04 * page.rect.height
             assert any(abs(hit.y0 - top) < 0.02 * page.rect.height for hit in hits)  # where the model put it
     pngs = sorted(p.relative_to(overlays).as_posix() for p in overlays.rglob("*.png") if p.is_file())
-    assert pngs == ["report.pdf/page-001-spots.png", "report.pdf/page-003-spots.png", "scan.png/page-001-spots.png"]
-    with Image.open(overlays / "scan.png" / "page-001-spots.png") as image:
+    expected = ["report.pdf.pages/page-001-spots.png", "report.pdf.pages/page-003-spots.png"]
+    assert pngs == [*expected, "scan.png.pages/page-001-spots.png"]
+    with Image.open(overlays / "scan.png.pages" / "page-001-spots.png") as image:
         assert image.size == (850, 1100)
         image.load()
     # Overlays are outputs: a later run over the folder holding them does not read them as inputs.

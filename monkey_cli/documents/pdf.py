@@ -34,8 +34,7 @@ class PdfDocument:
 
     def _open(self) -> dict[str, Any]:
         source = self.source
-        # The renderer has its own working folder (this process's when it started): an absolute path.
-        path = None if source.path is None else os.path.abspath(source.path)
+        path = None if source.path is None else _for_the_renderer(source.path)
         header = {"op": "open", "doc": self._id, "path": path, "password": self.options.password}
         payload = source.data if source.path is None and source.data is not None else b""
         answer, _ = self._renderer.request(header, payload, self.options.render_timeout)
@@ -84,6 +83,17 @@ class PdfDocument:
     def close(self) -> None:
         if self._generation == self._renderer.generation:
             self._renderer.send({"op": "close", "doc": self._id})
+
+
+def _for_the_renderer(path: os.PathLike[str] | str) -> str:
+    """`path` as the renderer process must name it: absolute (it has its own working folder), and a descriptor
+    of this process (`/proc/self/fd/N`, what callers that checked a file pass, e.g. the MCP server) named by
+    this process's id, since the renderer's own /proc/self is another process."""
+    absolute = os.path.abspath(path)
+    own = "/proc/self/fd/"
+    if absolute.startswith(own):
+        return f"/proc/{os.getpid()}/fd/{absolute[len(own):]}"
+    return absolute
 
 
 def _raise_failure(answer: dict[str, Any], doing: str) -> None:

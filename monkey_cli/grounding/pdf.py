@@ -38,7 +38,7 @@ def searchable_pdf(records: Sequence[Any], source: Any, password: str | None = N
     document = open_document(source, Options(None, password, DEFAULT_MAX_PIXELS, DEFAULT_PDF_DPI))
     output = pymupdf.open()
     try:
-        original = getattr(document, "doc", None)
+        original = _original_pdf(pymupdf, source, password) if document.kind == "pdf" else None
         for number in numbers:
             if original is not None:
                 output.insert_pdf(original, from_page=number - 1, to_page=number - 1)
@@ -57,6 +57,23 @@ def searchable_pdf(records: Sequence[Any], source: Any, password: str | None = N
     finally:
         output.close()
         document.close()
+
+
+def _original_pdf(pymupdf: Any, source: Any, password: str | None) -> Any:
+    """The source PDF opened here, for its pages to be copied as they are (`insert_pdf` copies objects and draws
+    nothing, so the render budget that guards drawing in the renderer process is not needed for it). Opened
+    through the descriptor `open_regular` checked, never through a path that could be swapped meanwhile."""
+    from monkey_cli.documents.inputs import open_regular
+
+    if source.path is None:
+        original = pymupdf.open(stream=source.data, filetype="pdf")
+    else:
+        with open_regular(source.path) as checked:
+            original = pymupdf.open(stream=checked.read(), filetype="pdf")
+    if original.needs_pass and not original.authenticate(password or ""):
+        original.close()
+        raise DocumentError("cannot write the searchable PDF: the PDF's password is needed (--password)")
+    return original
 
 
 def _page_numbers(records: Sequence[Any]) -> list[int]:

@@ -150,7 +150,7 @@ def test_documents_returns_the_records_of_monkey_ask_format_json(server, cli_rec
     assert response.status_code == 200, response.text
     document = response.json()
     expected = [r for key, r in cli_records.items() if key[0] == "report.pdf"]
-    assert document["schema_version"] == 1 and document["tool"]["name"] == "monkey-cli"
+    assert document["schema_version"] == 2 and document["tool"]["name"] == "monkey-cli"
     assert _without_seconds(document)["records"] == [{**r, "seconds": None} for r in expected]
     assert len(document["records"]) == 3 * len(QUESTIONS)
 

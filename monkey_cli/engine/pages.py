@@ -19,7 +19,7 @@ from typing import Any
 from monkey_cli import tasks
 from monkey_cli.documents import Page, PageError, prefetch
 from monkey_cli.errors import MonkeyError
-from monkey_cli.output import Record
+from monkey_cli.output import Record, answer_confidence
 
 # Requests kept submitted per decode slot: enough for the vision look-ahead to batch the next pages, few
 # enough that pages do not pile up in memory.
@@ -236,10 +236,13 @@ class Engine:
         except Exception as exc:  # this page's request failed (an image the processor cannot take, say)
             return self._failure(page.source, page.page, page.pages, exc, slot.shown_prompt)
         answer = tasks.clean_answer(self._model().tokenizer.decode(result.token_ids, skip_special_tokens=True))
-        return self._record(page, slot.shown_prompt, answer, "model", handle.seconds)
+        confidence = answer_confidence(result.logprobs, result.stop_logprob)
+        return self._record(page, slot.shown_prompt, answer, "model", handle.seconds, confidence)
 
     # --- records ----------------------------------------------------------------------------------
-    def _record(self, page: Page, prompt: str, answer: str, source: str, seconds: float) -> Record:
+    def _record(
+        self, page: Page, prompt: str, answer: str, source: str, seconds: float, confidence: float | None = None
+    ) -> Record:
         return Record(
             source=page.source,
             page=page.page,
@@ -253,6 +256,7 @@ class Engine:
             seconds=seconds,
             error=None,
             warnings=list(page.warnings),
+            confidence=confidence,
         )
 
     def _text_layer_record(self, page: Page) -> Record:

@@ -26,7 +26,7 @@ from typing import Any, Generic, TextIO, TypeVar
 
 from monkey_cli import __version__
 from monkey_cli.output import SCHEMA_VERSION, one_line
-from monkey_cli.printing import json_text, terminal_line, terminal_text
+from monkey_cli.printing import json_text, terminal_text
 
 FORMATS = ("json", "jsonl", "csv")
 EXTENSIONS = {"json": ".json", "jsonl": ".jsonl", "csv": ".csv"}
@@ -191,11 +191,7 @@ class ExtractionWriter:
         self.field_names = list(field_names)
         self.closed = False
         self._records: list[dict[str, Any]] = []
-        self._csv = None
-        if fmt == "csv":
-            self._csv = csv.writer(stream, lineterminator="\r\n")  # RFC 4180: CRLF, quotes doubled
-            self._csv.writerow([*CSV_COLUMNS, *self.field_names, *CSV_TRAILING])
-            stream.flush()
+        self._csv: Any = None  # made with the first row: a run that fails before any result prints nothing
 
     def write(self, extraction: Extraction[Any]) -> None:
         if self.closed:
@@ -206,8 +202,14 @@ class ExtractionWriter:
             self.stream.write(json_text({"schema_version": SCHEMA_VERSION, **extraction.to_dict()}) + "\n")
             self.stream.flush()
         else:
-            self._csv.writerow(csv_row(extraction, self.field_names))  # type: ignore[union-attr]
+            self._csv_writer().writerow(csv_row(extraction, self.field_names))
             self.stream.flush()
+
+    def _csv_writer(self) -> Any:
+        if self._csv is None:
+            self._csv = csv.writer(self.stream, lineterminator="\r\n")  # RFC 4180: CRLF, quotes doubled
+            self._csv.writerow([*CSV_COLUMNS, *self.field_names, *CSV_TRAILING])
+        return self._csv
 
     def close(self) -> None:
         if self.closed:
@@ -220,6 +222,8 @@ class ExtractionWriter:
                 "records": self._records,
             }
             self.stream.write(json_text(document, indent=2) + "\n")
+        elif self.fmt == "csv":
+            self._csv_writer()  # no document at all: the header alone
         self.stream.flush()
 
     def __enter__(self) -> ExtractionWriter:
@@ -262,7 +266,3 @@ def render(extractions: Sequence[Extraction[Any]], fmt: str, field_names: Sequen
     return buffer.getvalue()
 
 
-def describe(extraction: Extraction[Any]) -> str:
-    """A one-line summary for stderr: `invoice.pdf: 3 of 4 fields found`."""
-    found = sum(result.found for result in extraction.fields.values())
-    return terminal_line(f"{extraction.source}: {found} of {len(extraction.fields)} fields found")

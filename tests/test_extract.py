@@ -174,7 +174,7 @@ def test_nested_and_aliased_documents_fail_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(SchemaError, match="too large"):
         read_fields_file(tmp_path / "bomb.yaml")
     (tmp_path / "bad.yaml").write_text("a: [unclosed\n")
-    with pytest.raises(SchemaError, match="not valid YAML"):
+    with pytest.raises(SchemaError, match=r"--fields .*bad\.yaml: not valid YAML \(line 2\)"):
         read_fields_file(tmp_path / "bad.yaml")
 
 

@@ -328,8 +328,10 @@ def test_csv_on_stdout_and_needs_review_keep_exit_code_0(tiny: Monkey) -> None:
     assert rows[0]["needs_review"] == "total; paid" and rows[0]["total"] and not rows[0]["error"]
     assert rows[1]["total"] == "" and rows[1]["error"] and "missing.png" in result.stderr
     result = RUNNER.invoke(app, ["extract", str(IMAGES[0]), "--field", "total:number", "--model", tiny_dir,
-                                 "--device", "cpu", "--min-confidence", "0.99"])
-    assert result.exit_code == 0 and json.loads(result.stdout)["records"][0]["needs_review"] == ["total"]
+                                 "--device", "cpu", "--min-confidence", "0.99", "--no-null-probability"])
+    (record,) = json.loads(result.stdout)["records"]
+    assert result.exit_code == 0 and record["needs_review"] == ["total"]
+    assert record["fields"]["total"]["null_probability"] is None  # not scored
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ from monkey_cli.cli.options import (
     MaxNewTokens,
     MinConfidence,
     Model,
+    NullProbability,
     Out,
     Overwrite,
     Pages,
@@ -68,6 +69,7 @@ def extract(
     retry_failed: RetryFailed = False,
     all_pages: AllPages = False,
     min_confidence: MinConfidence = None,
+    null_probability: NullProbability = True,
     verbose: Verbose = False,
 ) -> None:
     """Extract fields from each document as validated values with confidence: monkey extract invoice.pdf
@@ -100,6 +102,7 @@ def extract(
                 max_new_tokens=max_new_tokens,
                 min_confidence=min_confidence,
                 all_pages=all_pages,
+                null_probability=null_probability,
                 batch_size=batch_size,
             ),
             pages=pages,

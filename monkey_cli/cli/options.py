@@ -368,3 +368,11 @@ MinConfidence = Annotated[
         help="List the fields whose confidence is under P (0..1) in the record's needs_review (exit code 0).",
     ),
 ]  # fmt: skip
+NullProbability = Annotated[
+    bool,
+    typer.Option(
+        "--null-probability/--no-null-probability", rich_help_panel=OUTPUT,
+        help="Score \"not found\" on every page where a field may be missing (null_probability): one short extra "
+        "request per field and page; --no-null-probability leaves it null.",
+    ),
+]  # fmt: skip

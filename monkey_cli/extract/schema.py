@@ -158,13 +158,13 @@ def read_fields_file(path: str | os.PathLike[str]) -> ExtractSchema:
     Schema keywords (plus `question`, and the short type names), or a list of `--field` short forms."""
     origin = f"--fields {path}"
     data = _read_document(path, "--fields")
+    _check_size(data, origin)
     if isinstance(data, list):
         if not all(isinstance(item, str) for item in data):
             raise SchemaError(f"{origin}: a list must hold 'name:type=question' strings")
         return from_short_forms(data, origin=origin)
     if not isinstance(data, Mapping) or not data:
         raise SchemaError(f"{origin}: expected a mapping of field names (or a list of 'name:type=question')")
-    _check_size(data, origin)
     properties, required = [], set()
     for name, spec in data.items():
         prop, is_required = _field_spec(str(name), spec, f"{origin}: field {str(name)!r}")
@@ -476,6 +476,8 @@ def _read_document(path: str | os.PathLike[str], option: str) -> Any:
             return _load_yaml(text)
     except RecursionError:
         raise SchemaError(f"{origin}: nested too deeply") from None
+    except SchemaError as exc:
+        raise SchemaError(f"{origin}: {exc}") from None
 
 
 def _load_yaml(text: str) -> Any:

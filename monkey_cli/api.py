@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from monkey_cli.documents import Page
     from monkey_cli.engine.scheduler import Scheduler
+    from monkey_cli.extract import Extraction
     from monkey_cli.model.configuration import MonkeyConfig
     from monkey_cli.model.memory import Choice, MemoryPlan
     from monkey_cli.model.modeling import MonkeyForCausalLM
@@ -280,6 +281,44 @@ class Monkey:
         prompt = tasks.locate_prompt(text, self.family)
         return self._grounded(document, page, prompt, max_new_tokens, kwargs, "locate", name=text)
 
+    def extract(
+        self,
+        document: Any,
+        schema: Any,
+        *,
+        pages: str | Sequence[int] | None = None,
+        max_new_tokens: int = 64,
+        min_confidence: float | None = None,
+        all_pages: bool = False,
+        null_probability: bool = True,
+    ) -> Extraction[Any]:
+        """Fields out of a document, as validated values with the model's confidence (`monkey_cli.extract`).
+
+        `schema`: a JSON Schema object (a dict), a pydantic model class (the result's `.model` is then its
+        instance), an `ExtractSchema`, a list of `name:type=question` strings, or a JSON Schema file's path. Every
+        field is asked of every page (or of `pages`, e.g. "1-2"), its answer constrained to its type; the most
+        confident page wins. Returns an `Extraction`: `.values`, `.fields[name].confidence`, `.page`, ...
+        """
+        from monkey_cli.documents import Page, load_documents
+        from monkey_cli.extract import ExtractOptions, coerce_schema, extract_pages
+
+        extract_schema = coerce_schema(schema)
+        options = ExtractOptions(
+            max_new_tokens=max_new_tokens,
+            min_confidence=min_confidence,
+            all_pages=all_pages,
+            null_probability=null_probability,
+            batch_size=self.batch_size,
+        )
+        if isinstance(document, Page):
+            page_list = [document]
+        elif isinstance(document, (str, os.PathLike)):
+            page_list = load_documents([document], size=self.processor.input_size, pages=pages)
+        else:
+            images, _ = self._images_of(document, None)
+            page_list = [_image_page(images[0])]
+        return extract_pages(self, page_list, extract_schema, options)
+
     def _per_page(
         self, document: Any, page: int | None, prompt: Prompt, max_new_tokens: int, kwargs: dict[str, Any]
     ) -> str | list[str]:
@@ -490,6 +529,13 @@ class Monkey:
             )
         new_tokens = output[:, input_ids.shape[1] :].tolist()
         return [_until_eos(row, self.tokenizer.eod_id) for row in new_tokens]
+
+
+def _image_page(image: Any) -> Page:
+    """A PIL image as the one page of a document named `<image>`."""
+    from monkey_cli.documents import Page
+
+    return Page(source="<image>", page=1, pages=1, image=image, kind="image", original_size=image.size)
 
 
 def _check_images(images: Sequence[Any] | None, image_embeds: Any, count: int) -> None:

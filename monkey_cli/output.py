@@ -4,7 +4,7 @@ Streams (stdout carries results only):
   text   the answer alone; with several records each is preceded by a `==> source p.N <==` header
          (plus the question when the caller says there are several). Error records are skipped:
          reporting them on stderr is the caller's job.
-  json   one document at close: `{"schema_version": 1, "tool": {...}, "records": [...]}`.
+  json   one document at close: `{"schema_version": 2, "tool": {...}, "records": [...]}`.
   jsonl  one JSON object per record, written and flushed as soon as the record arrives so pipelines
          stream. Every line carries `"schema_version"` as its first key (rather than a header line),
          so each line stands alone: `grep`, `head`, `jq -c` and concatenating files all keep it valid.
@@ -39,6 +39,7 @@ import enum
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import unicodedata
@@ -53,13 +54,17 @@ from monkey_cli.errors import DocumentError, UsageError
 from monkey_cli.output_folder import MANIFEST_NAME, WORK_PREFIX, OutputFolder
 from monkey_cli.printing import json_text, terminal_line, terminal_text
 
-SCHEMA_VERSION = 1
+# 2: records gained `confidence` (version 1 readers take it as null); `monkey extract` writes version 2 records.
+SCHEMA_VERSION = 2
 
 TASKS = ("ask", "caption", "read", "spot")
 ANSWER_SOURCES = ("model", "text_layer")
 
 FORMATS = ("text", "json", "jsonl", "md", "hocr", "pdf")
-EXTENSIONS = {"text": ".txt", "json": ".json", "jsonl": ".jsonl", "md": ".md", "hocr": ".hocr", "pdf": ".pdf"}
+EXTENSIONS = {
+    "text": ".txt", "json": ".json", "jsonl": ".jsonl", "md": ".md", "hocr": ".hocr", "pdf": ".pdf",
+    "csv": ".csv",  # monkey extract
+}  # fmt: skip
 # hocr and pdf show text positions (records with spans: spot, read --positions, ask --ground; monkey_cli.grounding);
 # pdf is bytes made from the document itself, one file per document: written by `write_document` with the source.
 
@@ -92,6 +97,19 @@ IGNORED_SETTINGS = frozenset(
 
 # --------------------------------------------------------------------------------------------- records
 
+CONFIDENCE_DIGITS = 4  # in written records; the objects keep every digit
+
+
+def answer_confidence(logprobs: Sequence[float], stop_logprob: float | None = None) -> float | None:
+    """The model's confidence in an answer: exp of the mean log-probability of its tokens, <|endoftext|>
+    included when the model ended the answer with it (the geometric mean of the token probabilities, so the
+    length of an answer does not lower it). None for an answer without tokens."""
+    values = [*logprobs, *([stop_logprob] if stop_logprob is not None else [])]
+    if not values:
+        return None
+    return math.exp(sum(values) / len(values))
+
+
 
 def one_line(message: object) -> str:
     """An error message on one line (whitespace runs collapsed); an exception without text gives its type."""
@@ -109,7 +127,8 @@ class Record:
     `answer_source` says where the answer came from: the model, or a PDF's text layer (`read` on a page
     that already has text); `model` and `quant` are None when no model took part (the text layer).
     `seconds` is the model's time for the record: its batch's time shared equally by the batch's records
-    (0 without a model).
+    (0 without a model). `confidence` is the model's own: `answer_confidence` of the answer's tokens (None for
+    the text layer and for errors).
     """
 
     source: str
@@ -131,6 +150,8 @@ class Record:
     # page's size they refer to (`{"pixels": [w, h], "points": [w, h]}`). Optional keys, absent otherwise.
     spans: list[dict[str, Any]] | None = None
     page_size: dict[str, Any] | None = None
+    # Added in schema_version 2 (readers of version 1 files take it as None).
+    confidence: float | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -163,6 +184,7 @@ class Record:
         data = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
         data["seconds"] = round(float(self.seconds), 3)
         data["warnings"] = list(self.warnings)
+        data["confidence"] = None if self.confidence is None else round(float(self.confidence), CONFIDENCE_DIGITS)
         for optional in ("spans", "page_size"):
             if data[optional] is None:
                 del data[optional]

@@ -87,7 +87,7 @@ def test_json_jsonl_md_text_formats(tiny: str) -> None:
     result = _cli("ask", *inputs, "-q", "What is shown?", "--model", tiny, "--format", "json", *FAST)
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
-    assert document["schema_version"] == 1
+    assert document["schema_version"] == 2
     assert [r["source"] for r in document["records"]] == inputs
     for record in document["records"]:
         assert list(record)[: len(keys)] == keys
@@ -97,7 +97,8 @@ def test_json_jsonl_md_text_formats(tiny: str) -> None:
     result = _cli("caption", *inputs, "--model", tiny, "--format", "jsonl", *FAST)
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["source"] for line in lines] == inputs
-    assert all(line["schema_version"] == 1 and line["task"] == "caption" for line in lines)
+    assert all(line["schema_version"] == 2 and line["task"] == "caption" for line in lines)
+    assert all(0 < line["confidence"] <= 1 for line in lines)
 
     result = _cli("ask", *inputs, "-q", "What?", "--model", tiny, "--format", "md", *FAST)
     assert result.exit_code == 0
@@ -243,6 +244,7 @@ def test_read_uses_the_text_layer_without_the_model(tiny: str, monkeypatch) -> N
     assert result.exit_code == 0, result.output
     (record,) = json.loads(result.stdout)["records"]
     assert record["answer_source"] == "text_layer"
+    assert record["confidence"] is None  # no model took part
     import pymupdf
 
     from monkey_cli.documents.textlayer import to_markdown

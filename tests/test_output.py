@@ -41,6 +41,7 @@ RECORD_KEYS = [
     "seconds",
     "error",
     "warnings",
+    "confidence",
 ]
 
 
@@ -95,6 +96,26 @@ def test_record_to_dict_has_the_documented_keys_in_a_stable_order():
     # Text positions (spot, ask --ground) are optional keys after them, absent from other records.
     assert [field.name for field in dataclasses.fields(Record)] == [*RECORD_KEYS, "spans", "page_size"]
     assert Record.from_dict({"schema_version": 1, **record.to_dict()}) == record
+
+
+def test_schema_version_2_records_carry_confidence_and_version_1_records_still_read():
+    record = answer(confidence=0.123456789)
+    assert SCHEMA_VERSION == 2
+    assert record.to_dict()["confidence"] == 0.1235  # written with 4 digits; the object keeps them all
+    old = {key: value for key, value in answer().to_dict().items() if key != "confidence"}
+    assert Record.from_dict({"schema_version": 1, **old}).confidence is None
+    assert failure().to_dict()["confidence"] is None
+
+
+def test_answer_confidence_is_the_geometric_mean_of_the_token_probabilities():
+    import math
+
+    from monkey_cli.output import answer_confidence
+
+    assert answer_confidence([math.log(0.5), math.log(0.125)]) == pytest.approx(0.25)
+    assert answer_confidence([math.log(0.5)], stop_logprob=math.log(0.125)) == pytest.approx(0.25)
+    assert answer_confidence([], None) is None
+    assert answer_confidence([], stop_logprob=math.log(0.5)) == pytest.approx(0.5)
 
 
 def test_error_records_have_no_answer_and_a_one_line_message():

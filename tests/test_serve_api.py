@@ -151,7 +151,7 @@ def test_documents_returns_the_records_of_monkey_ask_format_json(server, cli_rec
     assert response.status_code == 200, response.text
     document = response.json()
     expected = [r for key, r in cli_records.items() if key[0] == "report.pdf"]
-    assert document["schema_version"] == 1 and document["tool"]["name"] == "monkey-cli"
+    assert document["schema_version"] == 2 and document["tool"]["name"] == "monkey-cli"
     # The server names a local --model folder by its name alone (its path is none of a client's business).
     shown = [{**r, "seconds": None, "model": r["model"] and Path(r["model"]).name} for r in expected]
     assert _without_seconds(document)["records"] == shown

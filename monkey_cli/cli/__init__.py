@@ -55,7 +55,7 @@ def _register_commands() -> None:
         importlib.import_module(f"monkey_cli.cli.{name}")
 
 
-_COMMAND_MODULES: list[str] = ["run", "render", "doctor", "eval", "finetune", "serve", "mcp"]
+_COMMAND_MODULES: list[str] = ["run", "extract", "render", "doctor", "eval", "finetune", "serve", "mcp"]
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001

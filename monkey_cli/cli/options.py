@@ -22,6 +22,7 @@ INPUT, PROMPT, MODEL, OUTPUT, SCALE = "Input", "Prompt", "Model", "Output", "Sca
 
 FORMATS = ("text", "json", "jsonl", "md", "hocr", "pdf")
 POSITION_FORMATS = ("hocr", "pdf")  # need text positions: spot, read --positions, ask --ground
+EXTRACT_FORMATS = ("json", "jsonl", "csv")
 QUANTS = ("auto", "none", "8bit", "4bit")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 WINDOW = 448  # page sizes are whole numbers of the model's 448-pixel windows
@@ -127,6 +128,16 @@ def bare_ray_flag(args: list[str]) -> list[str]:
             if following is None or not _RAY_ADDRESS.fullmatch(following.strip()):
                 result[position] = "--ray="
     return result
+
+
+def probability(value: str) -> float:
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        number = -1.0
+    if not 0 <= number <= 1:  # also refuses NaN
+        raise typer.BadParameter(f"must be a number from 0 to 1; got {value!r}")
+    return number
 
 
 def out_folder(value: str) -> Path:
@@ -351,5 +362,59 @@ Ray = Annotated[
         help="Run on a Ray cluster (pip install 'monkey-cli[ray]'): auto (the cluster on this machine), "
         "HOST:PORT or ray://HOST:PORT; bare --ray starts a local one (or joins $RAY_ADDRESS). Inputs, the "
         "model and --out must be on a filesystem every node sees at the same path.",
+    ),
+]  # fmt: skip
+
+# --- monkey extract ------------------------------------------------------------------------------------------
+
+SchemaFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--schema", "-s", metavar="FILE", rich_help_panel=PROMPT,
+        help="A JSON Schema object (JSON or YAML) whose properties are the fields: each property's description "
+        "(else its name) is the question, its type (string, number, integer, boolean, date, enum, array of "
+        "strings) constrains the answer; a property that is not required, or allows null, may be not found.",
+    ),
+]  # fmt: skip
+FieldsFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--fields", metavar="FILE", rich_help_panel=PROMPT,
+        help="A fields file (JSON or YAML): name: \"[TYPE=]QUESTION\" per line, or name: {type, question, "
+        "values, required, ...}.",
+    ),
+]  # fmt: skip
+FieldSpecs = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--field", metavar="NAME[:TYPE][=QUESTION]", rich_help_panel=PROMPT,
+        help="A field, e.g. 'total:number=What is the total amount due?' (repeat for several). TYPE: string "
+        "(default), number, integer, boolean, date, enum(a|b|c), list; a trailing ! (number!) makes it required.",
+    ),
+]  # fmt: skip
+ExtractFormat = Annotated[
+    str,
+    choice_option("--format", "-f", choices=EXTRACT_FORMATS, panel=OUTPUT,
+                  help="One JSON document, a JSON line per document, or CSV (a row per document, a column per "
+                  "field)."),
+]  # fmt: skip
+AllPages = Annotated[
+    bool,
+    typer.Option("--all-pages", rich_help_panel=OUTPUT,
+                 help="Keep every page's answer for every field in the record (under candidates)."),
+]  # fmt: skip
+MinConfidence = Annotated[
+    float | None,
+    typer.Option(
+        "--min-confidence", metavar="P", parser=probability, rich_help_panel=OUTPUT,
+        help="List the fields whose confidence is under P (0..1) in the record's needs_review (exit code 0).",
+    ),
+]  # fmt: skip
+NullProbability = Annotated[
+    bool,
+    typer.Option(
+        "--null-probability/--no-null-probability", rich_help_panel=OUTPUT,
+        help="Score \"not found\" on every page where a field may be missing (null_probability): one short extra "
+        "request per field and page; --no-null-probability leaves it null.",
     ),
 ]  # fmt: skip

@@ -21,9 +21,11 @@ _LAZY = {
     "RequestHandle": "monkey_cli.engine.scheduler",
     "Scheduler": "monkey_cli.engine.scheduler",
     "SamplingParams": "monkey_cli.engine.sampling",
+    "TokenConstraint": "monkey_cli.engine.constraints",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from monkey_cli.engine.constraints import TokenConstraint
     from monkey_cli.engine.loop import EngineLoop
     from monkey_cli.engine.pages import BadQuestion, DocumentEnd, Engine, Job
     from monkey_cli.engine.sampling import SamplingParams
@@ -40,6 +42,7 @@ __all__ = [
     "RequestHandle",
     "SamplingParams",
     "Scheduler",
+    "TokenConstraint",
 ]
 
 

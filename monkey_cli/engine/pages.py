@@ -19,7 +19,7 @@ from typing import Any
 from monkey_cli import tasks
 from monkey_cli.documents import Page, PageError, prefetch
 from monkey_cli.errors import MonkeyError
-from monkey_cli.output import Record
+from monkey_cli.output import Record, answer_confidence
 
 # Requests kept submitted per decode slot: enough for the vision look-ahead to batch the next pages, few
 # enough that pages do not pile up in memory.
@@ -248,7 +248,8 @@ class Engine:
             return self._failure(page.source, page.page, page.pages, exc, slot.shown_prompt)
         tokenizer = self._model().tokenizer
         answer = tasks.clean_answer(tokenizer.decode(result.token_ids, skip_special_tokens=True))
-        record = self._record(page, slot.shown_prompt, answer, "model", handle.seconds)
+        confidence = answer_confidence(result.logprobs, result.stop_logprob)
+        record = self._record(page, slot.shown_prompt, answer, "model", handle.seconds, confidence)
         if self.job.positions:  # the answer's texts and positions, from its tokens with the grounding tags
             from monkey_cli.grounding import ground_record
 
@@ -256,7 +257,9 @@ class Engine:
         return record
 
     # --- records ----------------------------------------------------------------------------------
-    def _record(self, page: Page, prompt: str, answer: str, source: str, seconds: float) -> Record:
+    def _record(
+        self, page: Page, prompt: str, answer: str, source: str, seconds: float, confidence: float | None = None
+    ) -> Record:
         return Record(
             source=page.source,
             page=page.page,
@@ -270,6 +273,7 @@ class Engine:
             seconds=seconds,
             error=None,
             warnings=list(page.warnings),
+            confidence=confidence,
         )
 
     def _text_layer_record(self, page: Page) -> Record:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from monkey_cli.engine.cache import SlotCache, round_up_length
+from monkey_cli.engine.constraints import TokenConstraint, bitmask_words
 from monkey_cli.engine.sampling import SamplingParams, choose_tokens
 from monkey_cli.engine.step import DecodeStep, bucket_for
 from monkey_cli.model.memory import KEPT_PREFIXES
@@ -44,7 +45,8 @@ class GenerationRequest:
 
     Give the image (anything `encode_images` takes) or its features (`image_embeds` [tokens_per_image, hidden]).
     Requests with the same `image_key` share the features and the prefilled image prefix. `on_token` is called
-    with each new token id as soon as it is chosen (from the engine's thread).
+    with each new token id as soon as it is chosen (from the engine's thread). `constraint` restricts every
+    token to those it allows (`monkey_cli.engine.constraints`).
     """
 
     prompt_ids: Sequence[int]
@@ -54,13 +56,20 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     on_token: Callable[[int], None] | None = None
     group: Hashable | None = None  # stub: the engine branch gives it meaning (round-robin between groups)
+    constraint: TokenConstraint | None = None
 
 
 @dataclass(frozen=True)
 class GenerationResult:
+    """An answer. Log-probabilities are the model's own: log-softmax of its float32 logits at each step, before
+    temperature, min_new_tokens or a constraint changed them."""
+
     token_ids: list[int]  # the answer, without <|endoftext|>
     finish_reason: str  # "stop", "length" or "cancelled"
     prompt_tokens: int
+    logprobs: list[float] = field(default_factory=list)  # one per token of token_ids
+    stop_logprob: float | None = None  # <|endoftext|>'s, at the step it was chosen (None if it was not)
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token: the params.top_logprobs best (id, logprob)
 
 
 class RequestHandle:
@@ -69,6 +78,9 @@ class RequestHandle:
     def __init__(self, request: GenerationRequest) -> None:
         self.request = request
         self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.stop_logprob: float | None = None
+        self.top_logprobs: list[list[tuple[int, float]]] | None = [] if request.params.top_logprobs else None
         self.result: GenerationResult | None = None
         self.error: BaseException | None = None
         self.cancelled = False
@@ -104,7 +116,14 @@ class RequestHandle:
         return self.finished_at - self.started_at
 
     def _finish(self, reason: str) -> None:
-        self.result = GenerationResult(list(self.tokens), reason, len(self.request.prompt_ids))
+        self.result = GenerationResult(
+            list(self.tokens),
+            reason,
+            len(self.request.prompt_ids),
+            logprobs=list(self.logprobs),
+            stop_logprob=self.stop_logprob,
+            top_logprobs=None if self.top_logprobs is None else list(self.top_logprobs),
+        )
         self.finished_at = time.perf_counter()
         self._done.set()
 
@@ -241,15 +260,16 @@ class Scheduler:
             try:
                 logits = self._prefill(handle.request, slot)
                 active = _Active(handle, handle.request.params.generator(logits.device))
-                token = choose_tokens(logits[None], [handle.request.params], [0], self.eos_id, [active.generator])
+                _, tokens, details = self._choose(logits[None], [handle], [active.generator])
+                token = tokens[0]
             except Exception as exc:  # this request fails alone; the others go on
                 heapq.heappush(self._free, slot)
                 handle._fail(exc)
                 finished.append(handle)
                 continue
             self._active[slot] = active
-            self._start_decoding(slot, int(token))
-            _notify_all([self._accept(slot, int(token), finished)])
+            self._start_decoding(slot, token)
+            _notify_all([self._accept(slot, token, finished, *details[0])])
 
     def _ensure_cache(self, request: GenerationRequest) -> bool:
         needed = len(request.prompt_ids) + request.params.max_new_tokens
@@ -383,17 +403,11 @@ class Scheduler:
         handles = [self._active[slot].handle for slot in slots]
         try:
             logits = self._step(batch)
-            chosen = choose_tokens(
-                logits[slots],
-                [h.request.params for h in handles],
-                [len(h.tokens) for h in handles],
-                self.eos_id,
-                [self._active[slot].generator for slot in slots],
-            )
+            generators = [self._active[slot].generator for slot in slots]
+            chosen, tokens, details = self._choose(logits[slots], handles, generators)
             rows = torch.tensor(slots, device=chosen.device)
             self._cache.positions[rows] += 1
             self._cache.tokens[rows] = chosen
-            tokens = chosen.tolist()  # the one host sync of a step
         except Exception as exc:  # e.g. out of memory: every running request fails, the engine stays usable
             for slot, handle in zip(slots, handles, strict=True):
                 self._free_slot(slot)
@@ -402,35 +416,96 @@ class Scheduler:
             return
         self.stats.decode_steps += 1
         self.stats.busiest_step = max(self.stats.busiest_step, len(slots))
-        notices = [self._accept(slot, token, finished) for slot, token in zip(slots, tokens, strict=True)]
+        notices = [
+            self._accept(slot, token, finished, *detail)
+            for slot, token, detail in zip(slots, tokens, details, strict=True)
+        ]
         _notify_all(notices)
 
-    def _accept(self, slot: int, token: int, finished: list[RequestHandle]) -> Callable[[], None]:
-        """Record `slot`'s new token; free the slot at <|endoftext|> or the length limit.
+    def _choose(
+        self, logits: torch.Tensor, handles: Sequence[RequestHandle], generators: Sequence[torch.Generator | None]
+    ) -> tuple[torch.Tensor, list[int], list[tuple[float, list[tuple[int, float]] | None]]]:
+        """The next token of each row of `logits` [rows, vocab] (float32), as a tensor and a list (the host sync
+        of a step), with its log-probability and the best (id, logprob) pairs where asked: log-probabilities of
+        the raw logits, the tokens chosen after each request's constraint masked them."""
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        constrained = [row for row, handle in enumerate(handles) if handle.request.constraint is not None]
+        if constrained:
+            allowed = self._allowed(handles, constrained, logits.shape[-1], logits.device)
+            logits = logits.masked_fill(~allowed, -torch.inf)
+        chosen = choose_tokens(
+            logits, [h.request.params for h in handles], [len(h.tokens) for h in handles], self.eos_id, generators
+        )
+        tokens = chosen.tolist()
+        picked = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+        wanted = max(h.request.params.top_logprobs for h in handles)
+        best: list[list[tuple[int, float]] | None] = [None] * len(handles)
+        if wanted:
+            values, ids = torch.topk(logprobs, wanted, dim=-1)
+            values, ids = values.tolist(), ids.tolist()
+            for row, handle in enumerate(handles):
+                count = handle.request.params.top_logprobs
+                if count:
+                    best[row] = list(zip(ids[row][:count], values[row][:count], strict=True))
+        return chosen, tokens, list(zip(picked, best, strict=True))
+
+    def _allowed(
+        self, handles: Sequence[RequestHandle], rows: list[int], vocab: int, device: torch.device
+    ) -> torch.Tensor:
+        """bool [len(handles), vocab]: the tokens each request's constraint allows (every token without one)."""
+        bitmask = torch.full((len(handles), bitmask_words(vocab)), -1, dtype=torch.int32)
+        for row in rows:
+            handles[row].request.constraint.fill_next_token_bitmask(bitmask, row)
+        bits = (bitmask[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1  # [rows, words, 32]
+        return bits.flatten(1)[:, :vocab].bool().to(device)
+
+    def _accept(
+        self,
+        slot: int,
+        token: int,
+        finished: list[RequestHandle],
+        logprob: float = 0.0,
+        best: list[tuple[int, float]] | None = None,
+    ) -> Callable[[], None]:
+        """Record `slot`'s new token; free the slot at <|endoftext|>, when its constraint terminates, or at the
+        length limit.
 
         Returns what tells the outside world: the request's `on_token` for this token, then (if it is done) its
         result, in that order, so a streaming reader has every token before it sees the end.
         """
         handle = self._active[slot].handle
+        constraint = handle.request.constraint
         reason = None
-        if token == self.eos_id:
+        error: BaseException | None = None
+        if constraint is not None and not constraint.accept_token(token) and token != self.eos_id:
+            error = ValueError(f"the request's constraint rejected token {token}, which it had allowed")
+        elif token == self.eos_id:
             reason = FINISH_STOP
+            handle.stop_logprob = logprob
         else:
             handle.tokens.append(token)
+            handle.logprobs.append(logprob)
+            if handle.top_logprobs is not None:
+                handle.top_logprobs.append(best or [])
             self.stats.decoded_tokens += 1
-            if len(handle.tokens) >= handle.request.params.max_new_tokens:
+            if constraint is not None and constraint.is_terminated():
+                reason = FINISH_STOP
+            elif len(handle.tokens) >= handle.request.params.max_new_tokens:
                 reason = FINISH_LENGTH
-        if reason is not None:
+        if reason is not None or error is not None:
             self._free_slot(slot)
             finished.append(handle)
-        on_token = handle.request.on_token if reason != FINISH_STOP else None
+        on_token = handle.request.on_token if reason != FINISH_STOP or token != self.eos_id else None
+        on_token = None if error is not None else on_token
 
         def notify() -> None:
             try:
                 if on_token is not None:
                     on_token(token)
             finally:
-                if reason is not None:
+                if error is not None:
+                    handle._fail(error)
+                elif reason is not None:
                     handle._finish(reason)
 
         return notify

@@ -145,13 +145,13 @@ class Record:
     # Notes about the page that did not stop it (a PDF MuPDF had to repair, unreadable EXIF data). Added in
     # schema_version 1 as an optional key: readers of older files get an empty list.
     warnings: list[str] = dataclasses.field(default_factory=list)
+    # Added in schema_version 2 (readers of version 1 files take it as None).
+    confidence: float | None = None
     # Text positions (spot, read --positions, ask --ground: `monkey_cli.grounding`): each span's text, `bbox` in
     # page pixels, `points` in PDF points, `frame` (the model's 0..1000 coordinates), `kind` and `page`; and the
     # page's size they refer to (`{"pixels": [w, h], "points": [w, h]}`). Optional keys, absent otherwise.
     spans: list[dict[str, Any]] | None = None
     page_size: dict[str, Any] | None = None
-    # Added in schema_version 2 (readers of version 1 files take it as None).
-    confidence: float | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:

@@ -53,7 +53,7 @@ def _cli(*args: str, env: dict | None = None):
         (["--pages", "1-x"], {}, "--pages: cannot read '1-x'"),
         (["--pages", "0"], {}, "--pages: pages are numbered from 1"),
         (["--pages", "3-1"], {}, "--pages: range '3-1' runs backwards"),
-        (["-f", "yaml"], {}, "--format must be one of text, json, jsonl, md; got 'yaml'"),
+        (["-f", "yaml"], {}, "--format must be one of text, json, jsonl, md, hocr, pdf; got 'yaml'"),
         (["--size", "900x900"], {}, "--size must be multiples of 448 per side (e.g. 896x1344); got '900x900'"),
         (["--size", "big"], {}, "--size must be HEIGHTxWIDTH in pixels, e.g. 896x896; got 'big'"),
         (["--batch-size", "0"], {}, "--batch-size must be a positive integer; got '0'"),

@@ -98,7 +98,6 @@ def test_symlinked_vocabulary_and_config_outside_are_refused(folder: Path, tmp_p
         ("config.json", ConfigError),
         ("model.safetensors", CheckpointError),
         ("generation_config.json", CheckpointError),
-        ("adapter_config.json", CheckpointError),
     ],
 )
 def test_fifos_are_refused_not_waited_on(folder: Path, name: str, error: type[MonkeyError]) -> None:
@@ -106,6 +105,11 @@ def test_fifos_are_refused_not_waited_on(folder: Path, name: str, error: type[Mo
     path.unlink(missing_ok=True)
     os.mkfifo(path)
     _load_fails(folder, error, "not a regular file (a FIFO)")
+
+
+def test_an_adapter_config_fifo_is_refused_as_an_adapter_without_being_read(folder: Path) -> None:
+    os.mkfifo(folder / "adapter_config.json")  # never opened: a model folder holding an adapter is refused
+    _load_fails(folder, CheckpointError, "holds a LoRA adapter")
 
 
 def test_devices_and_folders_are_refused(folder: Path) -> None:

@@ -33,6 +33,9 @@ class _Scripted:
         self.log.append("planning")
         return "none"
 
+    def fit(self, options: RunOptions, quant: str, count: int) -> tuple[int, None]:
+        return count, None  # memory is no concern of a script
+
     def start(self, setup, count: int) -> None:
         self._window = setup.window
 

@@ -45,6 +45,7 @@ NF4_CONSTANT_BYTES = (16 + 256 + 1) * 4  # per tensor: the NF4 code, the nested 
 # blocks so that a slightly longer prompt does not need a new cache (and a new compiled graph); and the image
 # prefixes it keeps for the other questions of a page (each the KV of one prompt up to the end of its image).
 KV_LENGTH_BLOCK = 256
+KV_SPARE_POSITIONS = 1  # past the last block (see SlotCache: attention's view is never the whole tensor)
 KEPT_PREFIXES = 1
 
 # Defaults for a plan when the caller does not know the prompt yet.
@@ -362,17 +363,18 @@ def plan(
             unquantized += tensor.numel * count
             weight_bytes += tensor.numel * width * count
 
-    tokens = -(-(prompt_tokens + max_new_tokens) // KV_LENGTH_BLOCK) * KV_LENGTH_BLOCK
+    # Each slot's row: the sequence rounded up to whole blocks, plus the cache's one spare position.
+    tokens = -(-(prompt_tokens + max_new_tokens) // KV_LENGTH_BLOCK) * KV_LENGTH_BLOCK + KV_SPARE_POSITIONS
     vision = _vision_working_set(config, batch_size, width)
-    # The engine prefills one prompt at a time (its pages' vision features are batched).
-    decoder = _decoder_working_set(config, 1, prompt_tokens, width)
+    # The engine prefills the prompts it admits together: up to one per decode slot in one padded batch.
+    decoder = _decoder_working_set(config, batch_size, prompt_tokens, width)
     # K and V for every layer: every decode slot (batch_size of them) at every position an answer can reach,
     # and the image prefixes kept for the other questions of a page.
     per_position = 2 * config.num_hidden_layers * config.hidden_size * width
     kv_cache = per_position * (batch_size * tokens + KEPT_PREFIXES * prompt_tokens)
-    # Next-token logits in float32 (the model keeps only the last position's), and the processed
-    # scores / probabilities generate() derives from them.
-    logits = 2 * batch_size * config.vocab_size * 4
+    # Per slot and step, float32 rows over the vocabulary: the logits, the masked scores, the sampler's noise
+    # draws, and its sorted copy, sort order (int64) and probabilities.
+    logits = 7 * batch_size * config.vocab_size * 4
     workspace = _quant_workspace(config, quant, quant_vision, batch_size, prompt_tokens, width)
     margin = int(SAFETY_MARGIN * (weight_bytes + max(vision, decoder) + kv_cache + logits + workspace))
     return MemoryPlan(

@@ -480,10 +480,12 @@ def _check_tokenizer(tokenizer: QWenTokenizer, config: MonkeyConfig, folder: Pat
 
 
 def _available_quants() -> tuple[str, ...]:
-    """--quant choices this installation can load (bitsandbytes is found without importing it)."""
+    """--quant choices this installation can load (torchao for 8bit, bitsandbytes for 4bit; found without
+    importing them)."""
     import importlib.util
 
-    return ("none", "8bit", "4bit") if importlib.util.find_spec("bitsandbytes") else ("none",)
+    needs = {"8bit": "torchao", "4bit": "bitsandbytes"}
+    return ("none", *(quant for quant, package in needs.items() if importlib.util.find_spec(package)))
 
 
 def _positive(value: Any, name: str) -> int:

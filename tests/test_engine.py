@@ -500,9 +500,9 @@ def test_a_step_that_cannot_compile_runs_eagerly(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("quant", ["4bit", "8bit"])
-def test_compiled_step_on_bitsandbytes_layers_gives_the_eager_tokens(quant: str) -> None:
-    """bitsandbytes 4bit (NF4) and 8bit (LLM.int8) layers compile whole on the CPU too (no fallback warning):
-    the compiled engine answers pages with exactly the eager engine's tokens."""
+def test_compiled_step_on_quantized_layers_gives_the_eager_tokens(quant: str) -> None:
+    """bitsandbytes 4bit (NF4) and torchao int8 weight-only (8bit) layers compile whole on the CPU too (no
+    fallback warning): the compiled engine answers pages with exactly the eager engine's tokens."""
     from PIL import Image
 
     from monkey_cli import Monkey

@@ -368,7 +368,7 @@ def test_quant_auto_without_bitsandbytes_offers_only_none() -> None:
         choose(config, budget, device="cuda:0", dtype="bfloat16", available=("none",))
     message = str(caught.value)
     assert message.startswith("the model does not fit: even --quant none needs")
-    assert "pip install bitsandbytes" in message
+    assert "pip install torchao bitsandbytes" in message
 
 
 def test_quant_auto_with_quant_vision_keeps_it() -> None:

@@ -120,7 +120,7 @@ def test_tiny_manifest_matches_tiny_checkpoint(tiny_monkey_dir: Path) -> None:
         (1664, "4bit", True),
         (315, "4bit", False),  # the tiny ViT's mlp.c_proj: not a multiple of 64
         (96, "4bit", False),
-        (315, "8bit", True),  # LLM.int8 has no block constraint
+        (315, "8bit", True),  # int8 weight-only (a scale per row) has no block constraint
         (4096, "none", False),
     ],
 )

@@ -200,8 +200,10 @@ def load_model(
     """Build MonkeyForCausalLM from a local checkpoint folder, checked before loading, in eval mode."""
     from transformers.utils import logging as hf_logging
 
+    from monkey_cli.model.quantization import import_torchao_quietly, quantization_config
+
+    import_torchao_quietly()  # before transformers' quantizers import it and log about kernels nobody uses
     from monkey_cli.model.modeling import MonkeyForCausalLM, default_generation_config
-    from monkey_cli.model.quantization import import_torchao, quantization_config
 
     folder = Path(folder)
     config = load_config(folder)
@@ -211,8 +213,6 @@ def load_model(
     check_weights(config, weights)
     torch_dtype = resolve_dtype(dtype, device, config)
     kwargs: dict[str, Any] = {"config": config, "dtype": torch_dtype, "use_safetensors": weights.is_safetensors}
-    if quant == "8bit":
-        import_torchao()  # before transformers imports it, without its log lines
     quantization = quantization_config(config, quant, torch_dtype, quant_vision)
     if quantization is not None:
         # Quantized as each weight is read, on the target device: the full-precision model never exists there.

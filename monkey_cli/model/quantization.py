@@ -92,6 +92,26 @@ def import_torchao() -> Any:
     return torchao
 
 
+class _EnumConstantNotice(logging.Filter):
+    """Drops torch's deprecation notice about how torchao registers its enums (one line per enum, logged as
+    torchao's modules are imported, some by transformers at any load): it concerns torchao, not the user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is an Enum subclass and is now natively supported" not in str(record.msg)
+
+
+def import_torchao_quietly() -> None:
+    """Import torchao (when installed) without its import-time log lines, before transformers does: its
+    quantizer registry imports torchao whenever it is installed, whatever --quant says."""
+    pytree = logging.getLogger("torch.utils._pytree")
+    if not any(isinstance(f, _EnumConstantNotice) for f in pytree.filters):
+        pytree.addFilter(_EnumConstantNotice())
+    try:
+        import_torchao()
+    except ImportError:
+        pass
+
+
 def is_int8_weight(weight: Any) -> bool:
     """Whether a parameter holds torchao int8 weight-only data (what --quant 8bit makes of a Linear)."""
     return type(weight).__name__ == "Int8Tensor"

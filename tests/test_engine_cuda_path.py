@@ -256,6 +256,29 @@ def test_busy_slots_stay_dense_and_the_bucket_follows_their_count(monkeypatch) -
     assert [r.token_ids for r in results] == [_alone(sharp, r) for r in requests]
 
 
+def test_a_cancelled_middle_slot_is_filled_without_disturbing_the_others() -> None:
+    """Three busy slots, the middle one cancelled while a fourth request waits: the last sequence moves into the
+    hole, the waiting one takes the slot after the busy ones, and every surviving answer equals its solo run."""
+    sharp = model("tiny-monkey-sharp", "float32")
+    scheduler = _scheduler(sharp, slots=3)
+    requests = [
+        GenerationRequest(_prompt_ids(q), image=_image(IMAGES[i % 3]), params=SamplingParams(12))
+        for i, q in enumerate(("Title?", "Colour?", "Shapes?", "Author?"))
+    ]
+    handles = [scheduler.submit(r) for r in requests]
+    for _ in range(3):
+        scheduler.step()
+    assert sorted(scheduler._active) == [0, 1, 2]
+    handles[1].cancel()
+    scheduler.step()  # the cancellation, the admission of the fourth, one decode step
+    assert sorted(scheduler._active) == [0, 1, 2] and scheduler.stats.slot_moves == 1
+    while not all(h.done() for h in handles):
+        scheduler.step()
+    assert handles[1].wait().finish_reason == "cancelled"
+    for index in (0, 2, 3):
+        assert handles[index].wait().token_ids == _alone(sharp, requests[index])
+
+
 # --- finding 2: compiled and captured up front, failures fall back ---------------------------------
 
 

@@ -271,7 +271,7 @@ class Scheduler:
             raise RuntimeError("warm_up() needs an idle scheduler")
         if self.compile is None:
             self.compile = self._weights.device.type == "cuda"
-        if self._cache is None or self._step is None or self._step.compiled != self.compile:
+        if self._cache is None or self._step is None:
             self._allocate(self.max_length or round_up_length(self._default_length()))
         assert self._step is not None
         with torch.inference_mode():
@@ -320,14 +320,16 @@ class Scheduler:
     # --- admission: vision, prefill, first token ----------------------------------------------------
     def _admit(self, finished: list[RequestHandle]) -> None:
         """Admit as many waiting requests as there are free slots, all prefilled before the next decode step."""
+        self._compact()  # cancelled requests may have left holes: the new ones take the slots after the busy ones
+        free = [slot for slot in range(self.slots) if slot not in self._active]
         admitted: list[tuple[int, RequestHandle]] = []
-        while self._waiting and len(self._active) + len(admitted) < self.slots:
+        while self._waiting and len(admitted) < len(free):
             handle = self._waiting.first()
             if not self._ensure_cache(handle.request, busy=bool(self._active or admitted)):
                 break  # it needs a longer cache: wait until the busy slots drain, then grow it
             self._waiting.pop_first()
             handle.started_at = time.perf_counter()
-            admitted.append((len(self._active) + len(admitted), handle))
+            admitted.append((free[len(admitted)], handle))
         if not admitted:
             return
         started = self._prefill_all(admitted, finished)

@@ -522,11 +522,7 @@ class Scheduler:
         cache.tokens[rows] = summary[:, sampling.TOKEN].long()
         cache.generated[rows] = 1
         cache.live[rows] = torch.tensor([slot in self._active for slot in slots], device=cache.device)
-        values = self._read(summary)
-        for slot in slots:
-            if slot in self._active:
-                self._active[slot].position += 1
-        self._accept_rows(slots, values, finished)
+        self._accept_rows(slots, self._read(summary), finished)
 
     # --- decoding -----------------------------------------------------------------------------------
     def _decode(self, finished: list[RequestHandle]) -> None:

@@ -518,7 +518,7 @@ class Scheduler:
         logits = torch.stack([logits for _, logits in started])
         scores = sampling.blocked_scores(logits, cache.min_new[rows] > 0, cache.bitmask[rows], self.eos_id)
         summary = sampling.summarize(logits, scores.argmax(-1))
-        self._sample_rows(slots, rows, logits, scores, summary, finished)
+        _, summary = self._sample_rows(slots, rows, logits, scores, summary, finished)
         cache.tokens[rows] = summary[:, sampling.TOKEN].long()
         cache.generated[rows] = 1
         cache.live[rows] = torch.tensor([slot in self._active for slot in slots], device=cache.device)
@@ -535,7 +535,7 @@ class Scheduler:
         try:
             logits, scores, summary = self._step(batch, length)
             rows = cache.rows[:batch]
-            drawn = self._sample_rows(slots, rows, logits, scores, summary, finished)
+            drawn, summary = self._sample_rows(slots, rows, logits, scores, summary, finished)
             if drawn is not None:
                 cache.tokens[:batch] = torch.where(cache.sampled[:batch], drawn, cache.tokens[:batch])
             values = self._read(summary[: slots[-1] + 1])
@@ -558,15 +558,15 @@ class Scheduler:
         scores: torch.Tensor,
         summary: torch.Tensor,
         finished: list[RequestHandle],
-    ) -> torch.Tensor | None:
-        """Replace the greedy choice in `summary` of the sampling slots among `slots` (the cache rows of
-        `logits`' rows are `rows`) with a draw from each request's own generator; returns the draws (every
-        row; only the sampling rows count), None when no slot samples. A generator that fails fails its
-        request alone."""
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The sampling slots among `slots` (the cache rows of `logits`' rows are `rows`) draw from their own
+        generators: (the draws, every row of which only the sampling ones count, and the summary with their
+        choice in place of the greedy one); (None, summary) when no slot samples. A generator that fails fails
+        its request alone. `summary` itself is left as it is (a CUDA graph's output)."""
         cache = self._cache
         drawing = [slot for slot in slots if slot in self._active and self._active[slot].generator is not None]
         if not drawing:
-            return None
+            return None, summary
         for slot in drawing:
             try:
                 sampling.draw_noise(cache.noise[slot], self._active[slot].generator)
@@ -576,8 +576,9 @@ class Scheduler:
         chosen = sampling.sample(
             scores, cache.temperature[rows], cache.top_p[rows], cache.top_k[rows], cache.noise[rows]
         )
+        summary = summary.clone()
         sampling.resummarize(summary, logits, chosen, sampled)
-        return chosen
+        return chosen, summary
 
     def _read(self, summary: torch.Tensor) -> list[list[float]]:
         """The host's one read per step: the summary rows, copied back together."""

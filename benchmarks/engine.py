@@ -227,8 +227,8 @@ def engine_decode_ms(
             with _host_syncs(device) as counted:
                 started = time.perf_counter()
                 scheduler.step()  # ends in the host reading the new tokens: the step is complete
-                model_bench.synchronize(str(device))
-                steps.append((time.perf_counter() - started) * 1000)
+            model_bench.synchronize(str(device))  # (nothing left to wait for: outside the count)
+            steps.append((time.perf_counter() - started) * 1000)
             syncs.append(counted[0])
     return statistics.median(steps), statistics.median(syncs) if device.type == "cuda" else None
 

@@ -421,7 +421,7 @@ def bench(
 ) -> dict[str, Any]:
     """Load `source` and measure the generation engine: warm-up (compiling and capturing), the first token of
     one page, and the median decode step with 1 and `batch_size` busy slots (answers forced to `tokens`
-    tokens). compile None: on for CUDA, off for the CPU."""
+    tokens). compile None: on for CUDA (what a long run gets), off for the CPU."""
     import statistics
     import time
 

@@ -57,7 +57,8 @@ AUTO_COMPILE_TOKENS = 8192
 def worth_compiling(device_type: str, answer_tokens: Sequence[int], slots: int) -> bool:
     """compile=None decides here, from the work in sight when the engine starts (the longest answer of each
     waiting request): compile on CUDA when it is more than one round of the slots or AUTO_COMPILE_TOKENS tokens;
-    never on the CPU, where inductor's C++ step saved a quarter at most (docs/benchmarks.md)."""
+    never on the CPU, where compiling the 32-layer stand-in took three minutes for a gain within the noise
+    (docs/benchmarks.md)."""
     if device_type != "cuda":
         return False
     return len(answer_tokens) > slots or sum(answer_tokens) >= AUTO_COMPILE_TOKENS

@@ -203,6 +203,18 @@ def test_quant_vision_quantizes_the_vit(quant: str) -> None:
     assert features.shape == (1, 1280, 256) and torch.isfinite(features).all()
 
 
+def test_8bit_without_torchao_is_a_usage_error(monkeypatch) -> None:
+    from monkey_cli.errors import UsageError
+    from monkey_cli.model import quantization
+
+    def missing():
+        raise ImportError("No module named 'torchao'")
+
+    monkeypatch.setattr(quantization, "import_torchao", missing)
+    with pytest.raises(UsageError, match="--quant 8bit needs torchao, which is not installed here: pip install"):
+        load_model(require_parity("tiny-monkey"), quant="8bit")
+
+
 def test_quant_vision_without_quant_is_a_usage_error() -> None:
     from monkey_cli.errors import UsageError
 

@@ -1,7 +1,8 @@
 """The generation engine: pages and prompts in, answers out, as fast as the hardware allows.
 
 `pages` turns document pages into records (the CLI's flow); `scheduler` runs generation requests with a static
-KV cache, a compiled decode step, continuous batching and prefix reuse. Names are imported lazily, so that the
+KV cache, a compiled decode step, continuous batching and prefix reuse; `constraints` is the interface of a
+constrained request (`TokenConstraint`). Names are imported lazily, so that the
 light parts (`Job`, `Engine`) do not pull in torch.
 """
 
@@ -21,9 +22,11 @@ _LAZY = {
     "RequestHandle": "monkey_cli.engine.scheduler",
     "Scheduler": "monkey_cli.engine.scheduler",
     "SamplingParams": "monkey_cli.engine.sampling",
+    "TokenConstraint": "monkey_cli.engine.constraints",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from monkey_cli.engine.constraints import TokenConstraint
     from monkey_cli.engine.loop import EngineLoop
     from monkey_cli.engine.pages import BadQuestion, DocumentEnd, Engine, Job
     from monkey_cli.engine.sampling import SamplingParams
@@ -40,6 +43,7 @@ __all__ = [
     "RequestHandle",
     "SamplingParams",
     "Scheduler",
+    "TokenConstraint",
 ]
 
 

@@ -16,6 +16,7 @@ once, in `memory.quantized_modules`, so the memory plan and the loader always ag
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -72,7 +73,10 @@ def quantization_config(
 def _int8_weight_only_config(skipped: list[str]) -> Any:
     from transformers import TorchAoConfig
 
-    Int8WeightOnlyConfig = import_torchao().quantization.Int8WeightOnlyConfig
+    try:
+        Int8WeightOnlyConfig = import_torchao().quantization.Int8WeightOnlyConfig
+    except ImportError:
+        raise UsageError("--quant 8bit needs torchao, which is not installed here: pip install torchao") from None
     # set_inductor_config=False: torchao would otherwise switch on inductor's autotuning for the whole process.
     return TorchAoConfig(Int8WeightOnlyConfig(set_inductor_config=False), modules_to_not_convert=skipped)
 
@@ -106,10 +110,8 @@ def import_torchao_quietly() -> None:
     pytree = logging.getLogger("torch.utils._pytree")
     if not any(isinstance(f, _EnumConstantNotice) for f in pytree.filters):
         pytree.addFilter(_EnumConstantNotice())
-    try:
+    with contextlib.suppress(ImportError):  # no torchao: nothing to silence, and --quant 8bit says so later
         import_torchao()
-    except ImportError:
-        pass
 
 
 def is_int8_weight(weight: Any) -> bool:

@@ -191,7 +191,11 @@ class DecodeStep:
         # A "reduce-overhead" graph that inductor cannot capture (an op CUDA graphs cannot take, a CPU tensor)
         # would silently run without CUDA graphs: make it an error here, where it means "the next mode".
         graphs = self.mode == CUDA_GRAPHS
-        options = {"triton.cudagraph_or_error": True} if graphs else {}
+        # Every (batch, length) pair is a CUDA graph of its own, a bounded set recorded here on purpose: no
+        # warning about "too many distinct sizes" for them.
+        pairs = len(self.batches) * len(self.lengths)
+        options = {"triton.cudagraph_or_error": True, "triton.cudagraph_dynamic_shape_warn_limit": pairs + 1}
+        options = options if graphs else {}
         skips = _counter("inductor", "cudagraph_skips")
         with _skip_reasons() as reasons, torch._inductor.config.patch(options), torch.inference_mode():
             for batch in self.batches:
@@ -254,7 +258,9 @@ def _skip_reasons() -> Iterator[list[str]]:
 
     class _Collect(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            reasons.append(record.getMessage().strip().splitlines()[0])
+            message = record.getMessage().strip()
+            if message.startswith("skipping cudagraphs"):  # not the artifact's other notes (sizes, re-records)
+                reasons.append(message.splitlines()[0])
 
     logger = logging.getLogger("torch._inductor.cudagraph_utils.__cudagraphs")
     handler, level = _Collect(logging.WARNING), logger.level

@@ -178,7 +178,7 @@ def default_workdir(needed_bytes: int) -> Path:
 # One variant (runs in its own process)
 # ----------------------------------------------------------------------------------------------------
 def quantization_check(monkey: Any, quant: str, quant_vision: bool) -> dict[str, Any]:
-    """Which Linear layers bitsandbytes actually converted, against the plan's list of layers."""
+    """Which Linear layers were actually converted (NF4 or int8 weight-only), against the plan's list."""
     from monkey_cli.model.memory import quantized_modules
 
     expected = set(quantized_modules(monkey.model.config, quant, quant_vision))
@@ -186,8 +186,13 @@ def quantization_check(monkey: Any, quant: str, quant_vision: bool) -> dict[str,
     if quant != "none":
         import bitsandbytes as bnb
 
-        kinds = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
-        converted = {name for name, module in monkey.model.named_modules() if isinstance(module, kinds)}
+        from monkey_cli.model.quantization import is_int8_weight
+
+        converted = {
+            name
+            for name, module in monkey.model.named_modules()
+            if isinstance(module, bnb.nn.Linear4bit) or is_int8_weight(getattr(module, "weight", None))
+        }
     return {
         "quantized_linears": len(converted),
         "expected_quantized_linears": len(expected),

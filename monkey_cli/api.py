@@ -73,7 +73,9 @@ class Monkey:
     `chat` says whether the checkpoint is Monkey-Chat (its caption prompt differs); `batch_size` is the
     most sequences the memory plan allows at once (the engine's decode slots); `sampling` holds the
     checkpoint's sampling defaults (from its generation_config.json), used when a caller passes
-    `do_sample=True`; `compile` says whether the engine's decode step is compiled.
+    `do_sample=True`; `compile` says whether the engine's decode step is compiled (None: decided from the work,
+    see `Scheduler`); `sequence_tokens` is the longest prompt + answer the memory plan was made for, which
+    sizes the engine's cache once (a longer request still works, after the cache grows).
     """
 
     model: MonkeyForCausalLM
@@ -84,9 +86,10 @@ class Monkey:
     chat: bool = False
     batch_size: int = 1
     sampling: dict[str, Any] = field(default_factory=dict)
-    compile: bool = False
+    compile: bool | None = False
     adapter: str | None = None  # the LoRA adapter folder applied on top of the checkpoint, if any
     family: str = "monkey"
+    sequence_tokens: int | None = None
     _scheduler: Scheduler | None = field(default=None, init=False, repr=False)
     _calls: Any = field(default_factory=itertools.count, init=False, repr=False)
 
@@ -119,8 +122,10 @@ class Monkey:
         context) with answers of `max_new_tokens`; `batch_size` is lowered to what fits (logged too).
         prompt_style: "auto" (Monkey-Chat when its name or path says "Monkey-Chat", as the original
         decides), "chat" or "base".
-        compile: capture the engine's decode step with torch.compile (CUDA graphs on a GPU); None: on for
-        CUDA, off for the CPU (where compiling costs more than it saves). Both give the same tokens.
+        compile: capture the engine's decode step with torch.compile (CUDA graphs on a GPU); None: on CUDA
+        when the work is worth it (more than a round of decode slots, or several thousand tokens; compiling
+        costs tens of seconds, less once torch's on-disk compile cache is warm), never on the CPU (where
+        compiling costs more than it saves). Both give the same tokens.
         adapter: a LoRA adapter folder from `monkey finetune`, applied unmerged (so it works on a quantized base).
         family: "monkey" or "textmonkey"; None or "auto" reads it from config.json (TextMonkey's `visual` keys).
         """
@@ -172,9 +177,10 @@ class Monkey:
             chat=tasks.is_chat_checkpoint(source, folder, style=prompt_style),
             batch_size=choice.batch_size,
             sampling=sampling_defaults(folder),
-            compile=device.startswith("cuda") if compile is None else bool(compile),
+            compile=None if compile is None else bool(compile),
             adapter=str(adapter) if adapter is not None else None,
             family=config.family,
+            sequence_tokens=min(choice.plan.prompt_tokens + choice.plan.max_new_tokens, config.max_position_embeddings),
         )
 
     @staticmethod
@@ -404,7 +410,14 @@ class Monkey:
         slots = slots or self.batch_size
         if self._scheduler is None or self._scheduler.slots != slots:
             self._scheduler = None  # free the old cache first
-            self._scheduler = Scheduler(self.model, self.encode_images, slots=slots, compile=self.compile)
+            self._scheduler = Scheduler(
+                self.model,
+                self.encode_images,
+                slots=slots,
+                compile=self.compile,
+                max_length=self.sequence_tokens,
+                vocab_limit=len(self.tokenizer) if self.tokenizer is not None else None,
+            )
         return self._scheduler
 
     @property
@@ -597,10 +610,12 @@ def _check_tokenizer(tokenizer: QWenTokenizer, config: MonkeyConfig, folder: Pat
 
 
 def _available_quants() -> tuple[str, ...]:
-    """--quant choices this installation can load (bitsandbytes is found without importing it)."""
+    """--quant choices this installation can load (torchao for 8bit, bitsandbytes for 4bit; found without
+    importing them)."""
     import importlib.util
 
-    return ("none", "8bit", "4bit") if importlib.util.find_spec("bitsandbytes") else ("none",)
+    needs = {"8bit": "torchao", "4bit": "bitsandbytes"}
+    return ("none", *(quant for quant, package in needs.items() if importlib.util.find_spec(package)))
 
 
 def _positive(value: Any, name: str) -> int:

@@ -1,10 +1,14 @@
 """`monkey doctor`: what this machine can run, found out without loading a model.
 
 `collect(model)` returns a JSON-ready dict of independent probes (Python, torch and its devices,
-bitsandbytes, transformers, the Hugging Face cache, and which --quant fits where for `model`: the default
-checkpoint, or the one `monkey doctor --model` / MONKEY_MODEL names, sized from its config.json). A probe that fails
-records {"error": "..."} in its section; it never stops the others, so the report is most useful
+bitsandbytes and torchao, transformers, the Hugging Face cache, and which --quant fits where for `model`: the
+default checkpoint, or the one `monkey doctor --model` / MONKEY_MODEL names, sized from its config.json). A probe
+that fails records {"error": "..."} in its section; it never stops the others, so the report is most useful
 exactly when something is broken.
+
+`bench()` (`monkey doctor --bench`) loads a model and measures the generation engine on this machine: how
+long compiling and capturing took, what the decode step runs as (CUDA graphs, inductor, eager, and what fell
+back and why), first-token latency, and decode ms/token and tokens/s at each batch size.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ def collect(model: str = DEFAULT_MODEL) -> dict[str, Any]:
         "torch": _probe(_torch),
         "devices": _probe(_devices),
         "bitsandbytes": _probe(_bitsandbytes),
+        "torchao": _probe(_torchao),
         "compile": _probe(_compile),
         "transformers": _probe(_transformers),
         "huggingface_hub": _probe(lambda: _huggingface_hub(model)),
@@ -167,7 +172,7 @@ def _captured_logs(name: str, into: list[str]) -> Iterator[None]:
 def _bitsandbytes() -> dict[str, Any]:
     info: dict[str, Any] = {"version": _version("bitsandbytes"), "imports": False, "warnings": []}
     if info["version"] is None:
-        info["error"] = "not installed (pip install bitsandbytes): --quant 8bit and 4bit are unavailable"
+        info["error"] = "not installed (pip install bitsandbytes): --quant 4bit is unavailable"
         return info
     with _captured_logs("bitsandbytes", info["warnings"]):
         try:
@@ -190,35 +195,70 @@ def _bitsandbytes() -> dict[str, Any]:
 
 
 def _bitsandbytes_roundtrip(device: str) -> dict[str, str]:
-    """Quantize a small Linear at 4 and 8 bits on `device` and run it: 'ok' or the error."""
+    """Quantize a small Linear to NF4 (--quant 4bit) on `device` and run it: 'ok' or the error."""
     import torch
-    from bitsandbytes.nn import Int8Params, Linear4bit, Linear8bitLt, Params4bit
+    from bitsandbytes.nn import Linear4bit, Params4bit
 
     torch.manual_seed(0)
     weight = torch.randn(64, 128, dtype=torch.bfloat16)
     x = torch.randn(3, 128, dtype=torch.bfloat16, device=device)
-    results = {}
-    for quant in ("4bit", "8bit"):
-        try:
-            if quant == "4bit":
-                layer = Linear4bit(128, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
-                layer.weight = Params4bit(weight.clone(), requires_grad=False, quant_type="nf4")
-            else:
-                layer = Linear8bitLt(128, 64, bias=False, has_fp16_weights=False)
-                layer.weight = Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False)
-            layer = layer.to(device)  # moving the layer is what quantizes its weight
-            if layer.weight.dtype not in (torch.uint8, torch.int8):
-                results[quant] = f"weight stayed {layer.weight.dtype} (not quantized)"
-                continue
-            with torch.no_grad():
-                out = layer(x).float()
-            expected = x.float() @ weight.to(device).float().t()
-            # 4-bit and int8 are lossy: only a roughly right answer is asked for.
-            error = ((out - expected).norm() / expected.norm()).item()
-            results[quant] = "ok" if error < 0.25 else f"wrong result (relative error {error:.2f})"
-        except Exception as exc:
-            results[quant] = _one_line(exc)
-    return results
+    try:
+        layer = Linear4bit(128, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+        layer.weight = Params4bit(weight.clone(), requires_grad=False, quant_type="nf4")
+        layer = layer.to(device)  # moving the layer is what quantizes its weight
+        if layer.weight.dtype not in (torch.uint8, torch.int8):
+            return {"4bit": f"weight stayed {layer.weight.dtype} (not quantized)"}
+        with torch.no_grad():
+            return {"4bit": _roughly_right(layer(x), x, weight)}
+    except Exception as exc:
+        return {"4bit": _one_line(exc)}
+
+
+def _roughly_right(out: Any, x: Any, weight: Any) -> str:
+    """'ok' when a quantized layer's output is close to the exact product (lossy: only roughly is asked)."""
+    expected = x.float() @ weight.to(x.device).float().t()
+    error = ((out.float() - expected).norm() / expected.norm()).item()
+    return "ok" if error < 0.25 else f"wrong result (relative error {error:.2f})"
+
+
+def _torchao() -> dict[str, Any]:
+    """--quant 8bit (int8 weight-only) needs torchao: its version, and a small Linear quantized and run on
+    every device."""
+    info: dict[str, Any] = {"version": _version("torchao"), "imports": False}
+    if info["version"] is None:
+        info["error"] = "not installed (pip install torchao): --quant 8bit is unavailable"
+        return info
+    try:
+        from monkey_cli.model.quantization import import_torchao
+
+        import_torchao()
+    except Exception as exc:
+        info["error"] = _one_line(exc)
+        return info
+    info["imports"] = True
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    info["usable"] = {device: _int8_roundtrip(device) for device in ["cpu", *(f"cuda:{i}" for i in range(gpus))]}
+    return info
+
+
+def _int8_roundtrip(device: str) -> dict[str, str]:
+    import torch
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    torch.manual_seed(0)
+    weight = torch.randn(64, 128, dtype=torch.bfloat16)
+    x = torch.randn(3, 128, dtype=torch.bfloat16, device=device)
+    try:
+        layer = torch.nn.Linear(128, 64, bias=False, dtype=torch.bfloat16, device=device)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+        quantize_(layer, Int8WeightOnlyConfig(set_inductor_config=False))
+        with torch.no_grad():
+            return {"8bit": _roughly_right(layer(x), x, weight)}
+    except Exception as exc:
+        return {"8bit": _one_line(exc)}
 
 
 def _transformers() -> dict[str, Any]:
@@ -352,20 +392,24 @@ def _memory(devices: dict[str, Any], model: str = DEFAULT_MODEL) -> dict[str, An
 
 def problems(report: dict[str, Any]) -> list[str]:
     """One line per thing that limits what monkey can do here, most important first."""
-    # bitsandbytes' failure is reported below with its consequence.
+    # The quantization libraries' failures are reported below with their consequence.
     found = [
         f"{section}: {data['error']}"
         for section, data in report.items()
-        if isinstance(data, dict) and "error" in data and section != "bitsandbytes"
+        if isinstance(data, dict) and "error" in data and section not in ("bitsandbytes", "torchao")
     ]
     torch_info = report.get("torch", {})
     if "error" not in torch_info and not torch_info.get("cuda_available"):
         found.append("no CUDA device: the model runs on the CPU, slowly")
-    bnb = report.get("bitsandbytes", {})
-    usable = [d for d, result in bnb.get("usable", {}).items() if "ok" in result.values()]
-    if not usable:
-        why = bnb.get("error", "no device passed its quantization check")
-        found.append(f"bitsandbytes is not usable ({why}): only --quant none works")
+    unusable = []
+    for section, quant in (("torchao", "8bit"), ("bitsandbytes", "4bit")):
+        library = report.get(section, {})
+        if not any("ok" in result.values() for result in library.get("usable", {}).values()):
+            unusable.append(quant)
+            why = library.get("error", "no device passed its quantization check")
+            found.append(f"{section} is not usable ({why}): --quant {quant} does not work")
+    if len(unusable) == 2:
+        found.append("only --quant none works")
     transformers_info = report.get("transformers", {})
     if transformers_info.get("in_tested_range") is False:
         found.append(
@@ -392,3 +436,116 @@ def _download_size(model: str = DEFAULT_MODEL) -> str:
     config = model_config(model)
     parameters = sum(parameter_counts(config).values())
     return "about " + format_bytes(parameters * DTYPE_BYTES[config.checkpoint_dtype])
+
+
+# --- the engine's speed on this machine (monkey doctor --bench) ----------------------------------------
+
+BENCH_QUESTION = "What is the title of this page?"
+
+
+def bench(
+    source: str = DEFAULT_MODEL,
+    *,
+    device: str = "auto",
+    dtype: str | None = None,
+    quant: str | None = None,
+    compile: bool | None = None,
+    batch_size: int = 8,
+    tokens: int = 32,
+) -> dict[str, Any]:
+    """Load `source` and measure the generation engine: warm-up (compiling and capturing), the first token of
+    one page, and the median decode step with 1 and `batch_size` busy slots (answers forced to `tokens`
+    tokens). compile None: on for CUDA (what a long run gets), off for the CPU."""
+    import statistics
+    import time
+
+    from monkey_cli.api import Monkey
+
+    started = time.perf_counter()
+    monkey = Monkey.load(source, device=device, dtype=dtype, quant=quant, batch_size=batch_size,
+                         max_new_tokens=tokens, compile=compile)  # fmt: skip
+    load_s = time.perf_counter() - started
+    weights = monkey.model.transformer.wte.weight
+    if monkey.compile is None:  # a benchmark measures what a long run gets
+        monkey.compile = weights.device.type == "cuda"
+    scheduler = monkey.scheduler(monkey.batch_size)
+    started = time.perf_counter()
+    scheduler.warm_up()
+    warmup_s = time.perf_counter() - started
+    page = bench_page(monkey.processor.input_size)
+    prompt_ids = monkey.check_prompt(tasks.vqa_prompt(BENCH_QUESTION), tokens)
+    started = time.perf_counter()
+    scheduler.run([_forced_request(prompt_ids, tokens=1, image=page)])
+    first_token_ms = (time.perf_counter() - started) * 1000
+    features = monkey.encode_images([page])[0]
+    rows = []
+    for batch in sorted({1, scheduler.slots}):
+        handles = [scheduler.submit(_forced_request(prompt_ids, tokens, image_embeds=features)) for _ in range(batch)]
+        scheduler.step()  # admission (the prefills) and the first token
+        steps, syncs = [], []
+        while not all(handle.done() for handle in handles):
+            with _host_syncs(weights.device) as counted:
+                begun = time.perf_counter()
+                scheduler.step()  # ends with the host reading the new tokens: the step is complete
+                steps.append((time.perf_counter() - begun) * 1000)
+            syncs.append(counted[0])
+        step_ms = statistics.median(steps)
+        rows.append({
+            "batch": batch, "ms_per_token": step_ms, "tokens_per_s": batch * 1000 / step_ms,
+            "host_syncs_per_step": statistics.median(syncs) if weights.device.type == "cuda" else None,
+        })  # fmt: skip
+    return {
+        "model": str(source),
+        "device": str(weights.device),
+        "dtype": str(weights.dtype).removeprefix("torch."),
+        "quant": monkey.quant,
+        "slots": scheduler.slots,
+        "answer_tokens": tokens,
+        "load_s": load_s,
+        "warmup_s": warmup_s,
+        "first_token_ms": first_token_ms,
+        "decode": rows,
+        "compile": scheduler.compile_report(),
+    }
+
+
+def bench_page(size: tuple[int, int]) -> Any:
+    """A synthetic document page: a title and lines of text on white (the content does not change the speed)."""
+    from PIL import Image, ImageDraw
+
+    page = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(page)
+    draw.text((40, 30), "QUARTERLY REPORT", fill="black")
+    for line in range(2, 40):
+        draw.text((40, 30 + 20 * line), f"{line:>3}  item {line * 7:>5}  amount {line * 113.5:>10.2f}", fill="black")
+    return page
+
+
+def _forced_request(prompt_ids: list[int], tokens: int, **image: Any) -> Any:
+    """A request whose answer is exactly `tokens` long (random or unfamiliar weights cannot stop early)."""
+    from monkey_cli.engine.sampling import SamplingParams
+    from monkey_cli.engine.scheduler import GenerationRequest
+
+    return GenerationRequest(prompt_ids, params=SamplingParams(max_new_tokens=tokens, min_new_tokens=tokens), **image)
+
+
+@contextmanager
+def _host_syncs(device: Any) -> Iterator[list[int]]:
+    """Count the host-device synchronisations inside the block (CUDA's sync debug mode; 0 elsewhere)."""
+    import warnings
+
+    import torch
+
+    counted = [0]
+    if device.type != "cuda":
+        yield counted
+        return
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield counted
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    counted[0] = sum("synchroniz" in str(warning.message) for warning in caught)

@@ -33,7 +33,7 @@ class ModelOptions:
     quant: str | None = None
     quant_vision: bool = False
     prompt_style: str = "auto"
-    compile: bool | None = None  # None: on for CUDA, off for the CPU
+    compile: bool | None = None  # None: decided from the work (Monkey.load; never on the CPU)
     adapter: str | None = None  # a LoRA adapter folder (monkey finetune) applied on top of `source`
     family: str | None = None  # "monkey" or "textmonkey" (--family); None: the checkpoint's config says
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from conftest import require_parity
 
-from monkey_cli.engine.cache import SlotCache
+from monkey_cli.engine.cache import SlotCache, length_bucket
 from monkey_cli.engine.step import DecodeStep
 from monkey_cli.model.loading import load_model
 from monkey_cli.model.processor import MonkeyImageProcessor
@@ -128,10 +128,11 @@ class StaticTeacher:
             cache.inv_freq[0] = transformer.rotary.inv_freq(alpha, cache.inv_freq.device)
             cache.trained_length[0] = float(model.config.seq_length)
             cache.positions[0] = len(ids)
-            for token in reference[:-1].tolist():
+            cache.live[0] = True  # the step advances the position itself
+            for position, token in enumerate(reference[:-1].tolist(), start=len(ids)):
                 cache.tokens[0] = token
-                steps.append(self.step(1)[0].clone())
-                cache.positions[0] += 1
+                logits, _scores, _summary = self.step(1, length_bucket(position + 1, cache.max_length))
+                steps.append(logits[0].clone())
         return torch.stack(steps)
 
 

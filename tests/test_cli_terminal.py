@@ -332,10 +332,10 @@ def test_quant_auto_on_the_command_line_with_a_fake_budget(tiny: str, monkeypatc
     config = load_config(tiny)
     prompt = tasks.caption_prompt(chat=False)
     length = len(QWenTokenizer.from_dir(tiny).encode_prompt(prompt.before, prompt.after))  # what the plan uses
-    none, four = (plan(config, q, "float32", prompt_tokens=length, max_new_tokens=2).total_bytes
-                  for q in ("none", "4bit"))  # fmt: skip
-    assert four < none  # on the tiny model 8bit's workspace outweighs its savings: auto skips it too
-    budget = (none + four) // 2
+    none, eight, four = (plan(config, q, "float32", prompt_tokens=length, max_new_tokens=2).total_bytes
+                         for q in ("none", "8bit", "4bit"))  # fmt: skip
+    assert four < eight < none
+    budget = (eight + four) // 2  # 4bit fits, 8bit (tried before it) does not
     monkeypatch.setattr("monkey_cli.model.memory.device_budget", lambda device: budget)
     result = _cli("caption", CHART, "--model", tiny, "--max-new-tokens", "2", "-f", "json", "-b", "1")
     assert result.exit_code == 0, result.output

@@ -19,8 +19,8 @@ from monkey_cli.model.memory import AUTO_OPTIONS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {
-    "monkey_cli", "model", "python", "torch", "devices", "bitsandbytes", "compile", "transformers", "huggingface_hub",
-    "memory", "memory_textmonkey", "problems",
+    "monkey_cli", "model", "python", "torch", "devices", "bitsandbytes", "torchao", "compile", "transformers",
+    "huggingface_hub", "memory", "memory_textmonkey", "problems",
 }
 
 
@@ -169,7 +169,8 @@ def test_a_failing_probe_is_recorded_not_raised(monkeypatch: pytest.MonkeyPatch)
     assert report["transformers"]["in_tested_range"] is False
     problems = "\n".join(report["problems"])
     assert "torch: RuntimeError: driver exploded" in problems
-    assert "only --quant none works" in problems
+    assert "bitsandbytes is not usable (not installed" in problems and "--quant 4bit does not work" in problems
+    assert "torchao is not usable" not in problems  # --quant 8bit still works
     assert "transformers 5.99.0 is outside the tested range" in problems
     # The text form renders the same broken report without crashing.
     text = CliRunner().invoke(app, ["doctor"], env={"COLUMNS": "200"})
@@ -216,3 +217,23 @@ def test_doctor_with_a_model_that_is_not_there_says_so() -> None:
     report = json.loads(result.stdout)
     assert "no such checkpoint folder" in report["memory"]["error"]
     assert any("no such checkpoint folder" in line for line in report["problems"])
+
+
+def test_bench_measures_the_engine_here(tiny_sharp_dir: Path) -> None:
+    """`monkey doctor --bench`: the engine's speed with --model on this machine, eager (JSON) and compiled (text:
+    how the decode step runs and what it compiled)."""
+    args = ["doctor", "--bench", "--model", str(tiny_sharp_dir), "--device", "cpu", "-b", "2", "--bench-tokens", "4"]
+    result = CliRunner().invoke(app, [*args, "--format", "json", "--no-compile"])
+    assert result.exit_code == 0, result.output
+    bench = json.loads(result.stdout)["bench"]
+    assert bench["device"] == "cpu" and bench["dtype"] == "float32" and bench["quant"] == "none"
+    assert [row["batch"] for row in bench["decode"]] == [1, 2]
+    for row in bench["decode"]:
+        assert row["ms_per_token"] > 0
+        assert row["tokens_per_s"] == pytest.approx(row["batch"] * 1000 / row["ms_per_token"])
+        assert row["host_syncs_per_step"] is None  # counted on CUDA only
+    assert bench["first_token_ms"] > 0 and bench["compile"]["mode"] == "eager"
+    text = CliRunner().invoke(app, [*args, "--compile"], env={"COLUMNS": "200"})
+    assert text.exit_code == 0, text.output
+    assert "Engine speed:" in text.stdout and "ms/token" in text.stdout
+    assert re.search(r"Decode step: inductor, \d+ graph\(s\) compiled, 0 recompile\(s\) after warm-up", text.stdout)

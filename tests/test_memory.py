@@ -120,7 +120,7 @@ def test_tiny_manifest_matches_tiny_checkpoint(tiny_monkey_dir: Path) -> None:
         (1664, "4bit", True),
         (315, "4bit", False),  # the tiny ViT's mlp.c_proj: not a multiple of 64
         (96, "4bit", False),
-        (315, "8bit", True),  # LLM.int8 has no block constraint
+        (315, "8bit", True),  # int8 weight-only (a scale per row) has no block constraint
         (4096, "none", False),
     ],
 )
@@ -221,8 +221,9 @@ def test_stronger_quantization_needs_less() -> None:
 def test_kv_cache_and_logits_terms() -> None:
     config = real_monkey_config()
     p = plan(config, "4bit", "bfloat16", batch_size=8, prompt_tokens=1400, max_new_tokens=100)
-    # The engine's slots hold 1500 tokens rounded up to whole blocks of 256, plus one kept image prefix.
-    assert p.kv_cache_bytes == 2 * 32 * (8 * 1536 + 1400) * 4096 * 2
+    # The engine's slots hold 1500 tokens rounded up to whole blocks of 256 (and one spare position), plus one
+    # kept image prefix.
+    assert p.kv_cache_bytes == 2 * 32 * (8 * (1536 + 1) + 1400) * 4096 * 2
     assert p.logits_bytes >= 8 * 151936 * 4
     default = plan(config)
     assert default.prompt_tokens > 1280  # one image span plus its text
@@ -249,7 +250,7 @@ def test_plan_for_tiny_config(tiny_monkey_dir: Path) -> None:
     p = plan(config, "none", "float32", batch_size=2, prompt_tokens=1300, max_new_tokens=20)
     n = sum(parameter_counts(config).values())
     assert p.weight_bytes == 4 * n
-    assert p.kv_cache_bytes == 2 * config.num_hidden_layers * (2 * 1536 + 1300) * config.hidden_size * 4
+    assert p.kv_cache_bytes == 2 * config.num_hidden_layers * (2 * (1536 + 1) + 1300) * config.hidden_size * 4
     assert p.total_bytes == p.weight_bytes + p.activation_bytes + p.overhead_bytes
     assert p.fits is None
     data = p.to_dict()
@@ -367,7 +368,7 @@ def test_quant_auto_without_bitsandbytes_offers_only_none() -> None:
         choose(config, budget, device="cuda:0", dtype="bfloat16", available=("none",))
     message = str(caught.value)
     assert message.startswith("the model does not fit: even --quant none needs")
-    assert "pip install bitsandbytes" in message
+    assert "pip install torchao bitsandbytes" in message
 
 
 def test_quant_auto_with_quant_vision_keeps_it() -> None:

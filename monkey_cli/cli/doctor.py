@@ -9,7 +9,18 @@ import typer
 
 from monkey_cli.cli import app
 from monkey_cli.cli.common import Command, user_errors
-from monkey_cli.cli.options import OUTPUT, Model, Verbose, choice_option
+from monkey_cli.cli.options import (
+    MODEL,
+    OUTPUT,
+    Compile,
+    Device,
+    Dtype,
+    Model,
+    Quant,
+    Verbose,
+    choice_option,
+    positive_int,
+)
 from monkey_cli.tasks import DEFAULT_MODEL
 
 
@@ -20,15 +31,47 @@ def doctor(
         choice_option("--format", "-f", choices=("text", "json"), panel=OUTPUT,
                       help="text: tables for people; json: the same facts for programs."),
     ] = "text",
+    bench: Annotated[
+        bool,
+        typer.Option("--bench", rich_help_panel=MODEL,
+                     help="Also load --model and measure the generation engine here: compile and CUDA graph "
+                     "capture, first token, decode ms/token and tokens/s at batch 1 and --batch-size."),
+    ] = False,
     model: Model = DEFAULT_MODEL,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+    quant: Quant = "auto",
+    compile: Compile = None,
+    batch_size: Annotated[
+        int,
+        typer.Option("--batch-size", "-b", metavar="N", parser=positive_int, rich_help_panel=MODEL,
+                     help="With --bench: the larger batch measured (lowered to what fits in memory)."),
+    ] = 8,
+    tokens: Annotated[
+        int,
+        typer.Option("--bench-tokens", metavar="N", parser=positive_int, rich_help_panel=MODEL,
+                     help="With --bench: tokens per measured answer."),
+    ] = 32,
     verbose: Verbose = False,
 ) -> None:
-    """Check Python, torch, GPUs, bitsandbytes, transformers, the model cache, and which --quant fits for the
-    model (--model or MONKEY_MODEL: sized from its config.json)."""
+    """Check Python, torch, GPUs, bitsandbytes, torchao, transformers, the model cache, and which --quant fits for
+    the model (--model or MONKEY_MODEL: sized from its config.json); with --bench, also how fast the engine runs
+    --model on this machine."""
     with user_errors(verbose):
+        from monkey_cli.doctor import bench as run_bench
         from monkey_cli.doctor import collect
 
         report = collect(model)
+        if bench:
+            report["bench"] = run_bench(
+                model,
+                device=device,
+                dtype=None if dtype == "auto" else dtype,
+                quant=None if quant == "auto" else quant,
+                compile=compile,
+                batch_size=batch_size,
+                tokens=tokens,
+            )
         if output_format == "json":
             typer.echo(json.dumps(report, indent=2))
         else:
@@ -46,6 +89,9 @@ def _print_tables(report: dict[str, Any]) -> None:
     console.print(_devices_table(report))
     console.print(_memory_table(report["memory"]))
     console.print(_memory_table(report["memory_textmonkey"]))
+    if "bench" in report:
+        console.print(_bench_table(report["bench"]))
+        console.print(_compile_line(report["bench"]["compile"]), markup=False, soft_wrap=True)
     found = report["problems"]
     if found:
         console.print("Problems:", style="bold")
@@ -94,6 +140,7 @@ def _environment_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("torch", error_or(torch_info, f"{torch_info.get('version')}, {torch_info.get('build')} build")),
         ("CUDA", error_or(torch_info, _cuda_summary(torch_info))),
         ("bitsandbytes", _bitsandbytes_summary(bnb)),
+        ("torchao", _torchao_summary(report.get("torchao", {}))),
         ("torch.compile", error_or(report["compile"], _compile_summary(report["compile"]))),
         (
             "transformers",
@@ -138,6 +185,47 @@ def _bitsandbytes_summary(bnb: dict[str, Any]) -> str:
         for device, results in bnb.get("usable", {}).items()
     )
     return f"{bnb.get('version')} ({bnb.get('native_backend')} backend); {checks}"
+
+
+def _torchao_summary(info: dict[str, Any]) -> str:
+    if not info.get("imports"):
+        return f"{info.get('version') or 'not installed'}: {info.get('error', 'does not import')}"
+    checks = "; ".join(
+        f"{device}: " + ", ".join(f"{quant} {result}" for quant, result in results.items())
+        for device, results in info.get("usable", {}).items()
+    )
+    return f"{info.get('version')}; {checks}"
+
+
+def _bench_table(bench: dict[str, Any]) -> Any:
+    title = (
+        f"Engine speed: {bench['model']} on {bench['device']} ({bench['dtype']}, --quant {bench['quant']}), "
+        f"answers of {bench['answer_tokens']} tokens; loaded in {bench['load_s']:.1f} s, warmed up in "
+        f"{bench['warmup_s']:.1f} s, first token {bench['first_token_ms']:.0f} ms"
+    )
+    table = _table(title, "Batch", "ms/token", "tokens/s", "Host syncs/step")
+    for row in bench["decode"]:
+        syncs = row["host_syncs_per_step"]
+        table.add_row(str(row["batch"]), f"{row['ms_per_token']:.2f}", f"{row['tokens_per_s']:.1f}",
+                      "n/a (CPU)" if syncs is None else f"{syncs:g}")  # fmt: skip
+    return table
+
+
+def _compile_line(report: dict[str, Any]) -> str:
+    """What the decode step runs as, in one line: the mode, its graphs, what fell back and why."""
+    mode = report.get("mode", "eager")
+    if mode == "eager":
+        line = "Decode step: eager (not compiled)"
+    else:
+        line = f"Decode step: {mode}, {report.get('graphs', 0)} graph(s) compiled"
+        if mode == "cudagraphs":
+            line += f", {report.get('captured', 0)} CUDA graph(s) captured"
+        line += f", {report.get('recompiles', 0)} recompile(s) after warm-up"
+        if report.get("cudagraph_skips"):
+            line += f", CUDA graphs skipped {report['cudagraph_skips']} time(s)"
+    for fallback in report.get("fallbacks", []):
+        line += f"; fell back from {fallback}"
+    return line
 
 
 def _cache_summary(cached: dict[str, Any]) -> str:

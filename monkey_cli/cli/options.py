@@ -251,7 +251,7 @@ Quant = Annotated[
     choice_option(
         "--quant", envvar="MONKEY_QUANT", choices=QUANTS, panel=MODEL,
         help="auto: the most faithful option that fits in memory (none, then 8bit, then 4bit, then also "
-        "--quant-vision), said on stderr; none; 8bit (LLM.int8); 4bit (NF4).",
+        "--quant-vision), said on stderr; none; 8bit (int8 weight-only); 4bit (NF4).",
     ),
 ]  # fmt: skip
 QuantVision = Annotated[
@@ -287,9 +287,11 @@ Adapter = Annotated[
 Compile = Annotated[
     bool | None,
     typer.Option(
-        "--compile/--no-compile", envvar="MONKEY_COMPILE", rich_help_panel=MODEL, show_default="on for CUDA",
+        "--compile/--no-compile", envvar="MONKEY_COMPILE", rich_help_panel=MODEL,
+        show_default="on CUDA for large jobs",
         help="Compile the decode step with torch.compile (CUDA graphs on a GPU): much faster steps after a "
-        "one-off compilation; both give the same answers. Default: on for CUDA, off for the CPU.",
+        "one-off compilation; both give the same answers. Default: on CUDA when the job is worth it (more "
+        "than one round of --batch-size, or 8,192+ answer tokens), off for the CPU.",
     ),
 ]  # fmt: skip
 MaxNewTokens = Annotated[

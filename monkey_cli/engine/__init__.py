@@ -1,7 +1,8 @@
 """The generation engine: pages and prompts in, answers out, as fast as the hardware allows.
 
 `pages` turns document pages into records (the CLI's flow); `scheduler` runs generation requests with a static
-KV cache, a compiled decode step, continuous batching and prefix reuse. Names are imported lazily, so that the
+KV cache, a compiled decode step, continuous batching and prefix reuse; `constraints` is the interface of a
+constrained request (`TokenConstraint`). Names are imported lazily, so that the
 light parts (`Job`, `Engine`) do not pull in torch.
 """
 

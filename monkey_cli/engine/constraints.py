@@ -1,34 +1,65 @@
-"""What constrained decoding asks of a request's constraint (a grammar, a JSON schema, a fixed answer).
+"""Constrained decoding: a request may carry a `TokenConstraint` that says which tokens it may choose next.
 
-The engine holds no grammar of its own: a request may carry any object with these three methods. Before each
-of the request's tokens (the first one too, right after its prefill) the engine asks the constraint to fill the
-request's row of a bitmask, sends every disallowed token's logit to -inf, chooses the token as usual (greedy or
-sampled), and tells the constraint which one it chose. Once the constraint says it is terminated the request
-finishes with reason "stop" (no <|endoftext|> is appended to its tokens). Log-probabilities reported with the
-result are always the model's own (before any masking), so a forced token still shows how likely it was.
+The interface is the one grammar matchers expose (xgrammar's `GrammarMatcher`, llguidance's `LLMatcher`), so
+that one of them plugs in directly:
+
+- `fill_next_token_bitmask(bitmask, index)`: write the allowed tokens into row `index` of `bitmask`, an int32
+  tensor [rows, ceil(vocab / 32)] on the CPU: bit t of the row (word t // 32, bit t % 32) set means token t is
+  allowed. Ids at or above the tokenizer's vocabulary are never allowed, whatever the row says.
+- `accept_token(token_id) -> bool`: the token the engine chose (always one the mask allowed); False means the
+  constraint refuses it, which fails the request.
+- `is_terminated() -> bool`: the constraint is complete; the request then finishes with reason "stop" (no
+  <|endoftext|> is appended).
+
+Before every token of a constrained request (the first one after prefill included) the engine asks for its
+row, applies it to the logits on the device (disallowed tokens get -inf), chooses, then calls `accept_token`.
+A constraint that raises, refuses the chosen token, or allows no token at all fails only its own request. An
+unconstrained request pays nothing: its row stays all ones, and no mask is copied to the device while no
+constrained request runs.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
-
-def bitmask_words(vocab_size: int) -> int:
-    """int32 words per bitmask row: one bit per token id."""
-    return (vocab_size + 31) // 32
+import torch
 
 
 @runtime_checkable
 class TokenConstraint(Protocol):
-    def fill_next_token_bitmask(self, bitmask: torch.Tensor, index: int) -> None:
-        """Write the allowed next tokens into row `index` of `bitmask` (int32 [rows, ceil(vocab/32)], on the CPU):
-        bit t (word t // 32, bit t % 32) set means token t is allowed."""
+    def fill_next_token_bitmask(self, bitmask: torch.Tensor, index: int) -> None: ...
 
-    def accept_token(self, token_id: int) -> bool:
-        """The token the engine chose; False if the constraint cannot take it."""
+    def accept_token(self, token_id: int) -> bool: ...
 
-    def is_terminated(self) -> bool:
-        """True once nothing more may follow: the request ends here."""
+    def is_terminated(self) -> bool: ...
+
+
+def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
+    """An all-ones bitmask [rows, ceil(vocab/32)] (int32) in pinned memory where a GPU exists."""
+    words = -(-vocab_size // 32)
+    mask = torch.full((rows, words), -1, dtype=torch.int32)
+    return mask.pin_memory() if torch.cuda.is_available() else mask
+
+
+def limit_row(bitmask: torch.Tensor, index: int, vocab_limit: int) -> None:
+    """Clear the bits of row `index` at and above `vocab_limit` (ids the tokenizer does not have)."""
+    word, bit = divmod(vocab_limit, 32)
+    row = bitmask[index]
+    if word < row.shape[0]:
+        if bit:
+            keep = (1 << bit) - 1  # the low `bit` bits of the word are real tokens
+            row[word] &= keep if keep < 2**31 else keep - 2**32
+            word += 1
+        row[word:] = 0
+
+
+def allows_nothing(bitmask: torch.Tensor, index: int) -> bool:
+    return not bool(bitmask[index].any())
+
+
+def set_bits(bitmask: torch.Tensor, index: int, tokens: list[int] | range) -> None:
+    """Row `index` allows exactly `tokens` (a helper for hand-written constraints)."""
+    row = torch.zeros(bitmask.shape[1], dtype=torch.int64)
+    for token in tokens:
+        row[token // 32] |= 1 << (token % 32)
+    bitmask[index] = torch.where(row >= 2**31, row - 2**32, row).to(torch.int32)

@@ -12,7 +12,6 @@ a symbolic link leading elsewhere, a FIFO or a device is refused with one line b
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from collections.abc import Iterable
@@ -222,8 +221,10 @@ def load_model(
     `family` ("monkey", "textmonkey"; None: the config says) picks the vision tower."""
     from transformers.utils import logging as hf_logging
 
+    from monkey_cli.model.quantization import import_torchao_quietly, quantization_config
+
+    import_torchao_quietly()  # before transformers' quantizers import it and log about kernels nobody uses
     from monkey_cli.model.modeling import MonkeyForCausalLM, default_generation_config
-    from monkey_cli.model.quantization import bitsandbytes_config
 
     folder = Path(folder)
     config = load_config(folder, family=family)
@@ -233,13 +234,11 @@ def load_model(
     check_weights(config, weights)
     torch_dtype = resolve_dtype(dtype, device, config)
     kwargs: dict[str, Any] = {"config": config, "dtype": torch_dtype, "use_safetensors": weights.is_safetensors}
-    quantization_config = bitsandbytes_config(config, quant, torch_dtype, quant_vision)
-    if quantization_config is not None:
-        kwargs["quantization_config"] = quantization_config
+    quantization = quantization_config(config, quant, torch_dtype, quant_vision)
+    if quantization is not None:
+        # Quantized as each weight is read, on the target device: the full-precision model never exists there.
+        kwargs["quantization_config"] = quantization
         kwargs["device_map"] = {"": device}
-    if quant == "8bit":
-        # LLM.int8 logs "inputs will be cast ... to float16" on every matmul call: thousands of stderr lines.
-        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     hf_logging.disable_progress_bar()  # our own progress goes to stderr; keep transformers' bars off it
     try:
         model = MonkeyForCausalLM.from_pretrained(str(folder), **kwargs)
@@ -248,7 +247,7 @@ def load_model(
         raise CheckpointError(f"{folder}: cannot load weights ({first})") from None
     finally:
         hf_logging.enable_progress_bar()
-    if quantization_config is None:
+    if quantization is None:
         model = model.to(device)
     # from_pretrained derives one from config.json, whose use_cache=false is a training leftover.
     model.generation_config = default_generation_config(config)

@@ -2,8 +2,8 @@
 
 Everything here is arithmetic on a `MonkeyConfig` (no torch at import): the parameter inventory is
 derived from the config and matches the real checkpoint's state dict key for key (Monkey's, or TextMonkey's with
-its shifted-window layers and token resampler, from `config.family`), the weight bytes
-follow how bitsandbytes stores LLM.int8 and NF4 weights, and the activation terms are deliberately
+its shifted-window layers and token resampler, from `config.family`), the weight bytes follow how torchao
+stores int8 weight-only and bitsandbytes NF4 weights, and the activation terms are deliberately
 conservative working sets (a plan that says "fits" should not run out of memory halfway through a PDF).
 Only `device_budget` touches torch, to ask a CUDA device how much memory is free.
 
@@ -42,11 +42,13 @@ RESAMPLER_QUERIES = 256  # attn_pool's queries: the tokens each view gives
 NF4_BLOCKSIZE = 64
 NF4_NESTED_BLOCKSIZE = 256
 NF4_CONSTANT_BYTES = (16 + 256 + 1) * 4  # per tensor: the NF4 code, the nested dynamic code, the offset
+INT8_ROW_BYTES = 4 + 1  # torchao Int8Tensor: a float32 scale and an int8 zero point per output row
 
 # The generation engine's KV cache (monkey_cli.engine): one row per decode slot, its length rounded up to whole
 # blocks so that a slightly longer prompt does not need a new cache (and a new compiled graph); and the image
 # prefixes it keeps for the other questions of a page (each the KV of one prompt up to the end of its image).
 KV_LENGTH_BLOCK = 256
+KV_SPARE_POSITIONS = 1  # past the last block (see SlotCache: attention's view is never the whole tensor)
 KEPT_PREFIXES = 1
 
 # Defaults for a plan when the caller does not know the prompt yet.
@@ -266,12 +268,12 @@ def normalize_dtype(dtype: Any) -> str:
 
 
 def quantizable(in_features: int, quant: str, out_features: int | None = None) -> bool:
-    """Whether bitsandbytes can hold a Linear of this shape at `quant`.
+    """Whether `quant` can hold a Linear of this shape (bitsandbytes for 4bit, torchao for 8bit).
 
     bitsandbytes' CPU 4-bit kernels need in_features to be a multiple of the NF4 block size (64), and
     0.50's CPU weight repacking for eval mode also asserts out_features % 32 == 0 (seen on the tiny ViT's
     64 -> 315 mlp.c_fc). Such layers stay in the compute dtype on every device, so the memory plan and
-    the loader always agree; LLM.int8 has no such restriction.
+    the loader always agree; int8 weight-only (one scale per output row) has no such restriction.
     """
     quant = normalize_quant(quant)
     if quant == "none":
@@ -302,8 +304,8 @@ def quantized_modules(config: MonkeyConfig, quant: str, quant_vision: bool = Fal
 
 def _quantized_weight_bytes(numel: int, out_features: int, quant: str) -> int:
     if quant == "8bit":
-        # LLM.int8: int8 weights plus one float32 scale per output row (Int8Params.SCB).
-        return numel + 4 * out_features
+        # torchao int8 weight-only: int8 weights plus, per output row, a float32 scale and an int8 zero point.
+        return numel + INT8_ROW_BYTES * out_features
     # NF4 with double quantisation: two weights per byte; one uint8 absmax per 64 weights; one float32
     # scale per 256 absmax values; and the per-tensor code tables and offset.
     blocks = math.ceil(numel / NF4_BLOCKSIZE)
@@ -330,7 +332,7 @@ class MemoryPlan:
     decoder_bytes: int  # working set of one decoder layer at prefill
     kv_cache_bytes: int  # keys and values of every layer at the longest sequence
     logits_bytes: int
-    quant_workspace_bytes: int  # bitsandbytes' temporaries in a quantized matmul
+    quant_workspace_bytes: int  # temporaries of a quantized matmul (the weight dequantized at prefill)
     overhead_bytes: int  # runtime overhead and safety margin
     budget_bytes: int | None = None  # what the device offered, when known
 
@@ -409,18 +411,19 @@ def plan(
             unquantized += tensor.numel * count
             weight_bytes += tensor.numel * width * count
 
-    tokens = -(-(prompt_tokens + max_new_tokens) // KV_LENGTH_BLOCK) * KV_LENGTH_BLOCK
+    # Each slot's row: the sequence rounded up to whole blocks, plus the cache's one spare position.
+    tokens = -(-(prompt_tokens + max_new_tokens) // KV_LENGTH_BLOCK) * KV_LENGTH_BLOCK + KV_SPARE_POSITIONS
     vision = _vision_working_set(config, batch_size, width)
-    # The engine prefills one prompt at a time (its pages' vision features are batched).
-    decoder = _decoder_working_set(config, 1, prompt_tokens, width)
+    # The engine prefills the prompts it admits together: up to one per decode slot in one padded batch.
+    decoder = _decoder_working_set(config, batch_size, prompt_tokens, width)
     # K and V for every layer: every decode slot (batch_size of them) at every position an answer can reach,
     # and the image prefixes kept for the other questions of a page.
     per_position = 2 * config.num_hidden_layers * config.hidden_size * width
     kv_cache = per_position * (batch_size * tokens + KEPT_PREFIXES * prompt_tokens)
-    # Next-token logits in float32 (the model keeps only the last position's), and the processed
-    # scores / probabilities generate() derives from them.
-    logits = 2 * batch_size * config.vocab_size * 4
-    workspace = _quant_workspace(config, quant, quant_vision, batch_size, prompt_tokens, width)
+    # Per slot and step, float32 rows over the vocabulary: the logits, the masked scores, the sampler's noise
+    # draws, and its sorted copy, sort order (int64) and probabilities.
+    logits = 7 * batch_size * config.vocab_size * 4
+    workspace = _quant_workspace(config, quant, quant_vision, width)
     margin = int(SAFETY_MARGIN * (weight_bytes + max(vision, decoder) + kv_cache + logits + workspace))
     return MemoryPlan(
         quant=quant,
@@ -506,24 +509,16 @@ def _decoder_working_set(config: MonkeyConfig, batch_size: int, prompt_tokens: i
 
 
 def _quant_workspace(
-    config: MonkeyConfig, quant: str, quant_vision: bool, batch_size: int, prompt_tokens: int, width: int
+    config: MonkeyConfig, quant: str, quant_vision: bool, width: int
 ) -> int:
     """Temporaries of the largest quantized matmul at prefill (zero without quantization)."""
-    vit_tokens = batch_size * config.vision.num_views * config.vision.patches_per_side**2
     largest = 0
     for tensor, _count in parameter_groups(config):
         if not _is_quantized(tensor, quant, quant_vision):
             continue
-        if quant == "4bit":
-            # NF4 matmuls on more than one row dequantize the whole weight to the compute dtype first.
-            need = tensor.numel * width
-        else:
-            # LLM.int8: the int8 copy of the input rows, the int32 product, and the dequantized outlier
-            # columns (counted as the whole weight dequantized, the conservative case).
-            out_features, in_features = tensor.shape
-            rows = vit_tokens if tensor.component == VIT_LINEARS else batch_size * prompt_tokens
-            need = rows * (in_features + 4 * out_features) + tensor.numel * width
-        largest = max(largest, need)
+        # NF4 matmuls on more than one row, and int8 weight-only ones outside a compiled graph (the prefill),
+        # convert the whole weight to the compute dtype first.
+        largest = max(largest, tensor.numel * width)
     return largest
 
 
@@ -593,7 +588,11 @@ def _first_fitting(
 # --- choosing what to run ------------------------------------------------------------------------
 
 # `--quant auto` tries these from the most faithful to the most compressed: the checkpoint's own precision,
-# then the decoder in 8 and 4 bits, and quantizing the vision tower too only as the last resort.
+# then the decoder in 8 and 4 bits, and quantizing the vision tower too only as the last resort. int8
+# weight-only comes before NF4 on quality (prefill logits on the tiny checkpoints: 1 - cosine to float32 of
+# 9e-6 and 6e-5 against NF4's 1.5e-3 and 1.2e-2, bf16 itself 3e-5 and 9e-5) and on speed (both read fewer
+# bytes than bf16 per step; int8 dequantises with one multiply, inside the compiled step, where NF4 needs a
+# table lookup per weight and bitsandbytes' kernels): docs/benchmarks.md.
 AUTO_OPTIONS: tuple[tuple[str, bool], ...] = (
     ("none", False),
     ("8bit", False),
@@ -644,7 +643,7 @@ def choose(
         return _with_batch(config, wanted, batch_size, budget_bytes, device, options, notes=None)
     candidates = [(q, qv) for q, qv in AUTO_OPTIONS if q in available and (qv or not quant_vision)]
     if not candidates:
-        raise UsageError("--quant-vision needs --quant 8bit or 4bit, and those need bitsandbytes")
+        raise UsageError("--quant-vision needs --quant 8bit or 4bit, and those need torchao or bitsandbytes")
     plans = [plan(config, q, quant_vision=qv, budget_bytes=budget_bytes, **options) for q, qv in candidates]
     chosen = next((p for p in plans if p.fits is not False), None)
     if chosen is None:
@@ -719,7 +718,7 @@ def _nothing_fits(smallest: MemoryPlan, budget: int | None, device: str, availab
         f"but {device} has {format_bytes(budget)} {_free_word(device)}"
     )
     if set(QUANTS) - set(available):
-        message += "; --quant 8bit and 4bit need bitsandbytes (pip install bitsandbytes)"
+        message += "; --quant 8bit needs torchao and 4bit bitsandbytes (pip install torchao bitsandbytes)"
     return message
 
 

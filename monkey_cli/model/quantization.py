@@ -1,4 +1,13 @@
-"""--quant none|8bit|4bit through transformers' BitsAndBytesConfig.
+"""--quant none|8bit|4bit: the quantization config transformers' loader applies while it reads the weights.
+
+- `8bit`: int8 weight-only (torchao's `Int8WeightOnlyConfig`: one int8 per weight, a float32 scale per output
+  row; activations stay in the compute dtype). Its matmul is plain tensor code (`x @ w.to(dtype) * scale`), no
+  data-dependent shapes, no host syncs: the decode step compiles whole, inductor folds the dequantisation into
+  the matmul, and the step is captured as a CUDA graph like the bf16 one. It replaced bitsandbytes' LLM.int8,
+  whose outlier handling computes data-dependent shapes and syncs the host about twice per Linear (so it
+  cannot be captured) and measured 3x slower than bf16 on an H100, for no better quality (see
+  docs/benchmarks.md).
+- `4bit`: bitsandbytes NF4 with double quantization, compute in the model's dtype.
 
 The decoder's Linear layers are quantized; the vision tower, resampler, embeddings and lm_head stay in the
 compute dtype unless `quant_vision` also converts the ViT's Linear layers. Which modules convert is decided
@@ -7,6 +16,8 @@ once, in `memory.quantized_modules`, so the memory plan and the loader always ag
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 from monkey_cli.errors import UsageError
@@ -16,6 +27,10 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from monkey_cli.model.configuration import MonkeyConfig
+
+# At import, torchao logs that optional native kernels (for other GPUs and formats) are missing, none of which
+# --quant 8bit uses, and torch's pytree logs a deprecation about how torchao registers an enum.
+_TORCHAO_IMPORT_NOISE = ("torchao", "torch.utils._pytree")
 
 
 def linear_module_names(config: MonkeyConfig) -> list[str]:
@@ -30,25 +45,75 @@ def linear_module_names(config: MonkeyConfig) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
 
-def bitsandbytes_config(
+def quantization_config(
     config: MonkeyConfig, quant: str, compute_dtype: torch.dtype, quant_vision: bool = False
 ) -> Any | None:
-    """The BitsAndBytesConfig for `quant`, skipping every Linear that must stay in the compute dtype."""
+    """The transformers quantization config for `quant`, skipping every Linear that must stay in the compute
+    dtype (None for --quant none)."""
     if quant == "none":
         if quant_vision:
             raise UsageError("--quant-vision needs --quant 8bit or 4bit")
         return None
+    converted = set(quantized_modules(config, quant, quant_vision))
+    skipped = [name for name in linear_module_names(config) if name not in converted]
+    if quant == "8bit":
+        return _int8_weight_only_config(skipped)
     from transformers import BitsAndBytesConfig
 
-    converted = set(quantized_modules(config, quant, quant_vision))
-    # Exact names (anchored) so "lm_head" or a vision layer never matches a decoder layer by prefix.
-    skip = [f"^{name}$" for name in linear_module_names(config) if name not in converted]
-    if quant == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
-        llm_int8_skip_modules=skip,
+        # Exact names (anchored) so "lm_head" or a vision layer never matches a decoder layer by prefix.
+        llm_int8_skip_modules=[f"^{name}$" for name in skipped],
     )
+
+
+def _int8_weight_only_config(skipped: list[str]) -> Any:
+    from transformers import TorchAoConfig
+
+    try:
+        Int8WeightOnlyConfig = import_torchao().quantization.Int8WeightOnlyConfig
+    except ImportError:
+        raise UsageError("--quant 8bit needs torchao, which is not installed here: pip install torchao") from None
+    # set_inductor_config=False: torchao would otherwise switch on inductor's autotuning for the whole process.
+    return TorchAoConfig(Int8WeightOnlyConfig(set_inductor_config=False), modules_to_not_convert=skipped)
+
+
+def import_torchao() -> Any:
+    """torchao, imported without its log lines about native kernels this machine does not need."""
+    loggers = [logging.getLogger(name) for name in _TORCHAO_IMPORT_NOISE]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        import torchao
+        import torchao.quantization  # noqa: F401
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+    return torchao
+
+
+class _EnumConstantNotice(logging.Filter):
+    """Drops torch's deprecation notice about how torchao registers its enums (one line per enum, logged as
+    torchao's modules are imported, some by transformers at any load): it concerns torchao, not the user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is an Enum subclass and is now natively supported" not in str(record.msg)
+
+
+def import_torchao_quietly() -> None:
+    """Import torchao (when installed) without its import-time log lines, before transformers does: its
+    quantizer registry imports torchao whenever it is installed, whatever --quant says."""
+    pytree = logging.getLogger("torch.utils._pytree")
+    if not any(isinstance(f, _EnumConstantNotice) for f in pytree.filters):
+        pytree.addFilter(_EnumConstantNotice())
+    with contextlib.suppress(ImportError):  # no torchao: nothing to silence, and --quant 8bit says so later
+        import_torchao()
+
+
+def is_int8_weight(weight: Any) -> bool:
+    """Whether a parameter holds torchao int8 weight-only data (what --quant 8bit makes of a Linear)."""
+    return type(weight).__name__ == "Int8Tensor"

@@ -163,7 +163,9 @@ class EngineStats(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["loading", "ready", "failed"]
+    status: Literal["loading", "warming", "ready", "failed"] = Field(
+        description="warming: loaded, compiling and capturing the decode step (503 until ready)."
+    )
     model: str
     quant: str | None = None
     device: str | None = None
@@ -172,6 +174,10 @@ class Health(BaseModel):
     pending: int = Field(0, description="Generations submitted and not finished (waiting or decoding).")
     max_queue: int
     engine: EngineStats | None = None
+    compile: dict[str, Any] | None = Field(
+        None, description="How the decode step runs: mode (cudagraphs, inductor, eager), graphs, recompiles, "
+        "CUDA graphs captured or skipped, fallbacks and why (`monkey_cli.engine.step.CompileReport`).",
+    )
 
 
 # --- errors --------------------------------------------------------------------------------------------

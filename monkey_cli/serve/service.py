@@ -108,11 +108,14 @@ class ModelService:
 
         try:
             monkey = self._load_model()
-            loop = EngineLoop(monkey.scheduler(monkey.batch_size))
+            self.monkey, self.state = monkey, "warming"
+            scheduler = monkey.scheduler(monkey.batch_size)
+            scheduler.warm_up()  # the cache and every compiled graph, before the first request waits for them
+            loop = EngineLoop(scheduler)
         except BaseException as exc:
             self.failure, self.state = exc, "failed"
             raise
-        self.monkey, self.loop, self.state = monkey, loop, "ready"
+        self.loop, self.state = loop, "ready"
 
     def _load_from_settings(self) -> Monkey:
         from monkey_cli.api import Monkey
@@ -146,7 +149,8 @@ class ModelService:
             return self.monkey
         if self.state == "failed":
             raise APIError(503, "the model failed to load (see the server's log)", code="model_unavailable")
-        raise APIError(503, "the model is still loading: GET /health says when it is ready", code="model_loading")
+        doing = "warming up (compiling the decode step)" if self.state == "warming" else "still loading"
+        raise APIError(503, f"the model is {doing}: GET /health says when it is ready", code="model_loading")
 
     def health(self) -> dict[str, Any]:
         monkey, loop = self.monkey, self.loop
@@ -163,6 +167,7 @@ class ModelService:
                 slots=loop.scheduler.slots,
                 pending=loop.pending,
                 engine=dataclasses.asdict(loop.scheduler.stats),
+                compile=loop.scheduler.compile_report(),
             )
         return health
 
@@ -189,15 +194,31 @@ class ModelService:
 
         prompt = tasks.vqa_prompt(job.question, getattr(monkey, "family", "monkey"))
         ids = self._prompt_ids(monkey, prompt, job.max_tokens, "messages")
+        max_tokens = self._answer_room(ids, job.max_tokens)
         page = uploads.open_page(job.image, monkey.processor.input_size, job.image_param, self.render_timeout)
         return GenerationRequest(
             ids,
             image=monkey.preprocess(page.image),
             image_key=(job.client, *job.image.key),
-            params=monkey.sampling_params(job.max_tokens, **job.sampling),
+            params=monkey.sampling_params(max_tokens, **job.sampling),
             on_token=on_token,
             group=new_group(),
         )
+
+    def _answer_room(self, ids: list[int], max_tokens: int) -> int:
+        """`max_tokens`, cut to what the engine's cache holds after the prompt: the cache was sized once, at
+        start-up, for --max-new-tokens after a question; a longer sequence would make the engine grow it and
+        compile again while every other request waits."""
+        limit = self.loop.scheduler.max_length if self.loop is not None else None
+        if limit is None:
+            return max_tokens
+        if len(ids) >= limit:
+            raise bad_request(
+                f"the prompt is {len(ids):,} tokens, over this server's {limit:,}-token cache: shorten the question",
+                "messages",
+                code="context_length_exceeded",
+            )
+        return min(max_tokens, limit - len(ids))
 
     @staticmethod
     def _prompt_ids(monkey: Monkey, prompt: tasks.Prompt, max_tokens: int, param: str) -> list[int]:

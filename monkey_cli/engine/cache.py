@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from monkey_cli.engine.constraints import bitmask_words
 from monkey_cli.model.configuration import MonkeyConfig
 from monkey_cli.model.memory import KV_LENGTH_BLOCK as LENGTH_BLOCK  # the memory plan counts the same blocks
 
@@ -42,10 +43,6 @@ def length_buckets(max_length: int) -> list[int]:
 def length_bucket(needed: int, max_length: int) -> int:
     """The smallest bucket that holds `needed` key positions."""
     return next(size for size in length_buckets(max_length) if size >= needed)
-
-
-def bitmask_words(vocab_size: int) -> int:
-    return -(-vocab_size // 32)
 
 
 class SlotCache:

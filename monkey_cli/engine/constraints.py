@@ -34,10 +34,14 @@ class TokenConstraint(Protocol):
     def is_terminated(self) -> bool: ...
 
 
+def bitmask_words(vocab_size: int) -> int:
+    """How many int32 words a bitmask row has for a vocabulary of `vocab_size` tokens: ceil(vocab / 32)."""
+    return -(-vocab_size // 32)
+
+
 def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
     """An all-ones bitmask [rows, ceil(vocab/32)] (int32) in pinned memory where a GPU exists."""
-    words = -(-vocab_size // 32)
-    mask = torch.full((rows, words), -1, dtype=torch.int32)
+    mask = torch.full((rows, bitmask_words(vocab_size)), -1, dtype=torch.int32)
     return mask.pin_memory() if torch.cuda.is_available() else mask
 
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from monkey_cli.engine.constraints import bitmask_words
+
 TOP_LOGPROBS = 20  # the most alternatives a request may ask log-probabilities for (as OpenAI's API allows)
 # Below any temperature a person would choose: a smaller one (1e-300 is 0 in float32) is clamped to it, which
 # still means "take the best token".
@@ -196,7 +198,7 @@ def choose_summaries(
     """`choose_tokens`, returning the whole summary rows (see `summarize`)."""
     device, rows = logits.device, logits.shape[0]
     if bitmask is None:
-        bitmask = torch.full((rows, -(-logits.shape[-1] // 32)), -1, dtype=torch.int32, device=device)
+        bitmask = torch.full((rows, bitmask_words(logits.shape[-1])), -1, dtype=torch.int32, device=device)
     too_early = torch.tensor([n < p.min_new_tokens for n, p in zip(generated, params, strict=True)], device=device)
     scores = blocked_scores(logits, too_early, bitmask.to(device), eos_id)
     summary = summarize(logits, scores.argmax(-1))

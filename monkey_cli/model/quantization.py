@@ -17,7 +17,6 @@ once, in `memory.quantized_modules`, so the memory plan and the loader always ag
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import TYPE_CHECKING, Any
 
 from monkey_cli.errors import UsageError
@@ -30,9 +29,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # At import, torchao logs that optional native kernels (for other GPUs and formats) are missing, none of which
 # --quant 8bit uses, and torch's pytree logs a deprecation about how torchao registers an enum.
-_TORCHAO_IMPORT_NOISE = ("torchao", "torch.utils._pytree")
-
-
 def linear_module_names(config: MonkeyConfig) -> list[str]:
     """Every nn.Linear of the model built from `config` (on the meta device: no memory)."""
     import torch
@@ -82,35 +78,17 @@ def _int8_weight_only_config(skipped: list[str]) -> Any:
 
 
 def import_torchao() -> Any:
-    """torchao, imported without its log lines about native kernels this machine does not need."""
-    loggers = [logging.getLogger(name) for name in _TORCHAO_IMPORT_NOISE]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        import torchao
-        import torchao.quantization  # noqa: F401
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
+    """torchao (its import-time notes are filtered out: see `monkey_cli.model`)."""
+    import torchao
+    import torchao.quantization  # noqa: F401
+
     return torchao
 
 
-class _EnumConstantNotice(logging.Filter):
-    """Drops torch's deprecation notice about how torchao registers its enums (one line per enum, logged as
-    torchao's modules are imported, some by transformers at any load): it concerns torchao, not the user."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "is an Enum subclass and is now natively supported" not in str(record.msg)
-
-
 def import_torchao_quietly() -> None:
-    """Import torchao (when installed) without its import-time log lines, before transformers does: its
-    quantizer registry imports torchao whenever it is installed, whatever --quant says."""
-    pytree = logging.getLogger("torch.utils._pytree")
-    if not any(isinstance(f, _EnumConstantNotice) for f in pytree.filters):
-        pytree.addFilter(_EnumConstantNotice())
-    with contextlib.suppress(ImportError):  # no torchao: nothing to silence, and --quant 8bit says so later
+    """Import torchao now when it is installed (before transformers' quantizer registry does, whatever --quant
+    says), so that nothing of it is imported later in the middle of a run."""
+    with contextlib.suppress(ImportError):  # no torchao: --quant 8bit says so when asked for
         import_torchao()
 
 

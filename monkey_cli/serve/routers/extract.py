@@ -118,8 +118,8 @@ async def _read(request: Request) -> ExtractJob:
     if content_type in ("application/json", ""):
         try:
             body = await request.json()
-        except ValueError as exc:
-            raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
+            raise bad_request(f"the request body is not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
         payload = _validated(ExtractJSON, body)
         document = uploads.parse_image_url(payload.document, "document")
         if document.page != 1:
@@ -199,7 +199,7 @@ def _prepare(service: ModelService, job: ExtractJob) -> Any:
         raise bad_request(
             f"{count} fields; this server asks at most {settings.max_questions} questions per request "
             "(--max-questions): send the others in another request",
-            "schema",
+            "schema" if fields.schema_ is not None else "field",
             code="too_many_questions",
         )
     pages = service.check_pages(Source(job.name, data=job.data), fields.pages, fields.password)

@@ -277,6 +277,31 @@ def test_response_formats_compile_once_and_strict_refuses_what_it_cannot_enforce
         grammars.get(_format({"type": "strin"}, strict=False), monkey)
 
 
+@pytest.mark.parametrize(
+    ("schema", "words"),
+    [
+        ({"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}, "no JSON document satisfies it"),
+        ({"enum": [f"v{i}" for i in range(100_000)]}, "too big"),  # llguidance's limits, not a hang
+        ({"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(20_000)}}, "too large"),
+        ({"type": "object", "properties": {"a": {"type": "number", "minimum": float("nan")}}}, "not plain JSON"),
+    ],
+    ids=["no document", "a huge enum", "a huge object", "NaN"],
+)
+def test_hostile_schemas_are_400s_in_a_moment(tokenizer, schema: dict, words: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(APIError, match=words) as caught:
+        completions.ResponseGrammars().get(_format(schema), _monkey(tokenizer))
+    assert caught.value.code == "invalid_schema" and time.monotonic() - started < 10
+
+
+def test_a_schema_nested_too_deeply_is_a_400(tokenizer) -> None:
+    schema: dict = {"type": "string"}
+    for _ in range(3000):
+        schema = {"type": "array", "items": schema}
+    with pytest.raises(APIError, match="nested too deeply|cannot be enforced"):
+        completions.ResponseGrammars().get(_format(schema), _monkey(tokenizer))
+
+
 # --- a chat image's page budget ------------------------------------------------------------------------------
 
 

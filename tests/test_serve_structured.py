@@ -434,6 +434,10 @@ def test_extract_returns_the_record_of_monkey_extract(server, tiny_sharp_dir: Pa
     response = _extract(server, SAMPLES_DIR / "report.pdf", **EXTRACT_OPTIONS)
     assert response.status_code == 200, response.text
     assert _without_seconds(response.json()) == _without_seconds(expected)
+    files = {"file": ("report.pdf", (SAMPLES_DIR / "report.pdf").read_bytes())}
+    data = {**EXTRACT_OPTIONS, "schema": json.dumps(EXTRACT_SCHEMA)}  # a text field, as curl -F 'schema={...}'
+    as_text = httpx.post(f"{server.base}/v1/extract", files=files, data=data, timeout=300)
+    assert _without_seconds(as_text.json()) == _without_seconds(expected)
     pdf = base64.b64encode((SAMPLES_DIR / "report.pdf").read_bytes()).decode()
     body = {"document": f"data:application/pdf;base64,{pdf}", "name": "report.pdf", "schema": EXTRACT_SCHEMA,
             **{**EXTRACT_OPTIONS, "min_confidence": 0.5, "all_pages": True, "max_tokens": 24}}  # fmt: skip

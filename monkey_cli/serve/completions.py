@@ -198,7 +198,9 @@ class ResponseGrammars:
         vocabulary = [str(monkey.tokenizer.vocab_file), monkey.model.config.vocab_size]
         try:
             key = json.dumps([schema, strict, vocabulary], sort_keys=True, allow_nan=False)
-        except (TypeError, ValueError, RecursionError):
+        except RecursionError:
+            raise bad_request("the schema is nested too deeply", param, code="invalid_schema") from None
+        except (TypeError, ValueError):
             raise bad_request("the schema is not plain JSON", param, code="invalid_schema") from None
         with self._lock:
             if key in self._compiled:
@@ -225,7 +227,7 @@ def _compile(schema: dict[str, Any], strict: bool, monkey: Any, param: str) -> C
     try:
         grammar = LLMatcher.grammar_from_json_schema(schema, defaults=options)
         vocabulary = llguidance_tokenizer(monkey.tokenizer, monkey.model.config.vocab_size)
-        return CompiledGrammar(grammar, vocabulary, name="schema", stop_at_end=True)
+        compiled = CompiledGrammar(grammar, vocabulary, name="schema", stop_at_end=True)
     except (SchemaError, ValueError, RecursionError) as exc:
         detail = str(exc).removeprefix("schema: cannot constrain answers to it: ")
         hint = " (strict: true takes only what the grammar enforces; without it such keywords are ignored)"
@@ -234,6 +236,21 @@ def _compile(schema: dict[str, Any], strict: bool, monkey: Any, param: str) -> C
             param,
             code="invalid_schema",
         ) from None
+    if _admits_nothing(compiled, monkey.model.config.vocab_size):
+        raise bad_request("the schema cannot be enforced: no JSON document satisfies it", param, code="invalid_schema")
+    return compiled
+
+
+def _admits_nothing(compiled: CompiledGrammar, vocab_size: int) -> bool:
+    """Whether the grammar gives up before its first token (`{"$ref": "#"}`: no document satisfies it); the
+    engine would otherwise find every token masked."""
+    import torch
+
+    from monkey_cli.engine.constraints import bitmask_words
+
+    constraint = compiled.constraint()
+    constraint.fill_next_token_bitmask(torch.zeros((1, bitmask_words(vocab_size)), dtype=torch.int32), 0)
+    return constraint.is_terminated()
 
 
 # --- stop strings --------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.datastructures import UploadFile
 
 from monkey_cli.serve import uploads
@@ -58,6 +58,11 @@ class ExtractFields(BaseModel):
         None, ge=2, le=MAX_TOKENS, description=f"The longest string or list answer (default {DEFAULT_MAX_TOKENS})."
     )
     null_probability: bool = Field(True, description="Score \"not found\" where a field may be missing.")
+
+    @field_validator("field", mode="before")
+    @classmethod
+    def _one_field(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # one short form, not in a list
 
 
 class ExtractJSON(ExtractFields):

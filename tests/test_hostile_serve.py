@@ -359,6 +359,7 @@ def test_no_response_names_the_models_path(server, tiny_sharp_dir: Path) -> None
         _post(server, _chat(stream=True)),
         _post(server, None, "/v1/documents", files=files, data={"question": "q", "max_tokens": "2"}),
         httpx.get(f"{server.base}/openapi.json", timeout=30),
+        _post(server, None, "/v1/extract", files=files, data={"field": "total:number", "max_tokens": "4"}),
     ]
     for response in responses:
         assert secret not in response.text, response.request.url
@@ -366,6 +367,7 @@ def test_no_response_names_the_models_path(server, tiny_sharp_dir: Path) -> None
     assert server.health()["model"] == name
     assert responses[3].json()["model"] == name
     assert {record["model"] for record in responses[5].json()["records"]} == {name}
+    assert [record["model"] for record in responses[7].json()["records"]] == [name]
 
 
 # --- pages that take hours to draw ------------------------------------------------------------------------------

@@ -132,7 +132,9 @@ def test_a_follow_up_question_reuses_the_page_features(client, server) -> None:
     after = server.health()["engine"]
     assert middle["images_encoded"] == before["images_encoded"] + 1
     assert after["images_encoded"] == middle["images_encoded"], "the follow-up should reuse the page's features"
-    alone = _ask(client, url, "And what colour is it?")
+    # The turns rule (docs/serve.md): earlier turns become plain-text lines before the question.
+    rule = f"User: What is in the picture?\nAssistant: {first.choices[0].message.content}\nAnd what colour is it?"
+    alone = _ask(client, url, rule)
     assert follow_up.choices[0].message.content == alone.choices[0].message.content
 
 

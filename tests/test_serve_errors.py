@@ -107,7 +107,11 @@ BAD_CHATS = {
     ),
     "no messages": ({"messages": []}, 400, None, "messages"),
     "a temperature too high": ({**_chat(CHART), "temperature": 7}, 400, None, "temperature"),
-    "several choices": ({**_chat(CHART), "n": 3}, 400, None, "n"),
+    "more choices than OpenAI allows": ({**_chat(CHART), "n": 129}, 400, None, "n"),
+    "five stop strings": ({**_chat(CHART), "stop": ["a", "b", "c", "d", "e"]}, 400, None, "stop"),
+    "tool calling": ({**_chat(CHART), "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+                     "unsupported_parameter", "tools"),
+    "an unknown field": ({**_chat(CHART), "guided_regex": "a+"}, 400, "unsupported_parameter", "guided_regex"),
     "the assistant last": (
         {"messages": [image_message(CHART, "Hi?"), {"role": "assistant", "content": "Hello"}]},
         400, None, "messages.1.role",

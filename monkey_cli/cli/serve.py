@@ -117,14 +117,14 @@ MaxQuestions = Annotated[
     int,
     typer.Option(
         "--max-questions", metavar="N", parser=positive_int, rich_help_panel=SERVER,
-        help="Most questions one document request may ask.",
+        help="Most questions one document request may ask (fields, for /v1/extract).",
     ),
 ]  # fmt: skip
 MaxAnswers = Annotated[
     int,
     typer.Option(
         "--max-answers", metavar="N", parser=positive_int, rich_help_panel=SERVER,
-        help="Most answers (pages x questions) one document request may ask for.",
+        help="Most answers one request may ask for: pages x questions (or fields), or a chat request's n.",
     ),
 ]  # fmt: skip
 BodyTimeout = Annotated[

@@ -236,6 +236,12 @@ class QWenTokenizer:
                 )
         return self._encoding.decode(ids, errors="replace")
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a BPE token stands for (part of a UTF-8 character, maybe); b"" for a special token or an id
+        beyond the tokenizer, which an answer's text leaves out (`decode(..., skip_special_tokens=True)`)."""
+        token = self._id_to_token.get(token_id)
+        return token if isinstance(token, bytes) else b""
+
     def decode_grounded(self, ids: Iterable[int] | Any) -> str:
         """Text of generated `ids` with the grounding tags (`<ref>`, `</ref>`, `<box>`, `</box>`, `<quad>`,
         `</quad>`) written out, as the original demo decodes an answer to find positions in it; every other

@@ -32,7 +32,7 @@ from monkey_cli.serve.middleware import (
     SecurityHeadersMiddleware,
     host_names,
 )
-from monkey_cli.serve.routers import chat, documents, health, models, web
+from monkey_cli.serve.routers import chat, documents, extract, health, models, web
 from monkey_cli.serve.service import ClientGone, ModelService
 
 log = logging.getLogger("monkey_cli.serve")
@@ -67,7 +67,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.service = service
-    for router in (chat.router, documents.router, models.router, health.router, web.router):
+    for router in (chat.router, documents.router, extract.router, models.router, health.router, web.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(packages=[("monkey_cli.serve", "static")]), name="static")
     _install_error_handlers(app, service, verbose)
@@ -167,6 +167,8 @@ def _validation_error(errors: list[dict[str, Any]]) -> APIError:
         return bad_request(f"the request body is not valid JSON: {reason}".rstrip(": "), code="invalid_json")
     # Union branches show up in the location as type names ("list[tagged-union[...]]"): not the client's words.
     where = [str(part) for part in first.get("loc", ()) if part != "body" and "[" not in str(part)]
+    # A tagged union's branch shows up as its tag, which is also its field's name here ("json_schema.json_schema")
+    where = [part for i, part in enumerate(where) if i == 0 or part != where[i - 1]]
     if not where:
         return bad_request("the request body must be a JSON object (Content-Type: application/json)")
     param = ".".join(where)

@@ -1,9 +1,9 @@
 """Request and response bodies in OpenAI's shapes (chat completions, models, errors), and this server's own.
 
-Requests accept what OpenAI's clients send: fields this server has no use for (`user`, `metadata`,
-`logit_bias`, `tools`, ...) are accepted and ignored, as other OpenAI-compatible servers do; fields whose
-meaning it cannot honour (`n` other than 1, `stop`) are refused with a 400 naming them, rather than
-silently answering something else than was asked. Numbers are bounded to what decoding can honour: a
+A chat request is read the way OpenAI's clients send it, and nothing in it is silently dropped: the fields
+this server honours are declared here; the others are judged by `completions.check_supported` (accepted
+when they change nothing in an answer, such as `user` or `metadata`, or when they hold their neutral value,
+such as `tools: []`; otherwise a 400 naming them). Numbers are bounded to what decoding can honour: a
 temperature or top_p too close to 0 overflows the sampler's arithmetic (its probabilities become NaN), and a
 seed outside 64 bits cannot seed a generator; each is a 400 naming the field.
 """
@@ -20,6 +20,10 @@ MIN_TOP_P = 0.001
 MAX_TOP_K = 1_000_000  # far beyond any vocabulary: the cut is then no cut
 MAX_TOKENS = 1_000_000  # what a client may ask for; the server's --max-new-tokens caps it anyway
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what a torch generator takes
+MAX_CHOICES = 128  # OpenAI's own bound on n; the server's --max-answers may lower it
+MAX_STOPS = 4  # as OpenAI
+MAX_STOP_CHARS = 1000
+MAX_TOP_LOGPROBS = 20
 
 
 class _Request(BaseModel):
@@ -57,8 +61,34 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class TextFormat(_Request):
+    type: Literal["text"]
+
+
+class JSONObjectFormat(_Request):
+    type: Literal["json_object"]
+
+
+class JSONSchemaSpec(_Request):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str | None = Field(None, max_length=64, description="Accepted (OpenAI requires it); not used.")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema", description="The JSON Schema every answer is valid for.")
+    strict: bool | None = Field(None, description="true: every keyword enforced, or a 400 naming the others.")
+
+
+class JSONSchemaFormat(_Request):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaSpec
+
+
+ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaFormat, Field(discriminator="type")]
+
+
 class ChatCompletionRequest(_Request):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # Fields not declared here are kept (model_extra) for `completions.check_supported` to judge.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str | None = Field(None, description="Accepted and ignored: the server serves one model.")
     messages: list[ChatMessage] = Field(min_length=1)
@@ -70,10 +100,26 @@ class ChatCompletionRequest(_Request):
     top_p: float | None = Field(None, ge=MIN_TOP_P, le=1)
     top_k: int | None = Field(None, ge=0, le=MAX_TOP_K, description="0: no top-k cut (not an OpenAI field).")
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    n: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES, description="Choices; greedy ones are all the same.")
+    stop: str | list[str] | None = Field(None, description=f"Up to {MAX_STOPS} strings the answer ends before.")
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(stops)}")
+        for stop in stops:
+            if not stop:
+                raise ValueError("a stop string must not be empty")
+            if len(stop) > MAX_STOP_CHARS:
+                raise ValueError(f"a stop string has at most {MAX_STOP_CHARS} characters, got {len(stop)}")
+        return value
 
     @field_validator("temperature")
     @classmethod
@@ -95,13 +141,29 @@ class Usage(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: None = None
+
+
+class TopLogprob(BaseModel):
+    token: str = Field(description="The token's text (bytes that are part of a character as \\xNN escapes).")
+    logprob: float = Field(description="The model's own log-probability (float32 log-softmax), before any change.")
+    bytes: list[int] | None = Field(description="The token's UTF-8 bytes; null for a special token.")
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
 
 
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -122,7 +184,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

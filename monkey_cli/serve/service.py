@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import io
 import itertools
 import logging
@@ -22,7 +23,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from monkey_cli import tasks
 from monkey_cli.serve import uploads
@@ -37,6 +38,7 @@ log = logging.getLogger("monkey_cli.serve")
 
 _END = object()  # the request is finished (or failed, or its time ran out)
 _GONE = object()  # the client disconnected
+T = TypeVar("T")
 _GROUPS = itertools.count(1)  # one scheduling group per HTTP request: the engine takes turns between groups
 
 
@@ -56,14 +58,17 @@ class _Abandoned(Exception):
 
 @dataclass(frozen=True)
 class ChatJob:
-    """What a chat request asks for, once read: one question about one page."""
+    """What a chat request asks for, once read: one question about one page, answered once per choice
+    (`sampling` holds each choice's settings), each answer constrained by a fresh `constraint()` if given."""
 
     question: str
     image: uploads.ImageRef
     image_param: str
     max_tokens: int
-    sampling: dict[str, Any]
+    sampling: tuple[dict[str, Any], ...] = ({},)
     client: str = ""  # who asks (routers.common.client_identity): features are shared within one client only
+    top_logprobs: int = 0  # the most likely tokens reported at each step (0-20)
+    constraint: Callable[[], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -181,29 +186,41 @@ class ModelService:
         return min(asked or self.settings.max_new_tokens, self.settings.max_new_tokens)
 
     # --- chat ---------------------------------------------------------------------------------------------
-    async def start_chat(self, job: ChatJob, on_token: Callable[[int], None] | None = None) -> RequestHandle:
-        """Read the image and the question (off the event loop) and queue the generation."""
+    async def start_chat(
+        self, job: ChatJob, on_token: Callable[[int, int], None] | None = None
+    ) -> list[RequestHandle]:
+        """Read the image and the question (off the event loop) and queue one generation per choice;
+        `on_token(choice, token)` is told each token as it is chosen."""
         monkey = self.ready()
-        request = await asyncio.to_thread(self._chat_request, monkey, job, on_token)
-        return self._submit(request)
+        requests = await asyncio.to_thread(self._chat_requests, monkey, job, on_token)
+        return [self._submit(request) for request in requests]
 
-    def _chat_request(
-        self, monkey: Monkey, job: ChatJob, on_token: Callable[[int], None] | None
-    ) -> GenerationRequest:
+    def _chat_requests(
+        self, monkey: Monkey, job: ChatJob, on_token: Callable[[int, int], None] | None
+    ) -> list[GenerationRequest]:
         from monkey_cli.engine import GenerationRequest
 
         prompt = tasks.vqa_prompt(job.question, getattr(monkey, "family", "monkey"))
         ids = self._prompt_ids(monkey, prompt, job.max_tokens, "messages")
         max_tokens = self._answer_room(ids, job.max_tokens)
         page = uploads.open_page(job.image, monkey.processor.input_size, job.image_param, self.render_timeout)
-        return GenerationRequest(
-            ids,
-            image=monkey.preprocess(page.image),
-            image_key=(job.client, *job.image.key),
-            params=monkey.sampling_params(max_tokens, **job.sampling),
-            on_token=on_token,
-            group=new_group(),
-        )
+        pixels = monkey.preprocess(page.image)
+        group = new_group()  # the choices of one request take their turn together
+        requests = []
+        for index, sampling in enumerate(job.sampling):
+            params = monkey.sampling_params(max_tokens, **sampling)
+            if job.top_logprobs:
+                params = dataclasses.replace(params, top_logprobs=job.top_logprobs)
+            requests.append(GenerationRequest(
+                ids,
+                image=pixels,
+                image_key=(job.client, *job.image.key),  # the choices share the page's features and prefix
+                params=params,
+                on_token=None if on_token is None else functools.partial(on_token, index),
+                group=group,
+                constraint=None if job.constraint is None else job.constraint(),
+            ))  # fmt: skip
+        return requests
 
     def _answer_room(self, ids: list[int], max_tokens: int) -> int:
         """`max_tokens`, cut to what the engine's cache holds after the prompt: the cache was sized once, at
@@ -234,10 +251,12 @@ class ModelService:
         assert self.loop is not None
         return self.loop.submit(request)
 
-    async def finish(self, handle: RequestHandle, client_gone: Callable[[], Awaitable[None]]) -> GenerationResult:
-        """The handle's result; cancels it when the client leaves (ClientGone) or the time runs out (504)."""
+    async def finish(
+        self, handles: list[RequestHandle], client_gone: Callable[[], Awaitable[None]]
+    ) -> list[GenerationResult]:
+        """The handles' results; cancels them when the client leaves (ClientGone) or the time runs out (504)."""
         finished = asyncio.get_running_loop().run_in_executor(
-            self._waiters, handle.wait_done, self.settings.request_timeout
+            self._waiters, _wait_all, handles, self.settings.request_timeout
         )
         gone = asyncio.ensure_future(client_gone())
         try:
@@ -245,12 +264,13 @@ class ModelService:
         finally:
             gone.cancel()
             if not finished.done() or not finished.result():
-                handle.cancel()
+                for handle in handles:
+                    handle.cancel()
         if not finished.done():
             raise ClientGone
         if not finished.result():
             raise self.timeout()
-        return handle.wait(0)
+        return [handle.wait(0) for handle in handles]
 
     def timeout(self) -> APIError:
         limit = self.settings.request_timeout
@@ -258,13 +278,13 @@ class ModelService:
                         code="timeout")
 
     async def stream_tokens(
-        self, handle: RequestHandle, tokens: asyncio.Queue[Any], client_gone: Callable[[], Awaitable[None]]
-    ) -> AsyncIterator[int]:
-        """The handle's tokens as they come (`tokens` is fed by the request's `on_token`); then the caller
-        reads `handle.wait(0)`. Cancels the request when the client leaves (ClientGone) or the time runs out
+        self, handles: list[RequestHandle], tokens: asyncio.Queue[Any], client_gone: Callable[[], Awaitable[None]]
+    ) -> AsyncIterator[Any]:
+        """What `tokens` is fed (by the requests' `on_token`) until every handle is finished; then the caller
+        reads `handle.wait(0)`. Cancels the requests when the client leaves (ClientGone) or the time runs out
         (504), and whenever the caller stops early."""
         finished = asyncio.get_running_loop().run_in_executor(
-            self._waiters, handle.wait_done, self.settings.request_timeout
+            self._waiters, _wait_all, handles, self.settings.request_timeout
         )
         finished.add_done_callback(lambda _: tokens.put_nowait(_END))  # after every token already queued
         watcher = asyncio.ensure_future(_signal_when_gone(client_gone, tokens))
@@ -277,21 +297,14 @@ class ModelService:
                 raise self.timeout()
         finally:
             watcher.cancel()
-            if not handle.done():
-                handle.cancel()
+            for handle in handles:
+                if not handle.done():
+                    handle.cancel()
 
-    def token_feed(self) -> tuple[asyncio.Queue[Any], Callable[[int], None]]:
-        """A queue on the event loop and the `on_token` (called on the engine thread) that fills it."""
+    def token_feed(self) -> tuple[asyncio.Queue[Any], Callable[[Any], None]]:
+        """A queue on the event loop and the function (called on the engine thread) that fills it."""
         queue: asyncio.Queue[Any] = asyncio.Queue()
         return queue, _threadsafe_put(asyncio.get_running_loop(), queue)
-
-    def answer_text(self, result: GenerationResult) -> str:
-        assert self.monkey is not None
-        return tasks.clean_answer(self.monkey.tokenizer.decode(result.token_ids, skip_special_tokens=True))
-
-    def text_stream(self) -> AnswerText:
-        assert self.monkey is not None
-        return AnswerText(self.monkey.tokenizer)
 
     # --- documents ----------------------------------------------------------------------------------------
     async def check_document(self, job: DocumentJob) -> None:
@@ -340,25 +353,35 @@ class ModelService:
         identical to the CLI's. With `on_event`, it also gets (on the event loop) `delta` events as the
         answers are decoded and a `record` event as each record is ready, in input order."""
         monkey = self.ready()
+        emit = None if on_event is None else _threadsafe_call(asyncio.get_running_loop(), on_event)
+        return await self.run_guarded(lambda run: self._document_records(monkey, job, run, emit), client_gone)
+
+    async def run_guarded(self, work: Callable[[_DocumentRun], T], client_gone: Callable[[], Awaitable[None]]) -> T:
+        """`work(run)` in a waiting thread, every generation it submits going through `run` (an engine loop of
+        one request's own: one scheduling group, all cancelled at once): when the client leaves (ClientGone) or
+        the time runs out (504), they are all dropped."""
         run = _DocumentRun(self.loop)
         loop = asyncio.get_running_loop()
-        emit = None if on_event is None else _threadsafe_call(loop, on_event)
-        work = loop.run_in_executor(self._waiters, self._document_records, monkey, job, run, emit)
-        work.add_done_callback(_retrieve)
+        work_done = loop.run_in_executor(self._waiters, work, run)
+        work_done.add_done_callback(_retrieve)
         gone = asyncio.ensure_future(client_gone())
         try:
             done, _ = await asyncio.wait(
-                {work, gone}, timeout=self.settings.request_timeout, return_when=asyncio.FIRST_COMPLETED
+                {work_done, gone}, timeout=self.settings.request_timeout, return_when=asyncio.FIRST_COMPLETED
             )
         except BaseException:  # cancelled (the stream carrying it was closed): drop the work
             run.abort()
             raise
         finally:
             gone.cancel()
-        if work not in done:
+        if work_done not in done:
             run.abort()
             raise ClientGone if gone in done else self.timeout()
-        return work.result()
+        return work_done.result()
+
+    def check_pages(self, source: Any, pages: str | None, password: str | None) -> int:
+        """How many pages of `source` the request selects; a 400 when it cannot be read or takes too many."""
+        return self._check_pages(self.ready(), source, pages, password)
 
     def _document_records(
         self, monkey: Monkey, job: DocumentJob, run: _DocumentRun, emit: Callable[[dict[str, Any]], None] | None
@@ -503,6 +526,12 @@ def _delta_streamer(emit: Callable[[dict[str, Any]], None]) -> Callable[..., Cal
         return on_token
 
     return factory
+
+
+def _wait_all(handles: list[RequestHandle], timeout: float) -> bool:
+    """Block until every handle is finished; False if `timeout` seconds passed first."""
+    deadline = time.monotonic() + timeout
+    return all(handle.wait_done(max(deadline - time.monotonic(), 0.0)) for handle in handles)
 
 
 def _threadsafe_put(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any]) -> Callable[[Any], None]:

@@ -110,7 +110,7 @@ def _page_number(fragment: str, param: str) -> int:
 def open_page(image: ImageRef, size: tuple[int, int], param: str, render_timeout: float | None = None) -> Page:
     """The page `image` means, rendered at `size` (height, width) as the CLI renders it, within
     `render_timeout` seconds (None: no limit); a 400 otherwise."""
-    options = Options(size, None, DEFAULT_MAX_PIXELS, DEFAULT_PDF_DPI, render_timeout)
+    options = Options(size, None, DEFAULT_MAX_PIXELS, DEFAULT_PDF_DPI, text_layer=False, render_timeout=render_timeout)
     with DOCUMENTS_LOCK:
         try:
             document = open_document(Source("image", data=image.data), options)
@@ -143,7 +143,9 @@ def selected_pages(
         selection = parse_pages(pages.strip() if pages and pages.strip() else None)
     except UsageError as exc:
         raise bad_request(str(exc).replace("--pages", "pages", 1), "pages") from None
-    options = Options(size, password, DEFAULT_MAX_PIXELS, DEFAULT_PDF_DPI, render_timeout)
+    # counting pages reads no text layer; the budget is this server's (--render-timeout), not the environment's
+    options = Options(size, password, DEFAULT_MAX_PIXELS, DEFAULT_PDF_DPI, text_layer=False,
+                      render_timeout=render_timeout)
     with DOCUMENTS_LOCK:
         try:
             document = open_document(source, options)

@@ -1,2 +1,2 @@
-"""One router per concern: chat (OpenAI's chat completions), documents (the CLI's records), models, health,
-and web (the page)."""
+"""One router per concern: chat (OpenAI's chat completions), documents (the CLI's records), extract (`monkey
+extract`'s record), models, health, and web (the page)."""

@@ -1,9 +1,10 @@
-"""POST /v1/chat/completions: OpenAI's chat format, one question about one image per request.
+"""POST /v1/chat/completions: OpenAI's chat format, questions about one image, with structured outputs.
 
-Monkey answers single questions about one image (the original's demo keeps no history): the answer is to the
-last user message's text, about the one image of the conversation. Earlier turns are not replayed to the
-model, but they may carry the image: a follow-up question in the same conversation names the same image and
-reuses its vision features (requests about the same image bytes and page share them in the engine).
+One request is one question about the one image of its conversation (the turns rule: `completions`), answered
+`n` times (greedy choices are all the same answer), each answer free text or a JSON document constrained by
+`response_format`, cut before a `stop` string, with the model's own log-probabilities when asked. The image may
+be sent again with every turn: requests about the same image bytes and page share its vision features (one
+client's only, see `routers.common.client_identity`), and so do a request's choices.
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from monkey_cli.printing import json_text
-from monkey_cli.serve import uploads
+from monkey_cli.serve import completions, uploads
 from monkey_cli.serve.errors import APIError, bad_request
 from monkey_cli.serve.routers.common import Service, client_gone, client_identity
 from monkey_cli.serve.schemas import (
@@ -38,6 +39,7 @@ log = logging.getLogger("monkey_cli.serve")
 router = APIRouter(prefix="/v1", tags=["chat"])
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_GRAMMARS = completions.ResponseGrammars()
 
 
 @router.post(
@@ -48,33 +50,44 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 async def chat_completions(body: ChatCompletionRequest, request: Request, service: Service) -> Any:
     """A chat completion; with `stream: true`, server-sent events as the answer is decoded, token by token."""
     service.ready()
-    # base64 and hashing of a large image: off the loop
+    # base64 and hashing of a large image, compiling a schema's grammar: off the loop
     job = await asyncio.to_thread(read_chat, body, service, client_identity(request))
+    stops = completions.stop_strings(body)
     if body.stream:
-        tokens, on_token = service.token_feed()
-        handle = await service.start_chat(job, on_token)
+        tokens, put = service.token_feed()
+        handles = await service.start_chat(job, lambda choice, token: put((choice, token)))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _events(service, handle, tokens, request, include_usage)
+        events = _events(service, handles, tokens, request, stops, bool(body.logprobs), include_usage)
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-    handle = await service.start_chat(job)
-    result = await service.finish(handle, lambda: client_gone(request))
-    answer = service.answer_text(result)
+    handles = await service.start_chat(job)
+    results = await service.finish(handles, lambda: client_gone(request))
+    for handle in handles:
+        completions.check_grammar_error(handle)
+    monkey = service.ready()
+    names = completions.TokenTexts(monkey.tokenizer) if body.logprobs else None
+    choices = [
+        Choice(
+            index=index,
+            message=AssistantMessage(content=completions.answer_text(monkey.tokenizer, result.token_ids, stops)),
+            finish_reason=_finish_reason(result),
+            logprobs=None if names is None else names.logprobs(result),
+        )
+        for index, result in enumerate(results)
+    ]
     return ChatCompletion(
-        id=completion_id(),
-        created=int(time.time()),
-        model=service.model_name,
-        choices=[Choice(message=AssistantMessage(content=answer), finish_reason=result.finish_reason)],
-        usage=_usage(result),
+        id=completion_id(), created=int(time.time()), model=service.model_name, choices=choices, usage=_usage(results)
     )
 
 
 def read_chat(body: ChatCompletionRequest, service: ModelService, client: str = "") -> ChatJob:
-    """The question, the one image and the sampling settings of a chat request; a 400 naming what is wrong.
-    `client` names who asks (see `client_identity`): only its own requests share this image's features."""
-    if body.n not in (None, 1):
-        raise bad_request("only one choice per request is supported (n=1)", "n")
-    if body.stop:
-        raise bad_request("stop sequences are not supported: the answer ends where the model ends it", "stop")
+    """The question, the one image, each choice's sampling and the answers' constraint of a chat request; a 400
+    naming what is wrong. `client` names who asks (see `client_identity`): only its own requests share this
+    image's features."""
+    completions.check_supported(body)
+    n = body.n or 1
+    if n > service.settings.max_answers:
+        raise bad_request(f"n={n}: this server gives at most {service.settings.max_answers} answers per request "
+                          "(--max-answers)", "n", code="too_many_answers")  # fmt: skip
     images: dict[tuple[str, str, int], tuple[uploads.ImageRef, str]] = {}
     for i, message in enumerate(body.messages):
         for j, part in enumerate(message.content if isinstance(message.content, list) else []):
@@ -100,70 +113,69 @@ def read_chat(body: ChatCompletionRequest, service: ModelService, client: str = 
             code="too_many_images",
         )
     (image, param), = images.values()
+    question = completions.question_text(body.messages)
+    monkey = service.ready()
+    grammar = _GRAMMARS.get(body, monkey)
     return ChatJob(
-        question=_question(body),
+        question=question,
         image=image,
         image_param=param,
         max_tokens=service.max_tokens(body.max_completion_tokens or body.max_tokens),
-        sampling=_sampling(body),
+        sampling=completions.choice_sampling(body),
         client=client,
+        top_logprobs=body.top_logprobs or 0,
+        constraint=completions.constraint_factory(grammar, completions.stop_strings(body), monkey.tokenizer),
     )
 
 
-def _question(body: ChatCompletionRequest) -> str:
-    index, last = len(body.messages) - 1, body.messages[-1]
-    if last.role != "user":
-        raise bad_request("the last message must be the user's question", f"messages.{index}.role")
-    if isinstance(last.content, str):
-        text = last.content
-    else:
-        text = "\n".join(part.text for part in last.content or [] if part.type == "text")
-    if not text.strip():
-        raise bad_request("the last user message has no text: ask a question about the image",
-                          f"messages.{index}.content", code="missing_question")
-    return text.strip()
+def _finish_reason(result: Any) -> str:
+    return "length" if result.finish_reason == "length" else "stop"
 
 
-def _sampling(body: ChatCompletionRequest) -> dict[str, Any]:
-    """Greedy (the original's setting) unless a temperature above 0 asks for sampling."""
-    if not body.temperature:
-        return {}
-    options: dict[str, Any] = {"do_sample": True, "temperature": body.temperature}
-    if body.top_p is not None:
-        options["top_p"] = body.top_p
-    if body.top_k is not None:
-        options["top_k"] = body.top_k
-    if body.seed is not None:
-        options["seed"] = body.seed
-    return options
-
-
-def _usage(result: Any) -> Usage:
-    completion = len(result.token_ids)
-    return Usage(prompt_tokens=result.prompt_tokens, completion_tokens=completion,
-                 total_tokens=result.prompt_tokens + completion)
+def _usage(results: Sequence[Any]) -> Usage:
+    """The prompt counted once (the choices share it), the answers' tokens of every choice."""
+    prompt = results[0].prompt_tokens
+    completion = sum(len(result.token_ids) for result in results)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 async def _events(
-    service: ModelService, handle: Any, tokens: asyncio.Queue[Any], request: Request, include_usage: bool
+    service: ModelService,
+    handles: list[Any],
+    tokens: asyncio.Queue[Any],
+    request: Request,
+    stops: tuple[str, ...],
+    logprobs: bool,
+    include_usage: bool,
 ) -> AsyncIterator[str]:
-    """OpenAI's stream: a role chunk, content chunks, a finish chunk, optionally usage, then [DONE]."""
+    """OpenAI's stream: a role chunk per choice, content chunks (with their tokens' log-probabilities when
+    asked: then one chunk per token), a finish chunk per choice, optionally usage, then [DONE]."""
     stream_id, created, model = completion_id(), int(time.time()), service.model_name
+    monkey = service.ready()
+    names = completions.TokenTexts(monkey.tokenizer) if logprobs else None
 
-    def chunk(delta: Delta, finish: str | None = None) -> str:
-        body = ChatCompletionChunk(
-            id=stream_id, created=created, model=model, choices=[ChunkChoice(delta=delta, finish_reason=finish)]
-        )
+    def chunk(index: int, delta: Delta, finish: str | None = None, result: Any = None, position: int = 0) -> str:
+        choice = ChunkChoice(index=index, delta=delta, finish_reason=finish)
+        if result is not None and names is not None:
+            choice.logprobs = names.logprobs(result, position, position + 1)
+        body = ChatCompletionChunk(id=stream_id, created=created, model=model, choices=[choice])
         return sse(body.model_dump(exclude_none=True))
 
-    yield chunk(Delta(role="assistant", content=""))
-    text = service.text_stream()
+    for index in range(len(handles)):
+        yield chunk(index, Delta(role="assistant", content=""))
+    texts = [completions.ChoiceText(monkey.tokenizer, stops) for _ in handles]
+    counts = [0] * len(handles)
     try:
-        async for token in service.stream_tokens(handle, tokens, lambda: client_gone(request)):
-            piece = text.push(token)
-            if piece:
-                yield chunk(Delta(content=piece))
-        result = handle.wait(0)
+        async for index, token in service.stream_tokens(handles, tokens, lambda: client_gone(request)):
+            piece = texts[index].push(token)
+            position, counts[index] = counts[index], counts[index] + 1
+            if names is not None:  # the engine recorded the token's log-probabilities before telling us of it
+                yield chunk(index, Delta(content=piece), result=_SoFar(handles[index]), position=position)
+            elif piece:
+                yield chunk(index, Delta(content=piece))
+        results = [handle.wait(0) for handle in handles]
+        for handle in handles:
+            completions.check_grammar_error(handle)
     except ClientGone:
         log.info("a client left before its answer was finished: its request was dropped")
         return
@@ -174,14 +186,24 @@ async def _events(
         log.error("chat stream failed: %s: %s", type(exc).__name__, exc)
         yield sse(APIError(500, "the generation failed (see the server's log)", code="internal_error").body())
         return
-    rest = text.finish(service.answer_text(result))
-    if rest:
-        yield chunk(Delta(content=rest))
-    yield chunk(Delta(), result.finish_reason)
+    for index, result in enumerate(results):
+        rest = texts[index].finish(completions.answer_text(monkey.tokenizer, result.token_ids, stops))
+        if rest:
+            yield chunk(index, Delta(content=rest))
+        yield chunk(index, Delta(), _finish_reason(result))
     if include_usage:
-        usage = ChatCompletionChunk(id=stream_id, created=created, model=model, choices=[], usage=_usage(result))
+        usage = ChatCompletionChunk(id=stream_id, created=created, model=model, choices=[], usage=_usage(results))
         yield sse(usage.model_dump())
     yield "data: [DONE]\n\n"
+
+
+class _SoFar:
+    """A running request's tokens and log-probabilities as `TokenTexts.logprobs` reads a result."""
+
+    def __init__(self, handle: Any) -> None:
+        self.token_ids = handle.tokens
+        self.logprobs = handle.logprobs
+        self.top_logprobs = handle.top_logprobs
 
 
 def sse(data: Any) -> str:

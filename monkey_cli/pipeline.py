@@ -113,6 +113,7 @@ def run(
 
     overlays = OutputFolder(options.overlay_dir, overwrite=options.overwrite) if options.overlay_dir else None
     try:
+        check_model(options.model)
         check_family_task(options.model, options.job)
         sources = documents.expand_inputs(
             list(options.inputs), stdin, exclude=_outputs_filter(folder, overlays), pipe_hint=pipe_hint(options.job)
@@ -257,6 +258,14 @@ def _outputs_filter(folder: OutputFolder | None, overlays: OutputFolder | None) 
     """What is never read as an input: the output folder's files, and the overlay folder's (outputs too)."""
     filters = [OutputsFilter(folder)] + ([OutputsFilter(overlays)] if overlays is not None else [])
     return lambda path: next((why for check in filters if (why := check(path)) is not None), None)
+
+
+def check_model(model: ModelOptions) -> None:
+    """Before any input is read: a --model that is neither a folder nor a hub id is one line (ModelSourceError),
+    even for a run that would never load it (every page read from its text layer)."""
+    from monkey_cli.model.sources import check_source
+
+    check_source(model.source)
 
 
 def check_family_task(model: ModelOptions, job: Job) -> None:

@@ -23,7 +23,7 @@ from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperCommand
 
 from monkey_cli import signals
-from monkey_cli.errors import MonkeyError
+from monkey_cli.errors import MissingExtra, MonkeyError
 from monkey_cli.printing import terminal_line
 
 EXIT_OK = 0
@@ -80,6 +80,10 @@ def user_errors(verbose: bool = False) -> Iterator[None]:
     except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP (monkey_cli.signals): 128 + signal
         warn("interrupted")
         raise typer.Exit(signals.exit_code(EXIT_INTERRUPTED)) from None
+    except MissingExtra as exc:  # the library's own words are for Python callers; a CLI names the command
+        if verbose:
+            traceback.print_exc()
+        _missing_extra_line(exc.extra, exc.module)
     except MonkeyError as exc:  # UsageError included: both are the user's to fix (exit 2)
         if verbose:
             traceback.print_exc()
@@ -90,10 +94,13 @@ def user_errors(verbose: bool = False) -> Iterator[None]:
             raise _unexpected(exc, verbose) from None
         if verbose:
             traceback.print_exc()
-        fail(f"{_command_name()} needs the {extra!r} extra ({exc.name} is not installed): "
-             f"pip install 'monkey-cli[{extra}]'")  # fmt: skip
+        _missing_extra_line(extra, exc.name or extra)
     except Exception as exc:  # a bug: say so in one line, show the traceback on request
         raise _unexpected(exc, verbose) from None
+
+
+def _missing_extra_line(extra: str, module: str) -> NoReturn:
+    fail(f"{_command_name()} needs the {extra!r} extra ({module} is not installed): pip install 'monkey-cli[{extra}]'")
 
 
 def _unexpected(exc: BaseException, verbose: bool) -> typer.Exit:

@@ -202,6 +202,8 @@ def serve(
     (/v1/documents) and a web page (/). --batch-size is the number of requests decoded together."""
     with user_errors(verbose):
         needs_extra("serve")
+        if adapter is not None:
+            needs_extra("finetune")
         from monkey_cli.errors import UsageError
         from monkey_cli.serve.server import serve as run
         from monkey_cli.serve.settings import ServeSettings

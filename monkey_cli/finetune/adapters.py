@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from monkey_cli.errors import CheckpointError, UsageError
+from monkey_cli.errors import CheckpointError, MissingExtra, UsageError
 from monkey_cli.model.sources import model_file, read_regular_file
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -73,7 +73,8 @@ def require_peft() -> Any:
     try:
         import peft
     except ImportError:
-        raise UsageError("fine-tuning and adapters need peft: pip install 'monkey-cli[finetune]'") from None
+        message = "fine-tuning and adapters need peft: pip install 'monkey-cli[finetune]'"
+        raise MissingExtra(message, extra="finetune", module="peft") from None
     return peft
 
 
@@ -387,13 +388,13 @@ def load_adapter(model: MonkeyForCausalLM, adapter: str | Path) -> PeftModel:
     (`check_adapter_dir`) and its weights' names and shapes compared with what its config means for this model
     before any LoRA layer is made; the layers come from our own `lora_config`, never from peft reading the
     folder."""
+    peft = require_peft()  # first: without peft, its one line (not an ImportError from the line below)
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     folder = check_adapter_dir(adapter)
     config = read_adapter_config(folder)
     check_adapter_weights(folder, model, config)
-    peft = require_peft()
     lora = config.lora_config(model.config.vision.num_windows)
     lora.inference_mode = True
     with quiet_library_warnings():

@@ -143,6 +143,28 @@ def needs_extra(extra: str) -> None:
             raise ModuleNotFoundError(f"No module named {module!r}", name=module)
 
 
+def option_given(name: str) -> bool:
+    """Whether the running command's option `name` was given, on the command line or by its environment
+    variable, rather than left at its default."""
+    from typer._click.globals import get_current_context
+
+    context = get_current_context(silent=True)
+    source = context.get_parameter_source(name) if context is not None else None
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+
+
+def adapter_base(model: str, adapter: Any) -> str:
+    """The --model a command loads: with --adapter and no --model given, the base the adapter was trained on
+    (its training_args.json or adapter_config.json); a --model given that is another base is one line naming
+    both. Needs the finetune extra, as every use of an adapter does."""
+    if adapter is None:
+        return model
+    needs_extra("finetune")
+    from monkey_cli.finetune.adapters import adapter_model
+
+    return adapter_model(str(adapter), model if option_given("model") else None)
+
+
 def missing_extra(exc: ModuleNotFoundError) -> str | None:
     """The extra whose module `exc` failed to import, or None when the module belongs to no extra (a broken
     installation, a bug: not the user's to fix with pip)."""

@@ -20,6 +20,7 @@ from monkey_cli.cli.common import (
     EXIT_OK,
     EXIT_SOME_FAILED,
     Command,
+    adapter_base,
     needs_extra,
     user_errors,
     warn,
@@ -246,8 +247,7 @@ def _run(
         raise UsageError("--quant-vision needs --quant auto, 8bit or 4bit")
     if args["ray"] is not None:
         needs_extra("ray")
-    if args["adapter"] is not None:
-        needs_extra("finetune")
+    args["model"] = adapter_base(args["model"], args["adapter"])
     if not positions and (args["fmt"] in POSITION_FORMATS or args["overlay"] is not None):
         what = "--overlay" if args["overlay"] is not None else f"--format {args['fmt']}"
         raise UsageError(f"{what} shows text positions: use spot, read --positions or ask --ground")

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from monkey_cli.cli import app
-from monkey_cli.cli.common import Command, needs_extra, user_errors
+from monkey_cli.cli.common import Command, adapter_base, needs_extra, user_errors
 from monkey_cli.cli.options import (
     Adapter,
     BatchSize,
@@ -202,8 +202,7 @@ def serve(
     (/v1/documents) and a web page (/). --batch-size is the number of requests decoded together."""
     with user_errors(verbose):
         needs_extra("serve")
-        if adapter is not None:
-            needs_extra("finetune")
+        model = adapter_base(model, adapter)
         from monkey_cli.errors import UsageError
         from monkey_cli.serve.server import serve as run
         from monkey_cli.serve.settings import ServeSettings

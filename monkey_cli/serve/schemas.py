@@ -172,6 +172,20 @@ class Health(BaseModel):
     pending: int = Field(0, description="Generations submitted and not finished (waiting or decoding).")
     max_queue: int
     engine: EngineStats | None = None
+    # What decides the answers besides the request (a `monkey ... --server` client's resume fingerprint).
+    max_new_tokens: int | None = Field(None, description="The longest answer a request gets (--max-new-tokens).")
+    dtype: str | None = Field(None, description="--dtype as the server was started with (null: auto).")
+    quant_vision: bool | None = None
+    prompt_style: str | None = None
+    family: str | None = None
+    adapter_sha256: str | None = Field(None, description="The --adapter's content hash (null: none).")
+
+
+class Liveness(BaseModel):
+    """/health without the API key of a server that has one: whether it is up, and nothing else."""
+
+    status: Literal["loading", "ready", "failed"]
+    key_required: Literal[True] = Field(True, description="The details need 'Authorization: Bearer KEY'.")
 
 
 # --- errors --------------------------------------------------------------------------------------------

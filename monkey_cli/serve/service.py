@@ -92,6 +92,7 @@ class ModelService:
         self.failure: BaseException | None = None
         self.created = int(time.time())
         self.in_progress = 0  # requests for the model being served now (see middleware.AdmissionMiddleware)
+        self._adapter_sha256: str | None = None
         # Threads that wait for answers (and run documents, which mostly wait): one per request in progress.
         self._waiters = ThreadPoolExecutor(max_workers=settings.max_queue + 4, thread_name_prefix="monkey-wait")
 
@@ -109,6 +110,7 @@ class ModelService:
         try:
             monkey = self._load_model()
             loop = EngineLoop(monkey.scheduler(monkey.batch_size))
+            self._adapter_sha256 = None if self.settings.adapter is None else _adapter_sha256(self.settings.adapter)
         except BaseException as exc:
             self.failure, self.state = exc, "failed"
             raise
@@ -157,12 +159,20 @@ class ModelService:
             "max_queue": self.settings.max_queue,
         }
         if monkey is not None and loop is not None:
+            s = self.settings
             health.update(
                 quant=monkey.quant,
                 device=str(monkey.model.transformer.wte.weight.device),
                 slots=loop.scheduler.slots,
                 pending=loop.pending,
                 engine=dataclasses.asdict(loop.scheduler.stats),
+                # what a `monkey ... --server` client fingerprints its results with (resume), as a local run
+                max_new_tokens=s.max_new_tokens,
+                dtype=s.dtype,
+                quant_vision=s.quant_vision,
+                prompt_style=s.prompt_style,
+                family=getattr(monkey, "family", "monkey"),
+                adapter_sha256=self._adapter_sha256,
             )
         return health
 
@@ -507,6 +517,12 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
     """Mark a worker's outcome as seen (an abandoned run's error is expected and needs no log line)."""
     if not future.cancelled():
         future.exception()
+
+
+def _adapter_sha256(adapter: str) -> str:
+    from monkey_cli.finetune.adapters import adapter_fingerprint
+
+    return adapter_fingerprint(adapter)
 
 
 def shown_model_name(model: str) -> str:

@@ -271,12 +271,17 @@ def check_model(model: ModelOptions) -> None:
 def check_family_task(model: ModelOptions, job: Job) -> None:
     """A task the checkpoint's family was not trained for (text positions from Monkey, a caption from TextMonkey)
     is refused in one line before any work; a --prompt template is the user's own and always goes."""
-    from monkey_cli import tasks
     from monkey_cli.model.sources import peek_config
 
     if not job.positions and (job.template is not None or job.task != "caption"):
         return
-    family = peek_config(model.source, model.family).family
+    check_family_job(peek_config(model.source, model.family).family, job)
+
+
+def check_family_job(family: str, job: Job) -> None:
+    """`check_family_task` for a model whose family is known (a server's, say)."""
+    from monkey_cli import tasks
+
     if job.positions and not tasks.prompt_forms(family).positions:
         raise tasks.refuse_positions(family)
     if job.task == "caption" and job.template is None:

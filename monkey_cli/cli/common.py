@@ -143,14 +143,14 @@ def needs_extra(extra: str) -> None:
             raise ModuleNotFoundError(f"No module named {module!r}", name=module)
 
 
-def option_given(name: str) -> bool:
-    """Whether the running command's option `name` was given, on the command line or by its environment
-    variable, rather than left at its default."""
+def option_given(name: str, environment: bool = True) -> bool:
+    """Whether the running command's option `name` was given on the command line (or, with `environment`, by
+    its environment variable), rather than left at its default."""
     from typer._click.globals import get_current_context
 
     context = get_current_context(silent=True)
     source = context.get_parameter_source(name) if context is not None else None
-    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+    return source is not None and source.name in (("COMMANDLINE", "ENVIRONMENT") if environment else ("COMMANDLINE",))
 
 
 def adapter_base(model: str, adapter: Any) -> str:

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -381,6 +381,8 @@ class ModelService:
                 text_layer=reads_text_layer(model_job),
             )  # fmt: skip
         )
+        if emit is not None:
+            pages = _told_page_errors(pages, emit)
         buffer = io.StringIO()
         writer = make_writer("json", buffer)
         for event in engine.run(pages):
@@ -474,6 +476,17 @@ class _DocumentRun:
             handles = list(self._handles)
         for handle in handles:
             handle.cancel()
+
+
+def _told_page_errors(pages: Iterator[Any], emit: Callable[[dict[str, Any]], None]) -> Iterator[Any]:
+    """`pages`, each page that could not be made (or the document, page None) also told as a `page_error` event
+    with whether it is of the moment (`transient`): a client's resume tells a failure for good by it."""
+    from monkey_cli.documents import PageError
+
+    for item in pages:
+        if isinstance(item, PageError):
+            emit({"type": "page_error", "page": item.page, "message": item.message, "transient": item.transient})
+        yield item
 
 
 def _delta_streamer(emit: Callable[[dict[str, Any]], None]) -> Callable[..., Callable[[int], None]]:

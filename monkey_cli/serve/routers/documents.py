@@ -3,9 +3,10 @@
 A multipart form: `file` (the document: PDF, PNG, JPEG, TIFF, WEBP, ...), `task` (ask, caption or read),
 `question` (repeat it for several; ask only), `pages` (the CLI's --pages syntax: `1-3,7,-1`), `password`,
 `force_ocr`, `max_tokens`, `stream`. With `stream=true` the answer is server-sent events: `delta` events
-({index, page, prompt, text}) as the answers are decoded, a `record` event as each record is ready (in
-input order), then `done` with the whole document (as an object, and as the texts `--format json` and
-`--format md` print: `json`, `markdown`), then `[DONE]`.
+({index, page, prompt, text}) as the answers are decoded, a `page_error` event ({page, message, transient})
+for a page that could not be made, a `record` event as each record is ready (in input order), then `done`
+with the whole document (as an object, and as the texts `--format json` and `--format md` print: `json`,
+`markdown`), then `[DONE]`.
 
 POST /v1/documents/preview: small images of the selected pages (for the web page).
 """

@@ -27,6 +27,16 @@ class UsageError(MonkeyError):
     """A command-line argument is invalid (exit code 2)."""
 
 
+class MissingExtra(UsageError):
+    """An optional extra is not installed: `extra` names it (pyproject's optional dependency), `module` the
+    module that is missing. Its message is for Python callers; the CLI says it in its own one line."""
+
+    def __init__(self, message: str, *, extra: str, module: str) -> None:
+        super().__init__(message)
+        self.extra = extra
+        self.module = module
+
+
 class MonkeyWarning(UserWarning):
     """Something the user should know that is not an error: an input skipped, a damaged file repaired.
 

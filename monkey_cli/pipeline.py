@@ -113,6 +113,7 @@ def run(
 
     overlays = OutputFolder(options.overlay_dir, overwrite=options.overwrite) if options.overlay_dir else None
     try:
+        check_model(options.model)
         check_family_task(options.model, options.job)
         sources = documents.expand_inputs(
             list(options.inputs), stdin, exclude=_outputs_filter(folder, overlays), pipe_hint=pipe_hint(options.job)
@@ -259,15 +260,28 @@ def _outputs_filter(folder: OutputFolder | None, overlays: OutputFolder | None) 
     return lambda path: next((why for check in filters if (why := check(path)) is not None), None)
 
 
+def check_model(model: ModelOptions) -> None:
+    """Before any input is read: a --model that is neither a folder nor a hub id is one line (ModelSourceError),
+    even for a run that would never load it (every page read from its text layer)."""
+    from monkey_cli.model.sources import check_source
+
+    check_source(model.source)
+
+
 def check_family_task(model: ModelOptions, job: Job) -> None:
     """A task the checkpoint's family was not trained for (text positions from Monkey, a caption from TextMonkey)
     is refused in one line before any work; a --prompt template is the user's own and always goes."""
-    from monkey_cli import tasks
     from monkey_cli.model.sources import peek_config
 
     if not job.positions and (job.template is not None or job.task != "caption"):
         return
-    family = peek_config(model.source, model.family).family
+    check_family_job(peek_config(model.source, model.family).family, job)
+
+
+def check_family_job(family: str, job: Job) -> None:
+    """`check_family_task` for a model whose family is known (a server's, say)."""
+    from monkey_cli import tasks
+
     if job.positions and not tasks.prompt_forms(family).positions:
         raise tasks.refuse_positions(family)
     if job.task == "caption" and job.template is None:

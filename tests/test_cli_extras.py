@@ -100,3 +100,43 @@ def test_a_missing_module_of_no_extra_is_still_unexpected() -> None:
 
     result = CliRunner().invoke(probe, [])
     assert result.exit_code == 1 and "unexpected ModuleNotFoundError" in result.stderr
+
+
+def test_serve_with_an_adapter_without_peft(tmp_path: Path) -> None:
+    """Checked before the server starts (the model loads in the background, where it would stop the server)."""
+    model = str(require_parity("tiny-monkey"))
+    line = _one_line(_monkey_without(["peft"], "serve", "--model", model, "--adapter", str(tmp_path), "--port", "0"))
+    assert line == (
+        "error: monkey serve needs the 'finetune' extra (peft is not installed): pip install 'monkey-cli[finetune]'"
+    )
+
+
+@pytest.mark.parametrize("needs", ["peft", "ray"])
+def test_the_librarys_missing_extra_reads_as_the_clis_line(needs: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the library finds the extra missing itself (require_peft, import_ray), Python callers get its
+    own sentence, and a command the CLI's line naming the command and the extra."""
+    import typer
+    from typer.testing import CliRunner
+
+    from monkey_cli.cli.common import user_errors
+    from monkey_cli.distributed.ray_runner import import_ray
+    from monkey_cli.errors import MissingExtra
+    from monkey_cli.finetune.adapters import require_peft
+
+    monkeypatch.setitem(sys.modules, needs, None)
+    need = require_peft if needs == "peft" else import_ray
+    with pytest.raises(MissingExtra, match="need"):
+        need()
+    probe = typer.Typer()
+
+    @probe.command()
+    def lazy() -> None:
+        with user_errors():
+            need()
+
+    result = CliRunner().invoke(probe, [])
+    extra = "finetune" if needs == "peft" else "ray"
+    assert result.exit_code == 2
+    assert result.stderr.strip().endswith(
+        f"needs the '{extra}' extra ({needs} is not installed): pip install 'monkey-cli[{extra}]'"
+    ), result.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -464,7 +465,16 @@ def test_cli_trains_skips_bad_items_with_one_line_each_and_merges(data, sharp, t
     mixed.write_text(json.dumps(items), encoding="utf-8")
     out = tmp_path / "run"
     common = ["--model", str(sharp), "--device", "cpu", "--batch-size", "4"]
-    result = _cli("finetune", str(mixed), "--out", str(out), "--max-steps", "1", *common)
+    # 1 item of 5 skipped is more than the share (10%) a run trains past by itself: it stops before training.
+    stopped = _cli("finetune", str(mixed), "--out", str(out), "--max-steps", "1", *common)
+    assert stopped.exit_code == 2, stopped.output
+    assert stopped.stderr.splitlines() == [
+        "skipped mixed.json: item 5 (id 'lost'): no assistant turn after the question",
+        f"error: {mixed}: 1 of 5 items were skipped, more than 10%: fix them (each is named above), or pass "
+        "--skip-bad to train on the other 4",
+    ]
+    assert not out.exists()
+    result = _cli("finetune", str(mixed), "--out", str(out), "--max-steps", "1", "--skip-bad", *common)
     assert result.exit_code == 0, result.output
     assert result.stdout == ""
     lines = result.stderr.splitlines()
@@ -478,6 +488,35 @@ def test_cli_trains_skips_bad_items_with_one_line_each_and_merges(data, sharp, t
     result = _cli("finetune", "merge", str(out), "--out", str(merged))  # the base comes from training_args.json
     assert result.exit_code == 0, result.output
     assert (merged / "model.safetensors").is_file()
+    # Said as what happened: a new model folder from this base and this adapter (the base is unchanged).
+    said = f"wrote the merged model to {merged} (base: {sharp.resolve()}, adapter: {out})"
+    assert result.stderr.splitlines() == [said]
+    tiny = require_parity("tiny-monkey")
+    other = _cli("finetune", "merge", str(out), "--out", str(tmp_path / "m2"), "--model", str(tiny))
+    assert other.exit_code == 2 and other.stderr.splitlines() == [
+        f"error: --adapter {out} was trained on {sharp.resolve()}, not on --model {tiny}: leave --model out to use "
+        "its base, or give the adapter trained for this model"
+    ]
+
+
+def test_an_adapter_without_model_uses_its_base_and_another_model_is_refused(overfit, data, sharp, monkeypatch):
+    """`--adapter OUT` alone loads the base `monkey finetune` recorded (the trained answers come back); a
+    --model (or MONKEY_MODEL) naming another checkpoint is one line naming both, before anything loads."""
+    image, (question, answer) = str(image_of(data, 0)), QA[0]
+    args = ["ask", image, "-q", question, "--max-new-tokens", "16", "-f", "jsonl", "--adapter", str(overfit.out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["answer"] == answer and record["model"] == str(sharp.resolve())
+    tiny = require_parity("tiny-monkey")
+    refused = f"error: --adapter {overfit.out} was trained on {sharp.resolve()}, not on --model {tiny}: "
+    wrong = CliRunner().invoke(app, [*args, "--model", str(tiny)])
+    assert wrong.exit_code == 2 and wrong.stderr.splitlines()[0].startswith(refused), wrong.output
+    assert len(wrong.stderr.splitlines()) == 1 and wrong.stdout == ""
+    from_env = CliRunner().invoke(app, args, env={"MONKEY_MODEL": str(tiny)})
+    assert from_env.exit_code == 2 and from_env.stderr.startswith(refused), from_env.output
+    same = CliRunner().invoke(app, [*args, "--model", os.path.relpath(sharp)])  # the same folder, named otherwise
+    assert same.exit_code == 0 and json.loads(same.stdout)["answer"] == answer, same.output
 
 
 @pytest.mark.parametrize(

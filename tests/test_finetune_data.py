@@ -208,3 +208,41 @@ def test_collator_left_pads_without_loss_on_padding_and_keeps_only_the_answer_lo
     targets = max(sum(label != IGNORE_INDEX for label in e.labels) for e in loaded.examples)
     assert targets == len(tokenizer.encode("long answer")) + 1
     assert batch["logits_to_keep"] == targets + 1
+
+
+def test_sharegpt_and_llava_role_names_read_as_the_originals(tmp_path, tokenizer):
+    """`human`/`gpt` (ShareGPT, LLaVA) and `user`/`assistant` (the original) give the same examples; another
+    role is still an item skipped with its name."""
+    png(tmp_path / "a.png")
+    original = [item("a.png", answer="42")]
+    sharegpt = [item("a.png", answer="42")]
+    sharegpt[0]["conversations"][0]["from"], sharegpt[0]["conversations"][1]["from"] = "human", "gpt"
+    mixed = [item("a.png", answer="42")]
+    mixed[0]["conversations"][0]["from"] = "human"  # the sides' names may come from either convention
+    system = [item("a.png")]
+    system[0]["conversations"][0]["from"] = "system"
+    loaded = [load(write_json(tmp_path / f"{n}.json", items), tokenizer) for n, items in
+              enumerate([original, sharegpt, mixed, system])]  # fmt: skip
+    reference = loaded[0].examples[0]
+    for other in loaded[1:3]:
+        assert [(e.prompt, e.answer, e.input_ids, e.labels) for e in other.examples] == [
+            (reference.prompt, reference.answer, reference.input_ids, reference.labels)
+        ]
+    assert loaded[3].skipped == ["3.json: item 1: the first turn must be from \"user\" (or \"human\"), not 'system'"]
+
+
+def test_more_than_a_tenth_skipped_stops_unless_skip_bad(tmp_path, tokenizer):
+    """4 of 5 items skipped used to train on the one left; more than 10% skipped now stops (before any weight
+    loads), skip_bad trains on the rest, and exactly 10% still trains."""
+    png(tmp_path / "a.png")
+    five = [item("a.png"), *[item(f"missing-{n}.png") for n in range(4)]]
+    loaded = load(write_json(tmp_path / "five.json", five), tokenizer)
+    with pytest.raises(DataError) as caught:
+        loaded.require_examples()
+    assert str(caught.value) == (
+        f"{tmp_path / 'five.json'}: 4 of 5 items were skipped, more than 10%: fix them (each is named above), or "
+        "pass --skip-bad to train on the other 1"
+    )
+    assert loaded.require_examples(skip_bad=True) is loaded
+    ten = [*[item("a.png") for _ in range(9)], item("missing.png")]
+    assert len(load(write_json(tmp_path / "ten.json", ten), tokenizer).require_examples().examples) == 9

@@ -163,3 +163,29 @@ def test_the_library_logs_its_decisions_in_its_own_words(caplog) -> None:
     assert choice.api_note.startswith('batch_size=64 lowered to 1, what fits with quant="none" in the ')
     cli = _cli("caption", CHART, "--model", tiny, "--max-new-tokens", "2")
     assert "--quant auto: using --quant none in float32" in cli.stderr and 'quant="auto"' not in cli.stderr
+
+
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]])
+@pytest.mark.parametrize("model", ["./no-such-checkpoint", "models/typo/monkey", "FILE"])
+def test_a_model_path_that_is_no_folder_nor_hub_id_fails_at_once(tmp_path, model: str, workers: list[str]) -> None:
+    """`read` of a born-digital PDF never loads the model: a mistyped --model used to pass unnoticed (the
+    released config stood in for it). Now one line before any input is read, exit 2, nothing on stdout."""
+    if model == "FILE":
+        model = str(tmp_path / "config.json")
+        (tmp_path / "config.json").write_text("{}")
+    result = _cli("read", SAMPLES_DIR / "invoice.pdf", "--model", model, *workers)
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    what = "a file, not a model folder" if model.endswith("config.json") else "model folder not found"
+    assert result.stderr.strip().splitlines() == [
+        f"error: {model}: {what} (give a checkpoint folder or a hub id like echo840/Monkey)"
+    ]
+
+
+def test_peek_config_refuses_a_path_it_cannot_find() -> None:
+    """From Python too: no released config for a path that is not there (a hub id still gets one)."""
+    from monkey_cli.model.sources import ModelSourceError, peek_config
+
+    with pytest.raises(ModelSourceError, match="model folder not found"):
+        peek_config("./no-such-checkpoint")
+    assert peek_config("someone/not-cached-anywhere").vision.input_size == (896, 896)

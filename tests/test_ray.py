@@ -75,6 +75,8 @@ def test_ray_gives_the_same_records_as_one_process(documents, single):  # noqa: 
     assert result.returncode == 0, result.stderr
     assert records(result.stdout) == single["records"]
     assert "7 documents, 11 pages, 0 failed" in result.stderr
+    said = [line for line in result.stderr.splitlines() if line.startswith("--quant auto: using --quant")]
+    assert len(said) == 1, result.stderr  # the cluster's choice, said once by the driver as one process says it
 
 
 def test_an_actor_killed_mid_run_is_replaced_and_nothing_is_lost(documents, single, tmp_path):  # noqa: F811

@@ -180,7 +180,10 @@ def test_the_api_key_is_required_and_compared(server) -> None:
     missing = httpx.get(f"{server.base}/v1/models", timeout=30)
     assert _error(missing, 401)["code"] == "invalid_api_key"
     assert missing.headers["www-authenticate"] == "Bearer"
-    assert _error(httpx.get(f"{server.base}/health", timeout=30), 401)
+    # /health answers liveness without the key, and nothing more (the details need the key).
+    liveness = httpx.get(f"{server.base}/health", timeout=30)
+    assert liveness.status_code == 200 and liveness.json() == {"status": "ready", "key_required": True}
+    assert httpx.get(f"{server.base}/health", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).json()["engine"]
     # Refused before the body is read: a huge body without the key is a 401, not a 413.
     assert _error(httpx.post(f"{server.base}/v1/chat/completions", content=b"x" * (2 * LIMIT), timeout=30), 401)
     # The web page's own files load without the key (the page asks for it).

@@ -232,3 +232,90 @@ def test_an_unexpected_error_is_a_json_500_that_names_nothing_internal(caplog) -
     }  # fmt: skip
     assert "secret" not in response.text and "Traceback" not in response.text
     assert any("state corrupted" in record.getMessage() for record in caplog.records)  # the log says what
+
+
+# --- /health without the key, and the access log ----------------------------------------------------------
+
+KEY = "k3y-Secret-42"
+
+
+def _ready(client, headers: dict | None = None) -> None:
+    deadline = time.monotonic() + 60
+    while client.get("/health", headers=headers or {}).status_code != 200:
+        assert time.monotonic() < deadline, "the model did not become ready"
+        time.sleep(0.05)
+
+
+def test_health_answers_liveness_without_the_key_and_keeps_the_details_behind_it(sharp: Monkey) -> None:
+    """A load balancer's probe needs no key: it learns whether the server is up, and nothing else (not the
+    model, not the queue, not what the engine has done); the key gives the details."""
+    from fastapi.testclient import TestClient
+
+    from monkey_cli.serve.app import create_app
+    from monkey_cli.serve.service import ModelService
+
+    gate = threading.Event()
+    settings = ServeSettings(model="forms", api_key=KEY, allowed_hosts=("testserver",))
+    service = ModelService(settings, load_model=lambda: (gate.wait(60), sharp)[1])
+    key = {"Authorization": f"Bearer {KEY}"}
+    with TestClient(create_app(service)) as client:
+        loading = client.get("/health")
+        assert loading.status_code == 503 and loading.json() == {"status": "loading", "key_required": True}
+        gate.set()
+        _ready(client)
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            anonymous = client.get("/health", headers=headers)
+            assert anonymous.status_code == 200 and anonymous.json() == {"status": "ready", "key_required": True}
+        detailed = client.get("/health", headers=key).json()
+        assert detailed["model"] == "forms" and detailed["engine"]["decode_steps"] >= 0  # the engine's counters
+        assert "key_required" not in detailed
+        assert detailed["max_new_tokens"] == settings.max_new_tokens and detailed["adapter_sha256"] is None
+        assert client.get("/v1/models").status_code == 401  # everything else still needs the key
+    open_service = ModelService(ServeSettings(model="tiny", allowed_hosts=("testserver",)), load_model=lambda: sharp)
+    with TestClient(create_app(open_service)) as client:  # a server without a key: the details for everyone
+        _ready(client)
+        assert client.get("/health").json()["model"] == "tiny"
+
+
+def test_the_access_log_has_a_line_per_request_and_no_secret(sharp: Monkey, caplog) -> None:
+    """Method, path, status, milliseconds and bytes for every request, refused ones included; never the query
+    string, the key or a body."""
+    import logging
+    import re
+
+    from fastapi.testclient import TestClient
+
+    from monkey_cli.serve.app import create_app
+    from monkey_cli.serve.service import ModelService
+
+    settings = ServeSettings(model="tiny", api_key=KEY, allowed_hosts=("testserver",))
+    service = ModelService(settings, load_model=lambda: sharp)
+    key = {"Authorization": f"Bearer {KEY}"}
+    with TestClient(create_app(service)) as client:
+        _ready(client)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="monkey_cli.serve"):
+            responses = [
+                ("GET", "/health", client.get("/health?token=QuerySecret", headers=key)),
+                ("GET", "/v1/models", client.get("/v1/models?api_key=QuerySecret")),  # 401
+                ("POST", "/v1/documents", client.post("/v1/documents", headers=key, data={"question": "BodySecret"},
+                                                      files={"file": ("a.txt", b"FileSecret plain text")})),
+                ("GET", "/static/app.js", client.get("/static/app.js")),
+                ("GET", "/nowhere", client.get("/nowhere", headers=key)),
+            ]  # fmt: skip
+    lines = [record.getMessage() for record in caplog.records if re.match(r"(GET|POST) /", record.getMessage())]
+    assert len(lines) == len(responses), lines
+    for line, (method, path, response) in zip(lines, responses, strict=True):
+        assert line == f"{method} {path} {response.status_code} {line.split()[3]} ms {len(response.content)} bytes"
+    assert [response.status_code for *_, response in responses] == [200, 401, 400, 200, 404]
+    everything = "\n".join(record.getMessage() for record in caplog.records)
+    for secret in ("QuerySecret", "BodySecret", "FileSecret", KEY, "token=", "api_key="):
+        assert secret not in everything
+    quiet = ModelService(ServeSettings(model="tiny", allowed_hosts=("testserver",), access_log=False),
+                         load_model=lambda: sharp)  # fmt: skip
+    with TestClient(create_app(quiet)) as client:
+        _ready(client)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="monkey_cli.serve"):
+            client.get("/health")
+    assert not [r for r in caplog.records if r.getMessage().startswith("GET /health")]  # --no-access-log

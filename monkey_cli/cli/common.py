@@ -23,7 +23,7 @@ from typer._click.exceptions import UsageError as ClickUsageError
 from typer.core import TyperCommand
 
 from monkey_cli import signals
-from monkey_cli.errors import MonkeyError
+from monkey_cli.errors import MissingExtra, MonkeyError
 from monkey_cli.printing import terminal_line
 
 EXIT_OK = 0
@@ -80,6 +80,10 @@ def user_errors(verbose: bool = False) -> Iterator[None]:
     except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP (monkey_cli.signals): 128 + signal
         warn("interrupted")
         raise typer.Exit(signals.exit_code(EXIT_INTERRUPTED)) from None
+    except MissingExtra as exc:  # the library's own words are for Python callers; a CLI names the command
+        if verbose:
+            traceback.print_exc()
+        _missing_extra_line(exc.extra, exc.module)
     except MonkeyError as exc:  # UsageError included: both are the user's to fix (exit 2)
         if verbose:
             traceback.print_exc()
@@ -90,10 +94,13 @@ def user_errors(verbose: bool = False) -> Iterator[None]:
             raise _unexpected(exc, verbose) from None
         if verbose:
             traceback.print_exc()
-        fail(f"{_command_name()} needs the {extra!r} extra ({exc.name} is not installed): "
-             f"pip install 'monkey-cli[{extra}]'")  # fmt: skip
+        _missing_extra_line(extra, exc.name or extra)
     except Exception as exc:  # a bug: say so in one line, show the traceback on request
         raise _unexpected(exc, verbose) from None
+
+
+def _missing_extra_line(extra: str, module: str) -> NoReturn:
+    fail(f"{_command_name()} needs the {extra!r} extra ({module} is not installed): pip install 'monkey-cli[{extra}]'")
 
 
 def _unexpected(exc: BaseException, verbose: bool) -> typer.Exit:
@@ -134,6 +141,28 @@ def needs_extra(extra: str) -> None:
             found = False
         if not found:
             raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+
+
+def option_given(name: str, environment: bool = True) -> bool:
+    """Whether the running command's option `name` was given on the command line (or, with `environment`, by
+    its environment variable), rather than left at its default."""
+    from typer._click.globals import get_current_context
+
+    context = get_current_context(silent=True)
+    source = context.get_parameter_source(name) if context is not None else None
+    return source is not None and source.name in (("COMMANDLINE", "ENVIRONMENT") if environment else ("COMMANDLINE",))
+
+
+def adapter_base(model: str, adapter: Any) -> str:
+    """The --model a command loads: with --adapter and no --model given, the base the adapter was trained on
+    (its training_args.json or adapter_config.json); a --model given that is another base is one line naming
+    both. Needs the finetune extra, as every use of an adapter does."""
+    if adapter is None:
+        return model
+    needs_extra("finetune")
+    from monkey_cli.finetune.adapters import adapter_model
+
+    return adapter_model(str(adapter), model if option_given("model") else None)
 
 
 def missing_extra(exc: ModuleNotFoundError) -> str | None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from monkey_cli.cli import app
-from monkey_cli.cli.common import EXIT_SOME_FAILED, Command, fail, needs_extra, user_errors, warn
+from monkey_cli.cli.common import EXIT_SOME_FAILED, Command, adapter_base, fail, user_errors, warn
 from monkey_cli.cli.options import (
     OUTPUT,
     Adapter,
@@ -102,8 +102,7 @@ def run_command(
     (--quant none, --dtype auto). Exit code 1 when some items could not be answered (see NAME.errors.jsonl).
     """
     with user_errors(verbose):
-        if adapter is not None:
-            needs_extra("finetune")
+        model = adapter_base(model, adapter)
         from monkey_cli.evaluation import runner
         from monkey_cli.finetune.adapters import adapter_fingerprint
         from monkey_cli.model.sources import display_name

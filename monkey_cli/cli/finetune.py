@@ -17,6 +17,7 @@ from monkey_cli.cli import app
 from monkey_cli.cli.common import EXIT_INTERRUPTED, needs_extra, user_errors, warn
 from monkey_cli.cli.options import RenderTimeout
 from monkey_cli.documents.renderer import DEFAULT_RENDER_TIMEOUT
+from monkey_cli.finetune.data import MAX_SKIPPED_SHARE
 from monkey_cli.tasks import DEFAULT_MODEL
 
 
@@ -84,6 +85,10 @@ def train_command(
         help="Recompute decoder activations in the backward pass (less memory).",
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    skip_bad: bool = typer.Option(
+        False, "--skip-bad",
+        help=f"Train even when more than {MAX_SKIPPED_SHARE:.0%} of the items were skipped (each is named on stderr).",
+    ),
     device: str = typer.Option(
         "auto", "--device", envvar="MONKEY_DEVICE", help="auto, cpu, cuda or cuda:N (under torchrun: each rank's GPU)."
     ),
@@ -125,6 +130,7 @@ def train_command(
             dtype=None if dtype == "auto" else dtype,
             quant=quant,
             resume=resume,
+            skip_bad=skip_bad,
         )
         callbacks: list[Any] = []
         if sys.stderr.isatty():
@@ -158,15 +164,15 @@ def merge_command(
     adapter: Path = typer.Argument(..., help="The --out folder of a finetune run (or any adapter folder it wrote)."),
     out: Path = typer.Option(..., "--out", "-o", help="New folder for the merged checkpoint."),
     model: str | None = typer.Option(
-        None, "--model", help="Base checkpoint (default: the one the adapter was trained on)."
+        None, "--model", help="Base checkpoint: the one the adapter was trained on (the default; another is refused)."
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks for errors."),
 ) -> None:
     """Write base + adapter as a full checkpoint that --model loads with no adapter."""
     with user_errors(verbose):
         needs_extra("finetune")
-        from monkey_cli.finetune.adapters import merge_adapter, trained_base
+        from monkey_cli.finetune.adapters import adapter_model, merge_adapter
 
-        base = model or trained_base(adapter)
+        base = adapter_model(adapter, model)
         merge_adapter(base, adapter, out)
-        warn(f"merged {adapter} into {base}: {out}")
+        warn(f"wrote the merged model to {out} (base: {base}, adapter: {adapter})")

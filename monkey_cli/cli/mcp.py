@@ -10,7 +10,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from monkey_cli.cli import app
-from monkey_cli.cli.common import Command, needs_extra, user_errors, warn
+from monkey_cli.cli.common import Command, adapter_base, needs_extra, user_errors, warn
 from monkey_cli.cli.options import (
     INPUT,
     Adapter,
@@ -64,8 +64,7 @@ def mcp(
     Desktop, IDEs and agents); the model loads on the first call that needs it and stays loaded."""
     with user_errors(verbose):
         needs_extra("mcp")
-        if adapter is not None:
-            needs_extra("finetune")
+        model = adapter_base(model, adapter)
         from monkey_cli.errors import UsageError
         from monkey_cli.mcp import DocumentService, RootFolder, ToolSettings, serve_stdio
         from monkey_cli.pipeline import ModelOptions

@@ -140,6 +140,29 @@ def probability(value: str) -> float:
     return number
 
 
+def server_url(value: str) -> str:
+    """An http(s) URL of a `monkey serve` (its root, or a proxy's prefix); "" runs locally (over $MONKEY_SERVER)."""
+    import urllib.parse
+
+    text = str(value).strip()
+    if not text:
+        return ""
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port  # raises for a port that is no number or out of range
+    except ValueError:
+        parts, port = None, None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise typer.BadParameter(f"must be the http:// or https:// URL of a monkey serve, e.g. "
+                                 f"http://127.0.0.1:8000; got {value!r}")  # fmt: skip
+    if parts.username is not None or parts.password is not None:
+        raise Sentence("the API key goes in $MONKEY_API_KEY, never in the URL (it would show in `ps`)")
+    if parts.query or parts.fragment:
+        raise typer.BadParameter(f"takes no query or fragment; got {value!r}")
+    del port
+    return text.rstrip("/")
+
+
 def out_folder(value: str) -> Path:
     path = Path(value)
     if path.exists() and not path.is_dir():
@@ -348,6 +371,16 @@ Verbose = Annotated[
                  help="Show third-party warnings, and tracebacks for unexpected errors."),
 ]  # fmt: skip
 
+Server = Annotated[
+    str | None,
+    typer.Option(
+        "--server", envvar="MONKEY_SERVER", metavar="URL", parser=server_url, rich_help_panel=SCALE,
+        show_default=False,
+        help="Send the documents to a running `monkey serve` at URL (its model answers, already loaded; the API "
+        "key from $MONKEY_API_KEY): the same records, files and exit codes as a local run. --server '' runs "
+        "locally.",
+    ),
+]  # fmt: skip
 Workers = Annotated[
     str,
     typer.Option(

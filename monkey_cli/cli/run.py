@@ -20,7 +20,9 @@ from monkey_cli.cli.common import (
     EXIT_OK,
     EXIT_SOME_FAILED,
     Command,
+    adapter_base,
     needs_extra,
+    option_given,
     user_errors,
     warn,
 )
@@ -52,6 +54,7 @@ from monkey_cli.cli.options import (
     Ray,
     RenderTimeout,
     RetryFailed,
+    Server,
     Size,
     Verbose,
     Workers,
@@ -110,8 +113,20 @@ def _document_options(
     verbose: Verbose = False,
     workers: Workers = "auto",
     ray: Ray = None,
+    server: Server = None,
 ) -> None:
     """The options ask, caption, read and spot share: only its signature is used (see `_with_document_options`)."""
+
+
+# With --server, the server's own settings decide these (it was started with them): given on the command line
+# they are a usage error (from an environment variable they are left to the server, unused).
+SERVER_SIDE = {
+    "family": "--family", "quant": "--quant", "quant_vision": "--quant-vision", "device": "--device",
+    "dtype": "--dtype", "adapter": "--adapter", "compile": "--compile/--no-compile", "batch_size": "--batch-size",
+    "prompt_style": "--prompt-style", "render_timeout": "--render-timeout", "workers": "--workers", "ray": "--ray",
+}  # fmt: skip
+# ... and these a server does not do: it answers with its own prompts, at its model's page size, no positions.
+LOCAL_ONLY = {"size": "--size", "prompt": "--prompt", "overlay": "--overlay"}
 
 
 class _RunCommand(Command):
@@ -242,12 +257,15 @@ def _run(
     from monkey_cli.errors import UsageError
     from monkey_cli.pipeline import ModelOptions, RunOptions
 
+    server = args["server"] or None
+    if server is not None:
+        _refuse_local_options(positions)
     if args["quant_vision"] and args["quant"] == "none":
         raise UsageError("--quant-vision needs --quant auto, 8bit or 4bit")
-    if args["ray"] is not None:
+    if args["ray"] is not None and server is None:
         needs_extra("ray")
-    if args["adapter"] is not None:
-        needs_extra("finetune")
+    if server is None:
+        args["model"] = adapter_base(args["model"], args["adapter"])
     if not positions and (args["fmt"] in POSITION_FORMATS or args["overlay"] is not None):
         what = "--overlay" if args["overlay"] is not None else f"--format {args['fmt']}"
         raise UsageError(f"{what} shows text positions: use spot, read --positions or ask --ground")
@@ -289,11 +307,51 @@ def _run(
         raise UsageError(f"--device {args['device']} names a GPU of this machine; with --ray use auto, cuda or cpu")
     from monkey_cli.documents.renderer import process_budget
 
+    remote = None
+    if server is not None:
+        remote = _Remote(server, args["model"] if option_given("model", False) else None,
+                         say_cap=option_given("max_new_tokens", False))  # fmt: skip
     with process_budget(args["render_timeout"]):
-        _execute(options, ScaleOptions(workers=workers, ray=args["ray"], verbose=args["verbose"]))
+        _execute(options, ScaleOptions(workers=workers, ray=args["ray"], verbose=args["verbose"]), remote)
 
 
-def _execute(options: Any, scale: Any) -> None:
+def _refuse_local_options(positions: bool) -> None:
+    """With --server: a model option given on the command line is the server's to decide, and what a server
+    does not do is refused, each in one line before any work."""
+    from monkey_cli.errors import UsageError
+
+    for name, flag in SERVER_SIDE.items():
+        if option_given(name, environment=False):
+            raise UsageError(f"{flag} is the server's with --server (set it when starting `monkey serve`): drop it, "
+                             "or run without --server")  # fmt: skip
+    for name, flag in LOCAL_ONLY.items():
+        if option_given(name, environment=False):
+            raise UsageError(f"{flag}: not available with --server (the server uses its own prompts, at its model's "
+                             "page size); run without --server")  # fmt: skip
+    if positions:
+        raise UsageError("text positions (spot, read --positions, ask --ground) are not available with --server; "
+                         "run without --server")  # fmt: skip
+
+
+class _Remote:
+    """Where a --server run sends its documents: the server, and the --model the user named, if any (the
+    server's model must be it)."""
+
+    def __init__(self, url: str, model: str | None, say_cap: bool) -> None:
+        self.url = url
+        self.model = model
+        self.say_cap = say_cap  # --max-new-tokens was given: say so if the server gives shorter answers
+
+    def run(self, options: Any, **callbacks: Any) -> Any:
+        import os
+
+        from monkey_cli import remote
+
+        with remote.Server(self.url, api_key=os.environ.get("MONKEY_API_KEY") or None) as server:
+            return remote.run(options, server, model=self.model, say_cap=self.say_cap, **callbacks)
+
+
+def _execute(options: Any, scale: Any, remote: _Remote | None = None) -> None:
     import functools
 
     from monkey_cli import distributed, signals
@@ -301,7 +359,7 @@ def _execute(options: Any, scale: Any) -> None:
     from monkey_cli.output import make_writer
     from monkey_cli.pipeline import run
 
-    single_process = distributed.single_process(scale, options)
+    single_process = remote is not None or distributed.single_process(scale, options)
     if options.overlay_dir is not None and not single_process:
         from monkey_cli.errors import UsageError
 
@@ -313,7 +371,7 @@ def _execute(options: Any, scale: Any) -> None:
     single = _single_page(options)
     # A positions answer is shown once its markup is read, not as raw tokens.
     streaming = to_stdout and options.fmt == "text" and stdout.isatty() and single and single_process
-    streaming = streaming and not options.job.positions
+    streaming = streaming and not options.job.positions and remote is None
     progress = Progress(enabled=sys.stderr.isatty())
     writer = None
     if to_stdout:
@@ -343,7 +401,9 @@ def _execute(options: Any, scale: Any) -> None:
 
     stdin = sys.stdin.buffer if "-" in options.inputs else None
     runner = (
-        functools.partial(run, streamer_factory=streamer if streaming else None)
+        remote.run
+        if remote is not None
+        else functools.partial(run, streamer_factory=streamer if streaming else None)
         if single_process
         else functools.partial(distributed.run, scale=scale, on_page=progress.page_done)
     )

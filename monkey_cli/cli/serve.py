@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from monkey_cli.cli import app
-from monkey_cli.cli.common import Command, needs_extra, user_errors
+from monkey_cli.cli.common import Command, adapter_base, needs_extra, user_errors
 from monkey_cli.cli.options import (
     Adapter,
     BatchSize,
@@ -171,6 +171,16 @@ AllowedOrigins = Annotated[
 ]  # fmt: skip
 
 
+AccessLog = Annotated[
+    bool,
+    typer.Option(
+        "--access-log/--no-access-log", rich_help_panel=SERVER,
+        help="A line per request on stderr: method, path, status, milliseconds, bytes (never a query string, "
+        "a header or a body).",
+    ),
+]  # fmt: skip
+
+
 @app.command(cls=Command)
 def serve(
     host: Host = defaults.DEFAULT_HOST,
@@ -186,6 +196,7 @@ def serve(
     allowed_hosts: AllowedHosts = None,
     allowed_origins: AllowedOrigins = None,
     render_timeout: RenderTimeout = DEFAULT_RENDER_TIMEOUT,
+    access_log: AccessLog = True,
     model: Model = DEFAULT_MODEL,
     quant: Quant = "auto",
     quant_vision: QuantVision = False,
@@ -202,6 +213,7 @@ def serve(
     (/v1/documents) and a web page (/). --batch-size is the number of requests decoded together."""
     with user_errors(verbose):
         needs_extra("serve")
+        model = adapter_base(model, adapter)
         from monkey_cli.errors import UsageError
         from monkey_cli.serve.server import serve as run
         from monkey_cli.serve.settings import ServeSettings
@@ -232,5 +244,6 @@ def serve(
             allowed_hosts=tuple(allowed_hosts.split(",")) if allowed_hosts else (),
             allowed_origins=tuple(allowed_origins.split(",")) if allowed_origins else (),
             render_timeout=render_timeout,
+            access_log=access_log,
         )
         run(settings, verbose=verbose)

@@ -69,6 +69,7 @@ def run(
     backend = None
     clean_end = False
     try:
+        pipeline.check_model(options.model)
         sources = documents.expand_inputs(
             list(options.inputs), stdin, exclude=OutputsFilter(folder), pipe_hint=pipe_hint(options.job)
         )

@@ -25,14 +25,14 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from monkey_cli import pipeline
 from monkey_cli.distributed.protocol import DocumentDone, Finished, Lost, Note, NoWorkers, Setup, Task
 from monkey_cli.distributed.queue import DocumentQueue
-from monkey_cli.distributed.workers import DEATHS_IN_A_ROW, cpu_count
-from monkey_cli.errors import MonkeyError, UsageError
+from monkey_cli.distributed.workers import DEATHS_IN_A_ROW, cpu_count, said_once
+from monkey_cli.errors import MissingExtra, MonkeyError, UsageError
 
 _POLL_S = 1.0
 _CLOSE_TIMEOUT_S = 30.0
@@ -44,7 +44,8 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise UsageError(f"--ray needs Ray, which is not installed here: {_INSTALL}") from None
+        raise MissingExtra(f"--ray needs Ray, which is not installed here: {_INSTALL}", extra="ray",
+                           module="ray") from None  # fmt: skip
     return ray
 
 
@@ -117,15 +118,18 @@ class RayCluster:
 
     # --- before the run -------------------------------------------------------------------------------
     def resolve_quant(self, options: pipeline.RunOptions) -> str:
-        """The quantization every actor loads with, planned on a node like theirs for --quant auto."""
+        """The quantization every actor loads with, planned on a node like theirs for --quant auto (and said
+        here once, as a single-process run says it: the actors then load what it names, saying nothing)."""
         model = options.model
         if model.quant not in (None, "auto"):
             return model.quant
         plan = self._ray.remote(_plan).options(**self._resources)
         try:
-            return self._ray.get(plan.remote(model, options.job, self.device, os.getcwd()))
+            quant, choice = self._ray.get(plan.remote(model, options.job, self.device, os.getcwd()))
         except self._ray.exceptions.RayTaskError as exc:
             raise _user_error(exc) from None
+        said_once(choice)
+        return quant
 
     def fit(self, options: pipeline.RunOptions, quant: str, count: int) -> tuple[int, str | None]:
         """`count` actors, lowered to what the cluster's memory (Ray's `memory` resource) holds when they run
@@ -302,11 +306,14 @@ def _end_with_the_driver(setup: Setup) -> None:
     threading.Thread(target=watch, name="monkey-driver-watch", daemon=True).start()
 
 
-def _plan(model: pipeline.ModelOptions, job: Any, device: str, cwd: str) -> str:
-    """On a node of the cluster: the quantization the memory plan chooses there."""
+def _plan(model: pipeline.ModelOptions, job: Any, device: str, cwd: str) -> tuple[str, Any]:
+    """On a node of the cluster: the quantization the memory plan chooses there, and its `Choice` (whose
+    notes the driver says; None when nothing fits)."""
+    from monkey_cli.model.sources import resolve_device
+
     with contextlib.suppress(OSError):
         os.chdir(cwd)
-    return pipeline._device_and_quant(replace(model, device=device), job)[1]
+    return pipeline.quant_choice(model, job, resolve_device(device))
 
 
 def _actor_plan(ray: Any, workers: int | None, device: str) -> tuple[int, dict[str, Any], str]:

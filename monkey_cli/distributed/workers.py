@@ -151,7 +151,7 @@ class LocalWorkers:
             return model.quant
         if self.device == "cpu":
             quant, choice = pipeline.quant_choice(model, job, "cpu")
-            _said_once(choice)
+            said_once(choice)
             return quant
         # The memory plan for --quant auto needs a GPU's free memory: the first worker makes it, so that this
         # process never holds a CUDA context (memory on a GPU that a worker needs).
@@ -160,7 +160,7 @@ class LocalWorkers:
         while True:
             for message in self._messages(worker, timeout=_POLL_S):
                 if message[0] == "plan":
-                    _said_once(message[2])
+                    said_once(message[2])
                     return message[1]
                 self._early.extend(self._events(worker, message))
             if worker.conn.closed:
@@ -319,7 +319,7 @@ class LocalWorkers:
             worker.conn.close()
 
 
-def _said_once(choice: Any) -> None:
+def said_once(choice: Any) -> None:
     """The --quant auto choice, said by the driver for every worker (each then loads what it names)."""
     if choice is not None:
         from monkey_cli.api import say_choice

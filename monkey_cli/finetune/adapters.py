@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from monkey_cli.errors import CheckpointError, UsageError
+from monkey_cli.errors import CheckpointError, MissingExtra, MonkeyWarning, UsageError
 from monkey_cli.model.sources import model_file, read_regular_file
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,6 +48,7 @@ DECODER_TARGETS: tuple[str, ...] = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp
 WINDOW_LORA_BANKS: tuple[str, ...] = ("attn.in_proj_lora", "attn.out_proj_lora", "mlp_lora")
 MAX_SHARD_SIZE = "5GB"  # the released checkpoints' shards are 2-5 GB
 MAX_CONFIG_BYTES = 1 << 20  # an adapter_config.json is about 2 KB
+MAX_RECORD_BYTES = 64 << 20  # a training_args.json lists the skipped items: a few MB for a very bad data file
 MAX_HEADER_BYTES = 16 << 20  # a safetensors header names each tensor once: a few hundred kB at most
 MAX_RANK = 4096  # far above any useful LoRA rank; the weights' own shapes must agree with the config's
 # A saved LoRA's tensor names: peft's prefix, the layer, the adapter matrix ("lora_A"/"lora_B").
@@ -73,7 +74,8 @@ def require_peft() -> Any:
     try:
         import peft
     except ImportError:
-        raise UsageError("fine-tuning and adapters need peft: pip install 'monkey-cli[finetune]'") from None
+        message = "fine-tuning and adapters need peft: pip install 'monkey-cli[finetune]'"
+        raise MissingExtra(message, extra="finetune", module="peft") from None
     return peft
 
 
@@ -359,15 +361,82 @@ def check_adapter_weights(folder: Path, model: Any, config: AdapterConfig) -> No
             )
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The base an adapter belongs to
+# ---------------------------------------------------------------------------------------------------------
+def base_model_identity(model: str | os.PathLike[str]) -> str:
+    """A local checkpoint as an absolute path (a merge or resume may run from another folder), else the hub id."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else str(model)
+
+
+def recorded_base(adapter: str | Path) -> str | None:
+    """The base checkpoint an adapter was trained on, as its folder records it: `base_model` of the
+    training_args.json `monkey finetune` writes, else peft's `base_model_name_or_path` in adapter_config.json
+    (a relative path there is relative to where it was trained: taken only if it is a folder from here too);
+    None when neither says. Both files are read as every adapter file is: regular files inside the folder."""
+    folder = Path(adapter)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: adapter folder not found")
+    for name, key in ((TRAINING_ARGS_FILE, "base_model"), (ADAPTER_CONFIG, "base_model_name_or_path")):
+        path = model_file(folder, name, required=False)
+        if path is None:
+            continue
+        try:
+            record = json.loads(read_regular_file(path, MAX_RECORD_BYTES).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            continue  # the config is checked as a whole when the adapter loads; here it only may name the base
+        value = record.get(key) if isinstance(record, dict) else None
+        if not isinstance(value, str) or not value.strip() or len(value) > 4096:
+            continue
+        if name == ADAPTER_CONFIG and not Path(value).is_absolute() and not Path(value).is_dir():
+            from monkey_cli.model.sources import is_hub_id
+
+            if not is_hub_id(value):
+                continue
+        return value
+    return None
+
+
+def same_base(model: str, recorded: str) -> bool:
+    """Whether `model` (as a user names it) is the checkpoint `recorded` names: the same folder, the same hub
+    id, or a Hugging Face cache snapshot of that hub id."""
+    from monkey_cli.model.sources import display_name
+
+    def names(value: str) -> set[str]:
+        return {base_model_identity(value), display_name(value).split("@")[0]}
+
+    return bool(names(model) & names(recorded))
+
+
+def adapter_model(adapter: str | Path, model: str | None) -> str:
+    """The base to apply `adapter` to: `model` when given (which must be the base the adapter records, if it
+    records one), else the recorded base. A different base is a UsageError naming both; a recorded local
+    base that is no longer there needs `model` (and then accepts it)."""
+    recorded = recorded_base(adapter)
+    if model is None:
+        if recorded is None:
+            raise UsageError(f"--adapter {adapter}: neither its {TRAINING_ARGS_FILE} nor its {ADAPTER_CONFIG} says "
+                             "which base model it was trained on: give --model")  # fmt: skip
+        if Path(recorded).is_absolute() and not Path(recorded).is_dir():
+            raise UsageError(f"--adapter {adapter} was trained on {recorded}, which is no longer there: give --model "
+                             "(the base, wherever it is now)")  # fmt: skip
+        return recorded
+    if recorded is None or same_base(model, recorded):
+        return model
+    if Path(recorded).is_absolute() and not Path(recorded).exists():
+        warnings.warn(f"--adapter {adapter} was trained on {recorded}, which is no longer there: using --model {model}",
+                      MonkeyWarning, stacklevel=2)  # fmt: skip
+        return model
+    raise UsageError(
+        f"--adapter {adapter} was trained on {recorded}, not on --model {model}: leave --model out to use its base, "
+        "or give the adapter trained for this model"
+    )
+
+
 def trained_base(adapter: str | Path) -> str:
-    """The base checkpoint a `monkey finetune` run trained this adapter on (from its training_args.json)."""
-    record = Path(adapter) / TRAINING_ARGS_FILE
-    try:
-        return str(json.loads(record.read_text(encoding="utf-8"))["base_model"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UsageError(
-            f"{adapter}: no readable {TRAINING_ARGS_FILE} says which base it was trained on; give --model"
-        ) from None
+    """The base checkpoint this adapter was trained on (`recorded_base`); a UsageError when it says none."""
+    return adapter_model(adapter, None)
 
 
 def adapter_fingerprint(adapter: str | Path) -> str:
@@ -387,13 +456,13 @@ def load_adapter(model: MonkeyForCausalLM, adapter: str | Path) -> PeftModel:
     (`check_adapter_dir`) and its weights' names and shapes compared with what its config means for this model
     before any LoRA layer is made; the layers come from our own `lora_config`, never from peft reading the
     folder."""
+    peft = require_peft()  # first: without peft, its one line (not an ImportError from the line below)
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     folder = check_adapter_dir(adapter)
     config = read_adapter_config(folder)
     check_adapter_weights(folder, model, config)
-    peft = require_peft()
     lora = config.lora_config(model.config.vision.num_windows)
     lora.inference_mode = True
     with quiet_library_warnings():

@@ -5,7 +5,8 @@
         {"from": "user", "value": "<img>scans/form-17.png</img> What is the invoice number? Answer: "},
         {"from": "assistant", "value": "INV-0042"}]}]
 
-A JSON list, or JSON lines (one such object per line). Image paths are relative to the data file (absolute
+A JSON list, or JSON lines (one such object per line). The turns' roles are the original's ("user",
+"assistant") or ShareGPT's / LLaVA's ("human", "gpt"). Image paths are relative to the data file (absolute
 paths work too); a PDF page is `scan.pdf#page=3` or a `"page": 3` field on the item (1-based), and a
 multi-page document without one is refused rather than guessed.
 
@@ -17,7 +18,8 @@ dropped from the prompt exactly as at inference time.
 The rule for bad data: a problem with the file itself (missing, not JSON, not a list of objects) is fatal;
 a problem with one item (no image, unreadable image, no assistant turn, image span not first, too long, a
 path the system cannot take, JSON nested too deeply to read...) skips that item with one line naming it.
-No usable item left is fatal.
+No usable item left is fatal, and so is more than MAX_SKIPPED_SHARE of the items skipped, unless the run
+says to skip them (`--skip-bad`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
 IGNORE_INDEX = -100  # labels of positions that carry no loss (the prompt and the padding)
 USER, ASSISTANT = "user", "assistant"
+# The turns' "from" values: the original's, and ShareGPT's / LLaVA's names for the same two sides.
+USER_ROLES = (USER, "human")
+ASSISTANT_ROLES = (ASSISTANT, "gpt")
+# More than this share of a data file's items skipped stops the run before training (unless skip_bad): a
+# path root or a field name wrong for the whole file skips most items, and training on the few left is
+# rarely what was meant.
+MAX_SKIPPED_SHARE = 0.1
 _LEADING_IMAGE = re.compile(r"<img>(.*?)</img>", re.DOTALL)
 _PAGE_SUFFIX = re.compile(r"#page=(\d+)$")
 _JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{},]', re.DOTALL)  # strings, brackets and commas of JSON text
@@ -72,11 +81,18 @@ class LoadedData:
     skipped: list[str]
     total: int
 
-    def require_examples(self) -> LoadedData:
-        """Itself, if at least one item is usable (no usable item is fatal)."""
+    def require_examples(self, skip_bad: bool = False) -> LoadedData:
+        """Itself, if at least one item is usable (no usable item is fatal) and, unless `skip_bad`, no more
+        than MAX_SKIPPED_SHARE of the items were skipped."""
         if not self.examples:
             why = f"all {self.total} items were skipped" if self.total else "it holds no items"
             raise DataError(f"{self.path}: no usable item ({why})")
+        skipped = self.total - len(self.examples)
+        if not skip_bad and skipped > MAX_SKIPPED_SHARE * self.total:
+            raise DataError(
+                f"{self.path}: {skipped} of {self.total} items were skipped, more than {MAX_SKIPPED_SHARE:.0%}: "
+                f"fix them (each is named above), or pass --skip-bad to train on the other {len(self.examples)}"
+            )
         return self
 
 
@@ -231,9 +247,9 @@ def _turns(item: Any) -> tuple[str, str]:
     if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns):
         raise ItemProblem('every turn must be an object with "from" and a string "value"')
     roles = [t.get("from") for t in turns]
-    if roles[0] != USER:
-        raise ItemProblem(f'the first turn must be from "user", not {roles[0]!r}')
-    if len(turns) < 2 or roles[1] != ASSISTANT:
+    if roles[0] not in USER_ROLES:
+        raise ItemProblem(f'the first turn must be from "user" (or "human"), not {_shown_role(roles[0])}')
+    if len(turns) < 2 or roles[1] not in ASSISTANT_ROLES:
         raise ItemProblem("no assistant turn after the question")
     if len(turns) > 2:
         raise ItemProblem(f"has {len(turns)} turns; one question and one answer per item (split it into items)")
@@ -241,6 +257,11 @@ def _turns(item: Any) -> tuple[str, str]:
     if not answer.strip():
         raise ItemProblem("the answer is empty")
     return turns[0]["value"], answer
+
+
+def _shown_role(role: Any) -> str:
+    text = repr(role)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _image_path(written: str, item: dict[str, Any], root: Path) -> tuple[Path, int | None]:

@@ -53,6 +53,7 @@ from monkey_cli.finetune.adapters import (
     TRAINING_ARGS_FILE,
     AdapterConfig,
     add_lora,
+    base_model_identity,
     check_adapter_weights,
     lora_config,
     quiet_library_warnings,
@@ -87,8 +88,9 @@ MAX_STATE_BYTES = 64 << 20
 EVAL_METRICS = ("anls", "accuracy", "relaxed_accuracy")
 EVAL_EXTRA_TOKENS = 32  # a held-out answer may run this much longer than the longest expected one
 # Options that cannot change the trained weights, so a resume may change them (gradient checkpointing
-# recomputes the same activations, with the same dropout masks).
-_FREE_ON_RESUME = frozenset({"resume", "save_steps", "device", "gradient_checkpointing"})
+# recomputes the same activations, with the same dropout masks; skip_bad only says whether a run that skips
+# many items may train at all: the same data trains the same items).
+_FREE_ON_RESUME = frozenset({"resume", "save_steps", "device", "gradient_checkpointing", "skip_bad"})
 
 Log = Callable[[str], None]
 
@@ -129,6 +131,7 @@ class FinetuneOptions:
     dtype: str | None = None
     quant: str | None = None
     resume: bool = False
+    skip_bad: bool = False  # train even when more than data.MAX_SKIPPED_SHARE of the items were skipped
 
     def __post_init__(self) -> None:
         self.data = Path(self.data)
@@ -266,7 +269,7 @@ def load_datasets(options: FinetuneOptions, log: Log = _stderr) -> tuple[LoadedD
         data = load_data(path, tokenizer, max_length=options.max_length, image_size=config.vision.input_size)
         for line in data.skipped:
             log(f"skipped {line}")
-        loaded.append(data.require_examples())
+        loaded.append(data.require_examples(options.skip_bad))
     return loaded[0], loaded[1]
 
 
@@ -468,12 +471,6 @@ def run_fingerprint(options: FinetuneOptions) -> dict[str, Any]:
     if options.eval_data is not None:
         settings["eval_data_sha256"] = _file_sha256(options.eval_data)
     return settings
-
-
-def base_model_identity(model: str) -> str:
-    """A local checkpoint as an absolute path (a merge or resume may run from another folder), else the hub id."""
-    path = Path(model).expanduser()
-    return str(path.resolve()) if path.is_dir() else model
 
 
 def _check_same_run(recorded: Path, fingerprint: dict[str, Any]) -> None:

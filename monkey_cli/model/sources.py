@@ -56,6 +56,17 @@ def display_name(source: str | os.PathLike[str]) -> str:
     return repo if main == folder.name else f"{repo}@{folder.name[:12]}"
 
 
+def check_source(source: str | os.PathLike[str]) -> None:
+    """ModelSourceError unless `source` is a folder or reads as a hub id (`owner/name`): a mistyped path is
+    said at once, before any work, rather than taken for a checkpoint of the released shape."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_dir() or is_hub_id(text):
+        return
+    what = "a file, not a model folder" if path.exists() else "model folder not found"
+    raise ModelSourceError(f"{text}: {what} (give a checkpoint folder or a hub id like echo840/Monkey)")
+
+
 def resolve_source(source: str | os.PathLike[str]) -> Path:
     """A local checkpoint folder, or a hub id resolved through huggingface_hub's cache (downloading if allowed)."""
     text = str(source)
@@ -64,10 +75,7 @@ def resolve_source(source: str | os.PathLike[str]) -> Path:
         if not os.path.lexists(path / "config.json"):  # what else is wrong with it, load_config says
             raise ModelSourceError(f"{path}: not a Monkey checkpoint folder (no config.json)")
         return path
-    if not is_hub_id(text):
-        raise ModelSourceError(
-            f"{text}: model folder not found (give a checkpoint folder or a hub id like echo840/Monkey)"
-        )
+    check_source(text)
     return _download(text)
 
 
@@ -129,13 +137,15 @@ def peek_config(source: str | os.PathLike[str], family: str | None = None) -> Mo
 
     A local folder's config.json, else the hub cache's copy; a hub id that is not cached yet is assumed to
     have the released checkpoints' shape (both published Monkey models and TextMonkey read 896x896 pages):
-    Monkey's, or TextMonkey's when `family` says so or the id names it.
+    Monkey's, or TextMonkey's when `family` says so or the id names it. A path that is neither a folder
+    nor a hub id is a ModelSourceError.
     """
     from monkey_cli.model.configuration import check_family, load_config, real_config
 
     path = Path(str(source)).expanduser()
     if path.is_dir():
         return load_config(path, family)
+    check_source(source)  # neither a folder nor a hub id: no released config stands in for a typo
     if is_hub_id(str(source)):
         from huggingface_hub import try_to_load_from_cache
 

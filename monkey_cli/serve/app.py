@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException
 from monkey_cli import __version__
 from monkey_cli.serve.errors import APIError, bad_request, too_large, too_slow
 from monkey_cli.serve.middleware import (
+    AccessLogMiddleware,
     AdmissionMiddleware,
     ApiKeyMiddleware,
     BodyLimitMiddleware,
@@ -76,8 +77,8 @@ def create_app(
 
 
 def _install_middleware(app: FastAPI, service: ModelService) -> None:
-    """The last added runs first: security headers, Host, CORS (for allowed origins), cross-site refusal,
-    the key, the queue limit, the body's size and pace."""
+    """The last added runs first: the access log, security headers, Host, CORS (for allowed origins),
+    cross-site refusal, the key, the queue limit, the body's size and pace."""
     settings = service.settings
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes, timeout=settings.body_timeout)
     app.add_middleware(AdmissionMiddleware, service=service)
@@ -97,6 +98,8 @@ def _install_middleware(app: FastAPI, service: ModelService) -> None:
     names = host_names(settings.host, settings.allowed_hosts)
     app.add_middleware(HostMiddleware, names=names, any_host="*" in settings.allowed_hosts)
     app.add_middleware(SecurityHeadersMiddleware)
+    if settings.access_log:  # outermost: every request is logged with the status it finally got
+        app.add_middleware(AccessLogMiddleware)
 
 
 def _load(service: ModelService, on_failure: Callable[[BaseException], None] | None) -> None:

@@ -1,6 +1,6 @@
-"""What every request passes before it reaches a route, outermost first: the security headers of every
-response, the Host header (DNS rebinding), cross-site requests (CSRF), the API key, the queue limit, and the
-body's size and pace.
+"""What every request passes before it reaches a route, outermost first: the access log, the security headers
+of every response, the Host header (DNS rebinding), cross-site requests (CSRF), the API key, the queue limit,
+and the body's size and pace.
 
 All are plain ASGI middleware (nothing is buffered, streams stay streams) and answer with a JSON error in
 OpenAI's shape, before a byte of the body is read: a client without the key cannot make the server read an
@@ -17,6 +17,7 @@ import hmac
 import ipaddress
 import logging
 import socket
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,9 @@ STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 # The web page's own files hold no data: a browser loads them without a key, and the page asks for it.
 PUBLIC_PATHS = ("/", "/favicon.ico")
 PUBLIC_PREFIXES = ("/static/",)
+# Answered without the key too, with less: liveness only (routers/health.py reads `key_accepted`).
+LIVENESS_PATH = "/health"
+_KEY_STATE = "monkey_api_key_accepted"
 
 
 class BodyTooLarge(HTTPException):
@@ -89,6 +93,46 @@ class SecurityHeadersMiddleware:
             await send(message)
 
         await self.app(scope, receive, with_headers)
+
+
+class AccessLogMiddleware:
+    """One line per request in the server's log (stderr), when its response is over: method, path, status,
+    milliseconds and the response body's bytes (`POST /v1/documents 200 1840 ms 2312 bytes`). Never the query
+    string (a client may put a secret there), a header (the key) or a body; the path is cut at 200
+    characters, and the log's handler shows control characters as escapes."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status: int | None = None
+        sent = 0
+
+        async def counted(message: Message) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        except Exception:
+            status = status or 500  # the framework's outermost handler answers it with a 500
+            raise
+        except BaseException:  # cancelled: the client left, or the server stops
+            status = status or 499
+            raise
+        finally:
+            path = scope.get("path", "")
+            shown = path if len(path) <= 200 else path[:200] + "..."
+            milliseconds = (time.perf_counter() - started) * 1000
+            log.info("%s %s %s %.0f ms %d bytes", scope.get("method", "-"), shown, status or "-", milliseconds, sent)
 
 
 def host_names(host: str, allowed: Iterable[str]) -> frozenset[str]:
@@ -199,6 +243,10 @@ class ApiKeyMiddleware:
         self._key = api_key.encode("utf-8")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == LIVENESS_PATH:
+            scope.setdefault("state", {})[_KEY_STATE] = self._authorized(scope)
+            await self.app(scope, receive, send)
+            return
         if scope["type"] != "http" or _is_public(scope["path"]) or self._authorized(scope):
             await self.app(scope, receive, send)
             return
@@ -222,6 +270,11 @@ class ApiKeyMiddleware:
 
 def _is_public(path: str) -> bool:
     return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+def key_accepted(scope: Scope) -> bool:
+    """Whether a request to LIVENESS_PATH carried the server's key (always, for a server without one)."""
+    return bool(scope.get("state", {}).get(_KEY_STATE, True))
 
 
 class AdmissionMiddleware:

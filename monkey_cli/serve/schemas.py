@@ -240,6 +240,20 @@ class Health(BaseModel):
         None, description="How the decode step runs: mode (cudagraphs, inductor, eager), graphs, recompiles, "
         "CUDA graphs captured or skipped, fallbacks and why (`monkey_cli.engine.step.CompileReport`).",
     )
+    # What decides the answers besides the request (a `monkey ... --server` client's resume fingerprint).
+    max_new_tokens: int | None = Field(None, description="The longest answer a request gets (--max-new-tokens).")
+    dtype: str | None = Field(None, description="--dtype as the server was started with (null: auto).")
+    quant_vision: bool | None = None
+    prompt_style: str | None = None
+    family: str | None = None
+    adapter_sha256: str | None = Field(None, description="The --adapter's content hash (null: none).")
+
+
+class Liveness(BaseModel):
+    """/health without the API key of a server that has one: whether it is up, and nothing else."""
+
+    status: Literal["loading", "ready", "failed"]
+    key_required: Literal[True] = Field(True, description="The details need 'Authorization: Bearer KEY'.")
 
 
 # --- errors --------------------------------------------------------------------------------------------

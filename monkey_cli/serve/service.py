@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -97,6 +97,7 @@ class ModelService:
         self.failure: BaseException | None = None
         self.created = int(time.time())
         self.in_progress = 0  # requests for the model being served now (see middleware.AdmissionMiddleware)
+        self._adapter_sha256: str | None = None
         # Threads that wait for answers (and run documents, which mostly wait): one per request in progress.
         self._waiters = ThreadPoolExecutor(max_workers=settings.max_queue + 4, thread_name_prefix="monkey-wait")
 
@@ -117,6 +118,7 @@ class ModelService:
             scheduler = monkey.scheduler(monkey.batch_size)
             scheduler.warm_up()  # the cache and every compiled graph, before the first request waits for them
             loop = EngineLoop(scheduler)
+            self._adapter_sha256 = None if self.settings.adapter is None else _adapter_sha256(self.settings.adapter)
         except BaseException as exc:
             self.failure, self.state = exc, "failed"
             raise
@@ -166,6 +168,7 @@ class ModelService:
             "max_queue": self.settings.max_queue,
         }
         if monkey is not None and loop is not None:
+            s = self.settings
             health.update(
                 quant=monkey.quant,
                 device=str(monkey.model.transformer.wte.weight.device),
@@ -173,6 +176,13 @@ class ModelService:
                 pending=loop.pending,
                 engine=dataclasses.asdict(loop.scheduler.stats),
                 compile=loop.scheduler.compile_report(),
+                # what a `monkey ... --server` client fingerprints its results with (resume), as a local run
+                max_new_tokens=s.max_new_tokens,
+                dtype=s.dtype,
+                quant_vision=s.quant_vision,
+                prompt_style=s.prompt_style,
+                family=getattr(monkey, "family", "monkey"),
+                adapter_sha256=self._adapter_sha256,
             )
         return health
 
@@ -415,6 +425,8 @@ class ModelService:
                 text_layer=reads_text_layer(model_job),
             )  # fmt: skip
         )
+        if emit is not None:
+            pages = _told_page_errors(pages, emit)
         buffer = io.StringIO()
         writer = make_writer("json", buffer)
         for event in engine.run(pages):
@@ -510,6 +522,17 @@ class _DocumentRun:
             handle.cancel()
 
 
+def _told_page_errors(pages: Iterator[Any], emit: Callable[[dict[str, Any]], None]) -> Iterator[Any]:
+    """`pages`, each page that could not be made (or the document, page None) also told as a `page_error` event
+    with whether it is of the moment (`transient`): a client's resume tells a failure for good by it."""
+    from monkey_cli.documents import PageError
+
+    for item in pages:
+        if isinstance(item, PageError):
+            emit({"type": "page_error", "page": item.page, "message": item.message, "transient": item.transient})
+        yield item
+
+
 def _delta_streamer(emit: Callable[[dict[str, Any]], None]) -> Callable[..., Callable[[int], None]]:
     """An Engine `streamer_factory` whose answers become `delta` events: {page, prompt, index, text}."""
     counter = iter(range(1 << 62))
@@ -557,6 +580,12 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
     """Mark a worker's outcome as seen (an abandoned run's error is expected and needs no log line)."""
     if not future.cancelled():
         future.exception()
+
+
+def _adapter_sha256(adapter: str) -> str:
+    from monkey_cli.finetune.adapters import adapter_fingerprint
+
+    return adapter_fingerprint(adapter)
 
 
 def shown_model_name(model: str) -> str:

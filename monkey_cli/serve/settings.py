@@ -34,7 +34,7 @@ class ServeSettings:
     Browsers: `allowed_hosts` are names a request's Host header may carry besides loopback names, IP
     addresses and `host`; `allowed_origins` are the web origins (`http://localhost:3000`) whose pages may
     send requests that change something (POST), "*" any. `render_timeout` is the budget of one page's
-    rendering (uploads, previews)."""
+    rendering (uploads, previews). `access_log`: a line per request in the log."""
 
     model: str = DEFAULT_MODEL
     device: str = "auto"
@@ -59,6 +59,7 @@ class ServeSettings:
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
     render_timeout: float = DEFAULT_RENDER_TIMEOUT  # 0: no limit
+    access_log: bool = True  # a line per request on stderr (method, path, status, ms, bytes)
 
     def __post_init__(self) -> None:
         counts = ("slots", "max_new_tokens", "max_queue", "max_upload_bytes", "max_pages")

@@ -3,8 +3,10 @@
 A multipart form: `file` (the document: PDF, PNG, JPEG, TIFF, WEBP, ...), `task` (ask, caption or read),
 `question` (repeat it for several; ask only), `pages` (the CLI's --pages syntax: `1-3,7,-1`), `password`,
 `force_ocr`, `max_tokens`, `stream`. With `stream=true` the answer is server-sent events: `delta` events
-({index, page, prompt, text}) as the answers are decoded, a `record` event as each record is ready (in
-input order), then `done` with the whole document, then `[DONE]`.
+({index, page, prompt, text}) as the answers are decoded, a `page_error` event ({page, message, transient})
+for a page that could not be made, a `record` event as each record is ready (in input order), then `done`
+with the whole document (as an object, and as the texts `--format json` and `--format md` print: `json`,
+`markdown`), then `[DONE]`.
 
 POST /v1/documents/preview: small images of the selected pages (for the web page).
 """
@@ -86,6 +88,13 @@ async def preview(service: Service, file: Upload, pages: Pages = None, password:
     return await service.preview(await file.read(), upload_name(file.filename), pages, password)
 
 
+def document_markdown(document: dict[str, Any]) -> str:
+    """What `monkey TASK FILE --format md` prints for the document's records."""
+    from monkey_cli.output import Record, render
+
+    return render([Record.from_dict(record) for record in document["records"]], "md")
+
+
 def upload_name(filename: str | None) -> str:
     """What the records call the document: the upload's file name without any folder (the CLI shows the path
     it was given; a client's folders mean nothing here)."""
@@ -113,5 +122,8 @@ async def _events(service: ModelService, job: DocumentJob, request: Request) -> 
         return
     finally:
         run.cancel()
-    yield sse({"type": "done", "document": json.loads(document)})
+    parsed = json.loads(document)
+    markdown = await asyncio.to_thread(document_markdown, parsed)
+    # The document as an object, and as the exact texts `--format json` and `--format md` print (downloads).
+    yield sse({"type": "done", "document": parsed, "json": document, "markdown": markdown})
     yield "data: [DONE]\n\n"

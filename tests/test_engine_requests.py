@@ -135,6 +135,44 @@ def test_a_constraint_never_allows_ids_beyond_the_tokenizer() -> None:
     assert result.token_ids and all(token < TOKENIZER_IDS for token in result.token_ids)
 
 
+class EndsAfter(AllowedSet):
+    """Restricts nothing (`masks_tokens` False), ends the answer after `count` tokens: a stop string's kind."""
+
+    masks_tokens = False
+
+    def __init__(self, count: int) -> None:
+        super().__init__([])
+        self.count, self.accepted = count, 0
+
+    def fill_next_token_bitmask(self, bitmask: torch.Tensor, index: int) -> None:
+        raise AssertionError("a constraint that masks nothing is never asked for a row")
+
+    def accept_token(self, token_id: int) -> bool:
+        self.accepted += 1
+        return True
+
+    def is_terminated(self) -> bool:
+        return self.accepted >= self.count
+
+
+def test_a_constraint_that_masks_nothing_decodes_the_free_tokens() -> None:
+    """Stop strings are a constraint that only ends the answer: its tokens are the free answer's, ids beyond
+    the tokenizer included (this model prefers id 2300, not a token, where the free answer may take it), and
+    it ends with "stop" where it says."""
+    sharp = copy.deepcopy(model("tiny-monkey-sharp", "float32"))
+    boost = torch.zeros(sharp.config.vocab_size)
+    boost[2300] = 4.0
+    sharp.lm_head.register_forward_hook(lambda _module, _inputs, logits: logits + boost)
+    scheduler = _scheduler(sharp, slots=2)
+    scheduler.vocab_limit = TOKENIZER_IDS
+    free = scheduler.run([_request(max_new_tokens=8)])[0].token_ids
+    assert any(token >= TOKENIZER_IDS for token in free[:5]), free  # the premise: a masked row would differ
+    request = GenerationRequest(_prompt_ids("Title?"), image=_image(IMAGES[0]), params=SamplingParams(8),
+                                constraint=EndsAfter(5))  # fmt: skip
+    (result,) = scheduler.run([request])
+    assert result.token_ids == free[:5] and result.finish_reason == FINISH_STOP
+
+
 def test_an_allowed_set_limits_greedy_and_sampled_tokens() -> None:
     sharp = model("tiny-monkey-sharp", "float32")
     allowed = list(range(300, 340))

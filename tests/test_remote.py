@@ -233,3 +233,26 @@ def test_the_servers_own_model_name_and_environment_defaults_are_fine(server, wo
                     env={"MONKEY_SERVER": server.base})  # fmt: skip
     assert local.exit_code == 0 and local.stdout == named.stdout
     assert "--quant auto: using" in local.stderr  # it loaded the model itself
+
+
+def test_a_server_loading_then_warming_up_is_waited_for(monkeypatch) -> None:
+    """/health says loading, then warming (the model loaded, its decode step compiling), then ready: the run
+    waits (told once), and takes the settings of the ready server."""
+    import httpx
+
+    from monkey_cli.remote import Server, client
+
+    states = iter(["loading", "warming", "warming", "ready"])
+
+    def health(request: httpx.Request) -> httpx.Response:
+        status = next(states)
+        if status != "ready":
+            return httpx.Response(503, json={"status": status})
+        return httpx.Response(200, json={"status": "ready", "model": MODEL, "quant": None, "slots": 2})
+
+    monkeypatch.setattr(client, "WAIT_FOR_MODEL_SECONDS", 0)
+    with Server("http://monkey.test") as server:
+        server._client = httpx.Client(base_url=server.url, transport=httpx.MockTransport(health))
+        waits: list[int] = []
+        info = server.info(on_wait=lambda: waits.append(1))
+    assert info.model == MODEL and info.slots == 2 and waits == [1]

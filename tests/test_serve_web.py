@@ -137,7 +137,7 @@ def test_the_page_downloads_the_clis_json_and_markdown(server, browser, download
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from monkey_cli.output import Record, render
+    from monkey_cli.output import SCHEMA_VERSION, Record, render
 
     wait = WebDriverWait(browser, 120)
     _ask_about_report(browser, server, wait)
@@ -148,7 +148,7 @@ def test_the_page_downloads_the_clis_json_and_markdown(server, browser, download
     wait.until(lambda d: saved_json.is_file() and saved_md.is_file())
     wait.until(lambda d: saved_json.read_text(encoding="utf-8") == shown)  # complete, and the very text shown
     document = json.loads(shown)
-    assert document["schema_version"] == 1 and len(document["records"]) == 3
+    assert document["schema_version"] == SCHEMA_VERSION and len(document["records"]) == 3
     records = [Record.from_dict(record) for record in document["records"]]
     wait.until(lambda d: saved_md.read_text(encoding="utf-8") == render(records, "md"))
     assert saved_md.read_text(encoding="utf-8").startswith("# monkey-cli results")

@@ -10,6 +10,9 @@ that one of them plugs in directly:
   constraint refuses it, which fails the request.
 - `is_terminated() -> bool`: the constraint is complete; the request then finishes with reason "stop" (no
   <|endoftext|> is appended).
+- optionally `masks_tokens` (a bool attribute, True when absent): False says the constraint never restricts the
+  choice, it only ends the answer (stop strings); the engine then asks it for no row, and the request decodes
+  exactly as a free one does (ids the tokenizer lacks included, as the original model may choose them).
 
 Before every token of a constrained request (the first one after prefill included) the engine asks for its
 row, applies it to the logits on the device (disallowed tokens get -inf), chooses, then calls `accept_token`.

@@ -597,8 +597,8 @@ class Scheduler:
         if active is None:
             return False
         constraint = active.request.constraint
-        if constraint is None:
-            return True
+        if constraint is None or not getattr(constraint, "masks_tokens", True):
+            return True  # the row stays all ones: the free choice
         host = self._host_bitmask
         try:
             host[slot] = 0

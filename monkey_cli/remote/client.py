@@ -113,7 +113,7 @@ class Server:
                 return ServerInfo.from_health(body)
             if status == "failed":
                 raise ServerError(f"--server {self.url}: its model failed to load (the server's log says why)")
-            if status != "loading":
+            if status not in ("loading", "warming"):  # warming: loaded, compiling its decode step
                 raise ServerError(f"--server {self.url}: does not answer as `monkey serve` does (its /health)")
             if not waited:
                 on_wait()

@@ -275,6 +275,12 @@ class StopAt:
         self._tail = b""
         self.stopped = False
 
+    @property
+    def masks_tokens(self) -> bool:
+        """Only a grammar inside restricts the choice: stop strings alone leave the answer free (the engine asks
+        for no mask, so the tokens are the free answer's up to the stop)."""
+        return self._inner is not None
+
     def fill_next_token_bitmask(self, bitmask: torch.Tensor, index: int) -> None:
         if self._inner is not None:
             self._inner.fill_next_token_bitmask(bitmask, index)

@@ -252,7 +252,7 @@ class Health(BaseModel):
 class Liveness(BaseModel):
     """/health without the API key of a server that has one: whether it is up, and nothing else."""
 
-    status: Literal["loading", "ready", "failed"]
+    status: Literal["loading", "warming", "ready", "failed"]
     key_required: Literal[True] = Field(True, description="The details need 'Authorization: Bearer KEY'.")
 
 

@@ -24,10 +24,8 @@ then `[DONE]`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,13 +37,13 @@ from starlette.datastructures import UploadFile
 
 from monkey_cli.serve import uploads
 from monkey_cli.serve.errors import APIError, bad_request
-from monkey_cli.serve.routers.chat import SSE_HEADERS, sse
+from monkey_cli.serve.routers.chat import SSE_HEADERS
 from monkey_cli.serve.routers.common import Service, client_gone
 from monkey_cli.serve.routers.documents import upload_name
+from monkey_cli.serve.routers.streaming import event_stream
 from monkey_cli.serve.schemas import ERROR_RESPONSES, MAX_TOKENS, DocumentResult
-from monkey_cli.serve.service import ClientGone, ModelService
+from monkey_cli.serve.service import ModelService, threadsafe_call
 
-log = logging.getLogger("monkey_cli.serve")
 router = APIRouter(prefix="/v1", tags=["extract"])
 Emit = Callable[[dict[str, Any]], None]
 
@@ -314,35 +312,16 @@ def _told_pages(pages: Iterable[Any], emit: Emit) -> Iterator[Any]:
         yield item
 
 
-async def _events(service: ModelService, job: ExtractJob, extractor: Any, request: Request) -> AsyncIterator[str]:
-    """The document's server-sent events (the module's docstring), then `done` and `[DONE]`; a failure midway
-    is an `error` event in OpenAI's shape."""
-    events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-    loop = asyncio.get_running_loop()
+def _events(service: ModelService, job: ExtractJob, extractor: Any, request: Request) -> AsyncIterator[str]:
+    """The document's server-sent events (the module's docstring), then `done` and `[DONE]`."""
 
-    def emit(event: dict[str, Any]) -> None:  # from the worker threads
-        with contextlib.suppress(RuntimeError):  # the loop has closed (the server is shutting down)
-            loop.call_soon_threadsafe(events.put_nowait, event)
+    def start(put: Callable[[dict[str, Any]], None]) -> Awaitable[str]:
+        emit = threadsafe_call(asyncio.get_running_loop(), put)  # the extraction's events come from worker threads
+        return service.run_guarded(
+            lambda run: _document(service, job, extractor, run, emit), lambda: client_gone(request)
+        )
 
-    run = asyncio.ensure_future(service.run_guarded(
-        lambda document_run: _document(service, job, extractor, document_run, emit), lambda: client_gone(request)
-    ))  # fmt: skip
-    run.add_done_callback(lambda _: events.put_nowait(None))  # after every event already queued
-    try:
-        while (event := await events.get()) is not None:
-            yield sse(event)
-        document = run.result()
-    except ClientGone:
-        log.info("a client left before its extraction was finished: its requests were dropped")
-        return
-    except APIError as exc:
-        yield sse({"type": "error", **exc.body()})
-        return
-    except Exception as exc:
-        log.error("extract stream failed: %s: %s", type(exc).__name__, exc)
-        yield sse({"type": "error", **APIError(500, "the extraction failed (see the server's log)").body()})
-        return
-    finally:
-        run.cancel()
-    yield sse({"type": "done", "document": json.loads(document), "json": document})
-    yield "data: [DONE]\n\n"
+    async def done(document: str) -> dict[str, Any]:
+        return {"document": json.loads(document), "json": document}
+
+    return event_stream(start, done, "extraction")

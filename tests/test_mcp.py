@@ -15,6 +15,10 @@ from conftest import SAMPLES_DIR, require_parity
 from monkey_cli.mcp.roots import PathRefused, RootFolder
 
 REPO = Path(__file__).resolve().parents[1]
+# The extract calls' fields: one from a JSON Schema object, one in short form (the tool combines them).
+EXTRACT_SCHEMA = {"type": "object", "properties": {"total": {"type": "number", "description": "What is the total?"}}}
+EXTRACT_FIELDS = ["paid:boolean=Is the invoice paid?"]
+MAX_FIELDS = 3  # the session's --max-fields
 
 
 def make_root(tmp_path: Path) -> Path:
@@ -100,7 +104,7 @@ def _call_everything(root: Path, model: str, errlog: Path) -> dict:
 
     env = {"PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     args = ["-m", "monkey_cli", "mcp", "--root", str(root), "--model", model, "--device", "cpu",
-            "--max-new-tokens", "4"]  # fmt: skip
+            "--max-new-tokens", "4", "--max-fields", str(MAX_FIELDS)]  # fmt: skip
     server = StdioServerParameters(command=sys.executable, args=args, env=env, cwd=str(REPO))
     seen: dict = {}
 
@@ -117,6 +121,22 @@ def _call_everything(root: Path, model: str, errlog: Path) -> dict:
                     seen[name] = await client.call_tool("read", {"path": name})
                 seen["no question"] = await client.call_tool("ask", {"path": "chart.png", "question": " "})
                 seen["bad pages"] = await client.call_tool("read", {"path": "invoice.pdf", "pages": "0"})
+                extract = {"path": "invoice.pdf", "schema": EXTRACT_SCHEMA, "fields": EXTRACT_FIELDS}
+                seen["extract"] = await client.call_tool("extract", extract)
+                seen["extract options"] = await client.call_tool("extract", {
+                    "path": "chart.png", "fields": "kind:enum(bar|line|pie)=What kind of chart is it?",
+                    "all_pages": True, "min_confidence": 0.99, "null_probability": False})  # fmt: skip
+                for name, arguments in (
+                    ("extract bad field", {"path": "chart.png", "fields": ["total:money=What is the total?"]}),
+                    ("extract bad schema", {"path": "chart.png", "schema": {"type": "object", "properties": {}}}),
+                    ("extract too many", {"path": "chart.png", "fields": [f"f{i}" for i in range(MAX_FIELDS + 1)]}),
+                    ("extract bad confidence", {**extract, "min_confidence": 2}),
+                    ("extract short answers", {**extract, "max_new_tokens": 1}),
+                    ("extract outside", {**extract, "path": "../outside/secret.pdf"}),
+                    ("extract notes", {**extract, "path": "notes.txt"}),
+                ):
+                    seen[name] = await client.call_tool("extract", arguments)
+                seen["extract again"] = await client.call_tool("extract", extract)  # after the errors
 
     anyio.run(session)
     return seen
@@ -144,9 +164,15 @@ def _records(result) -> list[dict]:
 def test_the_server_lists_its_tools_with_their_inputs(session) -> None:
     seen, *_ = session
     tools = {tool.name: tool for tool in seen["tools"]}
-    assert list(tools) == ["ask", "caption", "read"]
+    assert list(tools) == ["ask", "caption", "read", "extract"]
     assert tools["ask"].input_schema["required"] == ["path", "question"]
     assert set(tools["read"].input_schema["properties"]) == {"path", "pages", "force_ocr"}
+    extract = tools["extract"].input_schema
+    assert extract["required"] == ["path"]
+    assert list(extract["properties"]) == ["path", "schema", "fields", "pages", "all_pages", "min_confidence",
+                                           "null_probability", "max_new_tokens"]  # fmt: skip
+    assert "NAME[:TYPE][=QUESTION]" in extract["properties"]["fields"]["description"]
+    assert "JSON Schema object" in extract["properties"]["schema"]["description"]
     assert all(tool.annotations.read_only_hint and tool.output_schema for tool in tools.values())
     assert "root folder" in tools["ask"].input_schema["properties"]["path"]["description"]
 
@@ -175,8 +201,9 @@ def test_each_tool_answers_with_the_clis_records(session) -> None:
 
 
 def test_the_model_is_loaded_once_and_kept(session) -> None:
-    *_, stderr = session
-    assert stderr.count("--quant auto: using") == 1  # ask, caption and a forced read: one load
+    seen, *_, stderr = session
+    assert not seen["ask"].is_error and not seen["extract"].is_error  # both used the model
+    assert stderr.count("--quant auto: using") == 1  # ask, caption, a forced read and extract: one load
 
 
 def test_paths_outside_the_root_and_links_out_are_tool_errors(session) -> None:
@@ -191,6 +218,74 @@ def test_paths_outside_the_root_and_links_out_are_tool_errors(session) -> None:
     assert notes.is_error and "unsupported type: text" in notes.content[0].text
     assert seen["no question"].is_error and "ask needs a question" in seen["no question"].content[0].text
     assert seen["bad pages"].is_error and "pages are numbered from 1" in seen["bad pages"].content[0].text
+
+
+def _fields(result) -> dict:
+    [record] = _records(result)
+    return record["fields"]
+
+
+def test_extract_answers_with_the_librarys_record_for_the_file(session) -> None:
+    """The tool's record is `monkey extract -f json`'s: its fields equal `Monkey.extract`'s in this process for
+    the same file and fields (the same checkpoint, greedy: the same answers)."""
+    from monkey_cli import Monkey
+    from monkey_cli.extract import from_json_schema, from_short_forms
+    from monkey_cli.output import SCHEMA_VERSION
+
+    seen, folder, model, _stderr = session
+    result = seen["extract"]
+    assert not result.is_error, result.content
+    [record] = _records(result)
+    assert (record["schema_version"], record["task"], record["source"]) == (SCHEMA_VERSION, "extract", "invoice.pdf")
+    assert list(record["fields"]) == ["total", "paid"]
+    assert isinstance(record["valid"], bool) and record["error"] is None
+    for field in record["fields"].values():
+        for key in ("confidence", "confidence_min", "null_probability"):
+            assert field[key] is None or 0 <= field[key] <= 1, (key, field)
+    schema = from_json_schema(EXTRACT_SCHEMA) + from_short_forms(EXTRACT_FIELDS)
+    monkey = Monkey.load(model, device="cpu", batch_size=4)
+    local = monkey.extract(folder / "invoice.pdf", schema, max_new_tokens=4).to_dict()  # the server's answer cap
+    chosen = ("value", "answer", "page", "error")
+    assert {name: [field[key] for key in chosen] for name, field in record["fields"].items()} == {
+        name: [field[key] for key in chosen] for name, field in local["fields"].items()
+    }
+    for name, field in record["fields"].items():
+        for key in ("confidence", "confidence_min", "null_probability"):
+            assert field[key] == pytest.approx(local["fields"][name][key], abs=2e-4), (name, key)
+    assert (record["valid"], record["schema_sha256"]) == (local["valid"], local["schema_sha256"])
+    assert json.loads(result.content[0].text) == {name: field["value"] for name, field in local["fields"].items()}
+
+
+def test_extract_takes_the_commands_options(session) -> None:
+    seen, *_ = session
+    result = seen["extract options"]
+    assert not result.is_error, result.content
+    [record] = _records(result)
+    [candidate] = record["candidates"]["kind"]  # all_pages: the one page's answer
+    assert candidate["page"] == 1 and candidate["value"] in ("bar", "line", "pie")
+    assert record["fields"]["kind"]["null_probability"] is None  # not scored
+    low = [name for name, field in record["fields"].items() if field["confidence"] < 0.99]
+    assert record["needs_review"] == low == ["kind"]  # tiny-monkey is never that sure
+    assert result.content[0].text.splitlines()[1] == "needs review: kind"
+
+
+def test_extract_errors_are_one_line_tool_errors_and_the_server_goes_on(session) -> None:
+    seen, *_ = session
+    for name, reason in (
+        ("extract bad field", "field 'total:money=What is the total?': unknown type 'money'"),
+        ("extract bad schema", 'schema: needs "properties"'),
+        ("extract too many", f"{MAX_FIELDS + 1} fields; this server extracts at most {MAX_FIELDS} per call"),
+        ("extract bad confidence", "min_confidence must be in [0, 1], got 2"),
+        ("extract short answers", "max_new_tokens must be at least 2 for extract; got 1"),
+        ("extract outside", "outside the root folder"),
+        ("extract notes", "error: notes.txt: unsupported type: text"),
+    ):
+        result = seen[name]
+        text = result.content[0].text
+        assert result.is_error and reason in text, (name, text)
+        assert "\n" not in text and "Traceback" not in text, name
+    again = seen["extract again"]
+    assert not again.is_error and _fields(again) == _fields(seen["extract"])  # answering still, and the same
 
 
 @pytest.mark.parametrize("how", ["client leaves", "SIGTERM"])

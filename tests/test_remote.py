@@ -256,3 +256,90 @@ def test_a_server_loading_then_warming_up_is_waited_for(monkeypatch) -> None:
         waits: list[int] = []
         info = server.info(on_wait=lambda: waits.append(1))
     assert info.model == MODEL and info.slots == 2 and waits == [1]
+
+# --- monkey extract --server -----------------------------------------------------------------------------------
+
+FIELDS = ["--field", "title:string=What is the title?", "--field", "total:number", "--field", "kind:enum(a|b|c)!"]
+EXTRACT_CASES = {
+    "json": ["extract", *BAD_AND_GOOD, *FIELDS, "-p", "1-2", "-f", "json"],
+    "jsonl, every page, review": ["extract", "docs/report.pdf", "docs/chart.png", *FIELDS, "-p", "1-2", "--all-pages",
+                                  "--min-confidence", "0.5", "-f", "jsonl"],
+    "csv, no null scoring": ["extract", "docs/chart.png", "docs/sub", *FIELDS, "--no-null-probability", "-f", "csv"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(EXTRACT_CASES))
+def test_extract_gives_the_same_records_locally_and_through_the_server(server, workspace, case: str) -> None:
+    """Every field's value, answer, confidence and null probability, the schema's fingerprint, the errors of
+    the bad documents (alone: the others are answered), stderr and the exit code: as a local run's."""
+    args = EXTRACT_CASES[case]
+    local = _local(workspace, *args)
+    remote = _remote(server, workspace, *args)
+    assert remote.exit_code == local.exit_code, (local.output, remote.output)
+    assert _stderr(remote) == _stderr(local)
+    assert _stdout(remote) == _stdout(local)
+    if case == "json":
+        assert local.exit_code == 1
+        records = json.loads(remote.stdout)["records"]
+        assert [(r["source"], r["error"] is None) for r in records] == [
+            ("docs/notes.txt", False), ("docs/report.pdf", True), ("docs/broken.pdf", False),
+            ("docs/chart.png", False), ("docs/missing.png", False)]  # fmt: skip
+        good = records[1]
+        assert good["task"] == "extract" and good["model"] == MODEL
+        assert list(good["fields"]) == ["title", "total", "kind"]
+        assert all(field["value"] is None for field in records[0]["fields"].values())
+    elif case.startswith("csv"):
+        assert remote.stdout.splitlines()[0].startswith("source,pages,title,total,kind")
+
+
+def test_extract_out_files_and_resume_through_the_server(server, workspace, tmp_path) -> None:
+    """--out: the local run's files; a rerun sends nothing again (done, or failed for good: reported again);
+    another schema redoes the documents."""
+    args = ["extract", "docs/report.pdf", "docs/notes.txt", "docs/chart.png", *FIELDS, "-p", "1-2"]
+    local_out, remote_out = tmp_path / "local", tmp_path / "remote"
+    local = _local(workspace, *args, "--out", str(local_out))
+    remote = _remote(server, workspace, *args, "--out", str(remote_out))
+    assert remote.exit_code == local.exit_code == 1 and remote.stdout == ""
+    assert _stderr(remote) == [line.replace(str(local_out), str(remote_out)) for line in _stderr(local)]
+    files = sorted(path.relative_to(remote_out).as_posix() for path in remote_out.rglob("*") if path.is_file())
+    assert files == sorted(path.relative_to(local_out).as_posix() for path in local_out.rglob("*") if path.is_file())
+    assert "report.pdf.json" in files
+    for name in files:
+        if name != ".monkey-manifest.json":
+            mine, theirs = [(folder / name).read_text(encoding="utf-8") for folder in (remote_out, local_out)]
+            assert _SECONDS.sub("", mine) == _SECONDS.sub("", theirs), name
+    before = server.health()["engine"]["prefills"]
+    again = _remote(server, workspace, *args, "--out", str(remote_out))
+    assert again.exit_code == 1 and "1 already done" in again.stderr, again.stderr
+    assert "as in an earlier run with these settings (--retry-failed redoes it)" in again.stderr  # notes.txt
+    assert server.health()["engine"]["prefills"] == before, "a finished document was sent again"
+    other = _remote(server, workspace, *args[:-2], "--field", "date:date", "-p", "1-2", "--out", str(remote_out))
+    assert "already done" not in other.stderr
+    assert server.health()["engine"]["prefills"] > before
+
+
+def test_extract_a_servers_own_limit_fails_that_document_only(server, workspace) -> None:
+    """report.pdf's 3 pages are more than the server's --max-pages 2: its record is the error, every field
+    null; chart.png is answered."""
+    result = _remote(server, workspace, "extract", "docs/report.pdf", "docs/chart.png", *FIELDS, "-f", "jsonl")
+    assert result.exit_code == 1
+    first, second = (json.loads(line) for line in result.stdout.splitlines())
+    assert first["source"] == "docs/report.pdf" and "at most 2 per request (--max-pages)" in first["error"]
+    assert all(field["value"] is None and field["confidence"] is None for field in first["fields"].values())
+    assert second["source"] == "docs/chart.png" and second["error"] is None and second["valid"] is not None
+    assert result.stderr.splitlines()[0].startswith("error: docs/report.pdf: 3 pages selected; this server takes")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--quant", "8bit"], "error: --quant is the server's with --server"),
+        (["--size", "896x896"], "error: --size: not available with --server"),
+        (["--model", "echo840/Monkey"], "error: --model echo840/Monkey: the server at {url} serves tiny-monkey-sharp"),
+    ],
+)  # fmt: skip
+def test_extract_model_options_are_the_servers(server, workspace, extra: list[str], message: str) -> None:
+    result = _remote(server, workspace, "extract", "docs/chart.png", *FIELDS, *extra)
+    assert result.exit_code == 2 and result.stdout == "", result.output
+    assert result.stderr.splitlines() == [result.stderr.splitlines()[0]]
+    assert result.stderr.startswith(message.format(url=server.base)), result.stderr

@@ -13,7 +13,16 @@ from typing import Any
 import typer
 
 from monkey_cli.cli import app
-from monkey_cli.cli.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, Command, user_errors, warn
+from monkey_cli.cli.common import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    Command,
+    adapter_base,
+    option_given,
+    user_errors,
+    warn,
+)
 from monkey_cli.cli.options import (
     Adapter,
     AllPages,
@@ -38,6 +47,7 @@ from monkey_cli.cli.options import (
     QuantVision,
     RetryFailed,
     SchemaFile,
+    Server,
     Size,
     Verbose,
 )
@@ -70,6 +80,7 @@ def extract(
     all_pages: AllPages = False,
     min_confidence: MinConfidence = None,
     null_probability: NullProbability = True,
+    server: Server = None,
     verbose: Verbose = False,
 ) -> None:
     """Extract fields from each document as validated values with confidence: monkey extract invoice.pdf
@@ -80,6 +91,11 @@ def extract(
         from monkey_cli.extract.run import ExtractRunOptions
         from monkey_cli.pipeline import ModelOptions
 
+        server = server or None
+        if server is not None:
+            _refuse_local_options()
+        else:
+            model = adapter_base(model, adapter)  # --adapter alone: the base it was trained on
         if quant_vision and quant == "none":
             raise UsageError("--quant-vision needs --quant auto, 8bit or 4bit")
         if max_new_tokens < 2:
@@ -113,7 +129,31 @@ def extract(
             overwrite=overwrite,
             retry_failed=retry_failed,
         )
-        _execute(options)
+        remote = None
+        if server is not None:
+            remote = (server, model if option_given("model", False) else None, option_given("max_new_tokens", False))
+        _execute(options, remote)
+
+
+# With --server the server's settings decide these (given on the command line: a usage error), and it answers
+# at its model's page size.
+SERVER_SIDE = {
+    "quant": "--quant", "quant_vision": "--quant-vision", "device": "--device", "dtype": "--dtype",
+    "adapter": "--adapter", "compile": "--compile/--no-compile", "batch_size": "--batch-size",
+    "prompt_style": "--prompt-style",
+}  # fmt: skip
+
+
+def _refuse_local_options() -> None:
+    from monkey_cli.errors import UsageError
+
+    for name, flag in SERVER_SIDE.items():
+        if option_given(name, environment=False):
+            raise UsageError(f"{flag} is the server's with --server (set it when starting `monkey serve`): drop it, "
+                             "or run without --server")  # fmt: skip
+    if option_given("size", environment=False):
+        raise UsageError("--size: not available with --server (the server uses its model's page size); run "
+                         "without --server")  # fmt: skip
 
 
 def _schema(schema: Path | None, fields_file: Path | None, specs: list[str], fmt: str) -> Any:
@@ -140,7 +180,9 @@ def _schema(schema: Path | None, fields_file: Path | None, specs: list[str], fmt
     return combined
 
 
-def _execute(options: Any) -> None:
+def _execute(options: Any, remote: tuple[str, str | None, bool] | None) -> None:
+    """Run locally, or with `remote` (the server's URL, the --model named, whether --max-new-tokens was given) on
+    a running `monkey serve`."""
     from monkey_cli import signals
     from monkey_cli.cli.progress import Progress
     from monkey_cli.extract.results import ExtractionWriter
@@ -167,8 +209,9 @@ def _execute(options: Any) -> None:
     stdin = sys.stdin.buffer if "-" in options.inputs else None
     try:
         with progress:
-            summary = run(options, on_record=on_record, on_start=progress.start, on_stage=progress.stage,
-                          on_page=progress.page_done, stdin=stdin)
+            callbacks = dict(on_record=on_record, on_start=progress.start, on_stage=progress.stage,
+                             on_page=progress.page_done, stdin=stdin)  # fmt: skip
+            summary = run(options, **callbacks) if remote is None else _run_remote(options, remote, callbacks)
     except BrokenPipeError:  # `monkey extract ... | head`: the reader left
         sys.stderr.close()
         raise typer.Exit(EXIT_OK) from None
@@ -185,3 +228,14 @@ def _execute(options: Any) -> None:
     warn(summary.line())
     if failed:
         raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def _run_remote(options: Any, remote: tuple[str, str | None, bool], callbacks: dict[str, Any]) -> Any:
+    import os
+
+    from monkey_cli.remote import Server
+    from monkey_cli.remote.extract import run
+
+    url, model, say_cap = remote
+    with Server(url, api_key=os.environ.get("MONKEY_API_KEY") or None) as server:
+        return run(options, server, model=model, say_cap=say_cap, **callbacks)

@@ -1,4 +1,4 @@
-"""`monkey mcp --root DIR`: serve ask, caption and read over the Model Context Protocol (stdio) to a desktop
+"""`monkey mcp --root DIR`: serve ask, caption, read and extract over the Model Context Protocol (stdio) to a desktop
 assistant or an agent, on files under DIR only, with the model options of the other commands."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from monkey_cli.cli import app
 from monkey_cli.cli.common import Command, adapter_base, needs_extra, user_errors, warn
 from monkey_cli.cli.options import (
     INPUT,
+    PROMPT,
     Adapter,
     BatchSize,
     Compile,
@@ -24,7 +25,9 @@ from monkey_cli.cli.options import (
     Quant,
     QuantVision,
     Verbose,
+    positive_int,
 )
+from monkey_cli.serve.settings import DEFAULT_MAX_QUESTIONS as DEFAULT_MAX_FIELDS
 from monkey_cli.tasks import DEFAULT_MODEL
 
 
@@ -44,6 +47,14 @@ Root = Annotated[
     ),
 ]  # fmt: skip
 
+MaxFields = Annotated[
+    int,
+    typer.Option(
+        "--max-fields", metavar="N", parser=positive_int, rich_help_panel=PROMPT,
+        help="Most fields one extract call may ask for (each is a question of every page).",
+    ),
+]  # fmt: skip
+
 
 @app.command(cls=Command)
 def mcp(
@@ -58,9 +69,10 @@ def mcp(
     prompt_style: PromptStyle = "auto",
     batch_size: BatchSize = 4,
     max_new_tokens: MaxNewTokens = 512,
+    max_fields: MaxFields = DEFAULT_MAX_FIELDS,
     verbose: Verbose = False,
 ) -> None:
-    """Serve the tools ask, caption and read over the Model Context Protocol on stdin/stdout (for Claude
+    """Serve the tools ask, caption, read and extract over the Model Context Protocol on stdin/stdout (for Claude
     Desktop, IDEs and agents); the model loads on the first call that needs it and stays loaded."""
     with user_errors(verbose):
         needs_extra("mcp")
@@ -81,7 +93,7 @@ def mcp(
             compile=compile,
             adapter=None if adapter is None else str(adapter),
         )
-        settings = ToolSettings(options, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        settings = ToolSettings(options, max_new_tokens=max_new_tokens, batch_size=batch_size, max_fields=max_fields)
         try:
             serve_stdio(DocumentService(RootFolder(root), settings))
         except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP (monkey_cli.signals)

@@ -225,6 +225,13 @@ class Extractor:
 
     # --- records -----------------------------------------------------------------------------------------------
 
+    def failure(self, source: str, message: str, *, retry: bool = False) -> Extraction[Any]:
+        """The record `run` gives a document that could not be opened (`message` says why): every field without
+        a value. `retry`: the failure was of the moment (a rerun with --out redoes the document)."""
+        extraction = self._record(_Document(source, errors=[PageError(source, None, message)]))
+        extraction.retry = retry
+        return extraction
+
     def _record(self, document: _Document) -> Extraction[Any]:
         candidates: dict[str, list[Candidate]] = {item.name: [] for item in self.schema.fields}
         failures = [f"p.{error.page}: {error.message}" if error.page else error.message for error in document.errors]

@@ -63,6 +63,13 @@ class Candidate:
             "error": self.error,
         }
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Candidate:
+        """A candidate as `to_dict` wrote it (a value was found where there is one: not-found is null)."""
+        return cls(page=data["page"], value=data["value"], found=data["value"] is not None, answer=data["answer"],
+                   confidence=data["confidence"], confidence_min=data["confidence_min"],
+                   null_probability=data["null_probability"], error=data["error"])  # fmt: skip
+
 
 @dataclass(frozen=True)
 class FieldResult:
@@ -91,6 +98,14 @@ class FieldResult:
             "answer": self.answer,
             "error": self.error,
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]] = ()) -> FieldResult:
+        """A field's result as `to_dict` wrote it, with its candidates (the record's `candidates` entry)."""
+        return cls(value=data["value"], page=data["page"], confidence=data["confidence"],
+                   confidence_min=data["confidence_min"], null_probability=data["null_probability"],
+                   answer=data["answer"], error=data["error"],
+                   candidates=tuple(Candidate.from_dict(item) for item in candidates))  # fmt: skip
 
 
 def choose(candidates: Sequence[Candidate]) -> FieldResult:
@@ -163,6 +178,41 @@ class Extraction(Generic[ModelT]):
             "error": None if self.error is None else one_line(self.error),
             "warnings": list(self.warnings),
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Extraction[Any]:
+        """A record as `to_dict` wrote it (a server's, say): `to_dict()` of the result gives `data` back. Raises
+        ValueError for anything else."""
+        if not isinstance(data, Mapping) or data.get("task") != TASK:
+            raise ValueError("not an extract record")
+        try:
+            return cls._from_dict(data)
+        except KeyError as exc:
+            raise ValueError(f"no {exc.args[0]!r} in it") from None
+        except (AttributeError, TypeError) as exc:
+            raise ValueError(str(exc)) from None
+
+    @classmethod
+    def _from_dict(cls, data: Mapping[str, Any]) -> Extraction[Any]:
+        candidates = data["candidates"]
+        if not isinstance(data["fields"], Mapping) or not (candidates is None or isinstance(candidates, Mapping)):
+            raise ValueError("its fields are not an object")
+        fields = {str(name): FieldResult.from_dict(result, (candidates or {}).get(name, ()))
+                  for name, result in data["fields"].items()}  # fmt: skip
+        return cls(
+            source=str(data["source"]),
+            pages=data["pages"],
+            fields=fields,
+            model_name=data["model"],
+            quant=data["quant"],
+            schema_sha256=data["schema_sha256"],
+            seconds=float(data["seconds"]),
+            error=data["error"],
+            warnings=[str(note) for note in data["warnings"]],
+            valid=data["valid"],
+            needs_review=None if data["needs_review"] is None else [str(name) for name in data["needs_review"]],
+            all_pages=candidates is not None,
+        )
 
 
 def review(fields: Mapping[str, FieldResult], min_confidence: float) -> list[str]:

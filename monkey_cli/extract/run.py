@@ -69,7 +69,7 @@ def run(
     try:
         sources = documents.expand_inputs(list(options.inputs), stdin, exclude=OutputsFilter(folder))
         device, quant = pipeline._device_and_quant(options.model, job)
-        settings = _settings(options, quant)
+        settings = extract_settings(options, quant)
         extractor = Extractor(lambda: load(device), options.schema, extractor_options,
                               model_name=options.model.source, quant=quant)
         pending = pipeline._pending_documents(sources, options, settings, summary, folder)
@@ -158,7 +158,7 @@ def _job(options: ExtractRunOptions) -> Job:
     )
 
 
-def _settings(options: ExtractRunOptions, quant: str) -> dict[str, Any]:
+def extract_settings(options: ExtractRunOptions, quant: str) -> dict[str, Any]:
     """Everything that changes a record (the resume fingerprint); batch size and format do not."""
     model, extract = options.model, options.extract
     return {

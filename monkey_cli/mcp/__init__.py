@@ -6,10 +6,11 @@
     service = DocumentService(RootFolder("~/documents"), ToolSettings(ModelOptions("echo840/Monkey-Chat")))
     serve_stdio(service)          # the official MCP SDK over stdio, until the client closes it
 
-Tools (`tools.TOOLS`, one function each): `ask`, `caption` and `read`, on files under the root folder only
-(`roots.RootFolder`: every path resolved and checked, links not followed). They run the CLI's own flow
-(`pipeline.run`) on one model, loaded on the first call that needs it and kept (`service`), and answer with
-the CLI's text and records (`server`). The SDK (the `mcp` extra) is imported by `server` only.
+Tools (`tools.TOOLS`, one function each): `ask`, `caption`, `read` and `extract`, on files under the root
+folder only (`roots.RootFolder`: every path resolved and checked, links not followed). They run the CLI's own
+flows (`pipeline.run`, `extract.run.run`) on one model, loaded on the first call that needs it and kept
+(`service`), and answer with the CLI's text and records (`server`). The SDK (the `mcp` extra) is imported by
+`server` only.
 
 Modules: `roots` (which paths may be read), `service` (the model and the runs), `tools` (the tools),
 `server` (the SDK's MCPServer, stdio).

@@ -1,4 +1,4 @@
-"""`monkey ask|caption|read --server URL`: a command's documents answered by a running `monkey serve`.
+"""`monkey ask|caption|read|extract --server URL`: a command's documents answered by a running `monkey serve`.
 
     from monkey_cli.remote import Server, run
     with Server("http://127.0.0.1:8000", api_key=None) as server:
@@ -12,8 +12,9 @@ its model failed) is one `ServerError` before any work; a document it does not a
 that document, and the others go on.
 
 Modules: `client` (HTTP: the server's settings from /health, one document's events, errors as exceptions),
-`requests` (what each task sends where: the one place a new task, such as extract, is added), `runner` (the
-run). httpx is imported only when a Server is made.
+`requests` (what each task sends where: the one place a new task is added), `runner` (the run),
+`extract` (`monkey extract`'s run: its records are extractions, written by extract's own code). httpx is
+imported only when a Server is made.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from monkey_cli import documents, pipeline
 from monkey_cli.engine import BadQuestion, DocumentEnd
@@ -34,6 +34,7 @@ from monkey_cli.remote.requests import document_request
 
 log = logging.getLogger("monkey_cli")
 
+T = TypeVar("T")
 MAX_IN_FLIGHT = 8  # documents sent at once: at most this many, and no more than the server's decode slots
 _UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -67,10 +68,10 @@ def run(
     summary = Summary()
     # First the server (reachable, the key right, its model ready) and what it cannot do: nothing is made before.
     info = server.info(on_wait=lambda: on_stage("waiting for the server's model to load"))
-    _check_model(model, info, server.url)
+    check_model(model, info, server.url)
     _check_job(options)
     pipeline.check_family_job(info.family, options.job)
-    max_tokens = _max_tokens(options.job.max_new_tokens, info, say_cap)
+    max_tokens = max_tokens_for(options.job.max_new_tokens, info, say_cap)
     request = document_request(options, max_tokens)
     folder = OutputFolder(options.out_dir, overwrite=options.overwrite) if options.out_dir else None
     try:
@@ -121,7 +122,7 @@ def server_settings(options: RunOptions, info: ServerInfo, max_tokens: int) -> d
     return settings
 
 
-def _check_model(model: str | None, info: ServerInfo, url: str) -> None:
+def check_model(model: str | None, info: ServerInfo, url: str) -> None:
     if model is None or model == info.model or _folder_name(model) == info.model:
         return
     raise UsageError(f"--model {model}: the server at {url} serves {info.model} (with --server its model answers: "
@@ -145,7 +146,7 @@ def _check_job(options: RunOptions) -> None:
                              "model's page size, without positions); run it locally")  # fmt: skip
 
 
-def _max_tokens(asked: int, info: ServerInfo, say: bool) -> int:
+def max_tokens_for(asked: int, info: ServerInfo, say: bool) -> int:
     """The longest answer the server will give: `asked`, capped at its --max-new-tokens (said, if `say`)."""
     limit = info.max_new_tokens
     if limit is None or asked <= limit:
@@ -166,24 +167,35 @@ def _events(
     pending: list[pipeline._Pending],
     answered: dict[str, _Answered],
 ) -> Iterator[Record | DocumentEnd]:
-    """Every pending document's records and its end, in input order; up to MAX_IN_FLIGHT documents (no more
-    than the server's decode slots) are being answered at once."""
+    """Every pending document's records and its end, in input order."""
+    def answer(source: documents.Source) -> _Answered:
+        return _answer(server, request, info, options, source)
+
+    for source, result in in_order(server, info, [item.source for item in pending], answer):
+        answered[source.name] = result
+        yield from result.records
+        yield DocumentEnd(source.name)
+
+
+def in_order(
+    server: Server, info: ServerInfo, sources: list[documents.Source], answer: Callable[[documents.Source], T]
+) -> Iterator[tuple[documents.Source, T]]:
+    """`answer(source)` of every source, given out in input order; up to MAX_IN_FLIGHT documents (no more than
+    the server's decode slots) are being answered at once. Interrupted, the server's connections are closed
+    (it drops what it was doing)."""
     window = max(1, min(MAX_IN_FLIGHT, info.slots))
-    queue: deque[tuple[documents.Source, Future[_Answered]]] = deque()
-    items = iter(pending)
+    queue: deque[tuple[documents.Source, Future[T]]] = deque()
+    items = iter(sources)
     pool = ThreadPoolExecutor(max_workers=window, thread_name_prefix="monkey-remote")
     clean = False
     try:
         while True:
-            while len(queue) < window and (item := next(items, None)) is not None:
-                queue.append((item.source, pool.submit(_answer, server, request, info, options, item.source)))
+            while len(queue) < window and (source := next(items, None)) is not None:
+                queue.append((source, pool.submit(answer, source)))
             if not queue:
                 break
             source, future = queue.popleft()
-            result = future.result()
-            answered[source.name] = result
-            yield from result.records
-            yield DocumentEnd(source.name)
+            yield source, future.result()
         clean = True
     finally:
         if not clean:  # interrupted (or failing): the server drops what it was doing as the connections close
@@ -198,7 +210,7 @@ def _answer(server: Server, request: Any, info: ServerInfo, options: RunOptions,
     failure = _Failure(source, options, info)
     if source.error is not None:
         return _Answered([failure.record(source.error)], [documents.PageError(source.name, None, source.error)])
-    upload = _upload_name(source)
+    upload = upload_name(source)
     try:
         content = source.data if source.data is not None else open(source.path, "rb")  # noqa: SIM115 - closed below
     except OSError as exc:
@@ -264,7 +276,7 @@ class _Failure:
                               prompt=prompt, model=self.info.model, quant=self.info.quant)  # fmt: skip
 
 
-def _upload_name(source: documents.Source) -> str:
+def upload_name(source: documents.Source) -> str:
     """The file name the upload carries (the server shows it in its messages; records get the local name)."""
     name = re.split(r"[\\/]", source.name)[-1].strip()
     return _UNSAFE_NAME.sub("", name) or "upload"

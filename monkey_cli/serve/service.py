@@ -363,7 +363,7 @@ class ModelService:
         identical to the CLI's. With `on_event`, it also gets (on the event loop) `delta` events as the
         answers are decoded and a `record` event as each record is ready, in input order."""
         monkey = self.ready()
-        emit = None if on_event is None else _threadsafe_call(asyncio.get_running_loop(), on_event)
+        emit = None if on_event is None else threadsafe_call(asyncio.get_running_loop(), on_event)
         return await self.run_guarded(lambda run: self._document_records(monkey, job, run, emit), client_gone)
 
     async def run_guarded(self, work: Callable[[_DocumentRun], T], client_gone: Callable[[], Awaitable[None]]) -> T:
@@ -558,10 +558,10 @@ def _wait_all(handles: list[RequestHandle], timeout: float) -> bool:
 
 
 def _threadsafe_put(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any]) -> Callable[[Any], None]:
-    return _threadsafe_call(loop, queue.put_nowait)
+    return threadsafe_call(loop, queue.put_nowait)
 
 
-def _threadsafe_call(loop: asyncio.AbstractEventLoop, function: Callable[[Any], None]) -> Callable[[Any], None]:
+def threadsafe_call(loop: asyncio.AbstractEventLoop, function: Callable[[Any], None]) -> Callable[[Any], None]:
     """`function(item)` scheduled on `loop` from any thread; dropped once the loop is closed (shutdown)."""
 
     def call(item: Any) -> None:

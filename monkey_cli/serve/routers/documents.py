@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
@@ -23,13 +22,13 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import Response, StreamingResponse
 
-from monkey_cli.serve.errors import APIError, bad_request
-from monkey_cli.serve.routers.chat import SSE_HEADERS, sse
+from monkey_cli.serve.errors import bad_request
+from monkey_cli.serve.routers.chat import SSE_HEADERS
 from monkey_cli.serve.routers.common import Service, client_gone
+from monkey_cli.serve.routers.streaming import event_stream
 from monkey_cli.serve.schemas import ERROR_RESPONSES, MAX_TOKENS, DocumentResult, Preview
-from monkey_cli.serve.service import ClientGone, DocumentJob, ModelService
+from monkey_cli.serve.service import DocumentJob, ModelService
 
-log = logging.getLogger("monkey_cli.serve")
 router = APIRouter(prefix="/v1", tags=["documents"])
 
 Upload = Annotated[UploadFile, File(description="The document: PDF, PNG, JPEG, TIFF, WEBP, ... (sniffed).")]
@@ -102,28 +101,13 @@ def upload_name(filename: str | None) -> str:
     return _UNSAFE_NAME.sub("", name) or "upload"
 
 
-async def _events(service: ModelService, job: DocumentJob, request: Request) -> AsyncIterator[str]:
-    events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-    run = asyncio.ensure_future(service.run_document(job, lambda: client_gone(request), on_event=events.put_nowait))
-    run.add_done_callback(lambda _: events.put_nowait(None))  # after every event already queued
-    try:
-        while (event := await events.get()) is not None:
-            yield sse(event)
-        document = run.result()
-    except ClientGone:
-        log.info("a client left before its document was finished: its requests were dropped")
-        return
-    except APIError as exc:
-        yield sse({"type": "error", **exc.body()})
-        return
-    except Exception as exc:
-        log.error("document stream failed: %s: %s", type(exc).__name__, exc)
-        yield sse({"type": "error", **APIError(500, "the document failed (see the server's log)").body()})
-        return
-    finally:
-        run.cancel()
-    parsed = json.loads(document)
-    markdown = await asyncio.to_thread(document_markdown, parsed)
-    # The document as an object, and as the exact texts `--format json` and `--format md` print (downloads).
-    yield sse({"type": "done", "document": parsed, "json": document, "markdown": markdown})
-    yield "data: [DONE]\n\n"
+def _events(service: ModelService, job: DocumentJob, request: Request) -> AsyncIterator[str]:
+    async def done(document: str) -> dict[str, Any]:
+        parsed = json.loads(document)
+        markdown = await asyncio.to_thread(document_markdown, parsed)
+        # The document as an object, and as the exact texts `--format json` and `--format md` print (downloads).
+        return {"document": parsed, "json": document, "markdown": markdown}
+
+    return event_stream(
+        lambda put: service.run_document(job, lambda: client_gone(request), on_event=put), done, "document"
+    )

@@ -4,7 +4,7 @@ Two ways to send it (the same options either way):
 
 - multipart/form-data: `file` (the document), `schema` (a JSON Schema object, as a text field or a file part)
   and/or `field` (the CLI's `--field NAME:TYPE=QUESTION` short forms, repeated), `pages`, `password`,
-  `all_pages`, `min_confidence`, `max_tokens`, `null_probability`;
+  `all_pages`, `min_confidence`, `max_tokens`, `null_probability`, `stream`;
 - application/json: `{"document": "data:application/pdf;base64,...", "name": "invoice.pdf", "schema": {...},
   "field": [...], "pages": ..., ...}`.
 
@@ -13,29 +13,39 @@ The answer is the CLI's JSON document (`{"schema_version", "tool", "records": [r
 hold: `--max-pages`, `--max-questions` (fields), `--max-answers` (fields x pages), the body's size and deadline,
 each page's render budget and the request's time; problems with the request are 400s naming the field, what
 fails for a page is in the record (its `error`), as in the CLI.
+
+With `stream=true` the answer is server-sent events, as /v1/documents' (what `monkey extract --server` reads):
+a `page` event ({page, pages}) for each page as it goes to the model, a `page_error` event ({page, message,
+transient}) for a page that could not be made, the `record` event ({record, retry}: `retry`, a request failed
+for a reason of the moment), then `done` ({document, json}: the answer above, as an object and as its text),
+then `[DONE]`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.datastructures import UploadFile
 
 from monkey_cli.serve import uploads
 from monkey_cli.serve.errors import APIError, bad_request
+from monkey_cli.serve.routers.chat import SSE_HEADERS
 from monkey_cli.serve.routers.common import Service, client_gone
 from monkey_cli.serve.routers.documents import upload_name
+from monkey_cli.serve.routers.streaming import event_stream
 from monkey_cli.serve.schemas import ERROR_RESPONSES, MAX_TOKENS, DocumentResult
-from monkey_cli.serve.service import ModelService
+from monkey_cli.serve.service import ModelService, threadsafe_call
 
 router = APIRouter(prefix="/v1", tags=["extract"])
+Emit = Callable[[dict[str, Any]], None]
 
 DEFAULT_MAX_TOKENS = 64  # the CLI's --max-new-tokens default for extract
 MAX_FORM_FIELDS = 300  # parts of a multipart body (`field` may repeat)
@@ -58,6 +68,7 @@ class ExtractFields(BaseModel):
         None, ge=2, le=MAX_TOKENS, description=f"The longest string or list answer (default {DEFAULT_MAX_TOKENS})."
     )
     null_probability: bool = Field(True, description="Score \"not found\" where a field may be missing.")
+    stream: bool = Field(False, description="Answer as server-sent events (page, page_error, record, done).")
 
     @field_validator("field", mode="before")
     @classmethod
@@ -101,12 +112,20 @@ _OPENAPI = {
 }
 
 
-@router.post("/extract", response_model=DocumentResult, responses=ERROR_RESPONSES, openapi_extra=_OPENAPI)
+@router.post(
+    "/extract",
+    response_model=DocumentResult,
+    responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
+    openapi_extra=_OPENAPI,
+)
 async def extract(request: Request, service: Service) -> Response:
     """`monkey extract`'s record for the document: its fields as validated values, with confidence."""
     service.ready()
     job = await _read(request)
     extractor = await asyncio.to_thread(_prepare, service, job)
+    if job.fields.stream:
+        events = _events(service, job, extractor, request)
+        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
     document = await service.run_guarded(
         lambda run: _document(service, job, extractor, run), lambda: client_gone(request)
     )
@@ -258,16 +277,51 @@ def _schema(fields: ExtractFields) -> Any:
     return combined
 
 
-def _document(service: ModelService, job: ExtractJob, extractor: Any, run: Any) -> str:
-    """Runs in a worker thread: the CLI's pages flow into the extractor, its requests through `run`."""
+def _document(service: ModelService, job: ExtractJob, extractor: Any, run: Any, emit: Emit | None = None) -> str:
+    """Runs in a worker thread: the CLI's pages flow into the extractor, its requests through `run`; `emit`
+    (from any thread) gets the stream's events."""
     from monkey_cli.documents import Source, iter_pages
     from monkey_cli.extract.results import render
 
     monkey = service.ready()
     extractor.loop = run  # every request of this document in one scheduling group, cancelled together
-    pages = uploads.serialized(
+    pages: Iterable[Any] = uploads.serialized(
         iter_pages([Source(job.name, data=job.data)], size=monkey.processor.input_size, pages=job.fields.pages,
                    password=job.fields.password, render_timeout=service.render_timeout)
     )  # fmt: skip
-    records = list(extractor.run(pages))
+    if emit is not None:
+        pages = _told_pages(pages, emit)
+    records = []
+    for record in extractor.run(pages):
+        records.append(record)
+        if emit is not None:
+            emit({"type": "record", "record": record.to_dict(), "retry": record.retry})
     return render(records, "json", extractor.schema.names)
+
+
+def _told_pages(pages: Iterable[Any], emit: Emit) -> Iterator[Any]:
+    """`pages`, each also told as an event: `page` as it goes to the model (a client counts them), `page_error`
+    with whether it is of the moment (a client's resume tells a failure for good by it)."""
+    from monkey_cli.documents import PageError
+
+    for item in pages:
+        if isinstance(item, PageError):
+            emit({"type": "page_error", "page": item.page, "message": item.message, "transient": item.transient})
+        else:
+            emit({"type": "page", "page": item.page, "pages": item.pages})
+        yield item
+
+
+def _events(service: ModelService, job: ExtractJob, extractor: Any, request: Request) -> AsyncIterator[str]:
+    """The document's server-sent events (the module's docstring), then `done` and `[DONE]`."""
+
+    def start(put: Callable[[dict[str, Any]], None]) -> Awaitable[str]:
+        emit = threadsafe_call(asyncio.get_running_loop(), put)  # the extraction's events come from worker threads
+        return service.run_guarded(
+            lambda run: _document(service, job, extractor, run, emit), lambda: client_gone(request)
+        )
+
+    async def done(document: str) -> dict[str, Any]:
+        return {"document": json.loads(document), "json": document}
+
+    return event_stream(start, done, "extraction")

@@ -258,6 +258,7 @@ def test_prefix_reuse_equals_separate_runs() -> None:
     assert scheduler.stats.vision_passes == 1
     assert scheduler.stats.prefix_prefills == 1 and scheduler.stats.prefix_reuses == 3
     assert scheduler.stats.prefills == 0
+    assert scheduler.stats.suffix_prefill_passes == 1  # the three questions' own tokens, in one padded pass
     separate = [_alone(sharp, request) for request in requests]
     assert [r.token_ids for r in shared] == separate
     assert len({tuple(s) for s in separate}) == 3, "the answers should differ, or the test proves little"

@@ -440,10 +440,10 @@ class Scheduler:
                     plain.append(_Prefill(slot, handle, alpha, 0, features))
             except Exception as exc:  # this request fails alone; the others go on
                 self._fail_admission(handle, exc, finished)
-        groups = [plain, *([item for item in suffixes if item.start == start] for start in
-                           sorted({item.start for item in suffixes}))]  # fmt: skip
-        started = [started for group in groups if group for started in self._prefill_group(group, finished)]
-        return sorted(started, key=lambda item: item[0])
+        starts = sorted({item.start for item in suffixes})
+        groups = [plain, *([item for item in suffixes if item.start == start] for start in starts)]
+        started = [pair for group in groups if group for pair in self._prefill_group(group, finished)]
+        return sorted(started, key=lambda pair: pair[0])
 
     def _prefill_group(self, items: list[_Prefill], finished: list[RequestHandle]) -> list[tuple[int, torch.Tensor]]:
         """One pass for `items` (all from the same position); if it fails, each alone, so that only the prompt

@@ -15,7 +15,8 @@ Sections:
   and the mask computation per token (median over random walks through the grammar).
 - page: a fresh page with one question (free decoding, its answer forced to the fields' mean answer length)
   against the same page with 10 fields of every kind (`extract_pages`: one request per field sharing the page's
-  features and image prefix, plus the forced not-found scoring; and without it). Goal: 10 fields < 2x.
+  features and image prefix, its not-found answer scored in its prefill pass; and without that scoring), and
+  what the scheduler did for one such page (prefill passes, decode steps, tokens). Goal: 10 fields < 2x.
 - decode: the median decode step with every slot busy, free against constrained by a long free-text grammar
   (the costliest mask: almost every token allowed) and by a number grammar.
 """
@@ -23,6 +24,7 @@ Sections:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import statistics
@@ -39,6 +41,7 @@ import engine as engine_bench  # noqa: E402  (the CPU stand-in's shape)
 import model as model_bench  # noqa: E402  (shared measurements)
 import quant as quant_bench  # noqa: E402  (the random checkpoint writer)
 
+SECTIONS = ("vocabulary", "page", "decode")
 REAL_VOCAB = 151936  # the released model's logits (151,851 ids padded)
 DEFAULT_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "parity" / "qwen.tiktoken"
 TEN_FIELDS = {
@@ -166,10 +169,14 @@ def page_section(monkey: Any, pages: list[Any], repeats: int) -> dict[str, Any]:
 
     one_question(pages[0])  # warm-up
     times: dict[str, list[float]] = {"one": [], "ten": [], "ten_without_null": []}
+    work: dict[str, int] = {}
     for number in range(repeats):  # interleaved, so that a change in the machine's load hits every figure alike
         page = pages[number % len(pages)]  # a page's features are never reused across runs (fresh image keys)
         times["one"].append(timed(one_question, page))
+        before = dataclasses.asdict(scheduler.stats)
         times["ten"].append(timed(lambda p: extract_pages(monkey, [p], schema, with_null), page))
+        work = {key: value - before[key] for key, value in dataclasses.asdict(scheduler.stats).items()
+                if key != "busiest_step"}  # fmt: skip
         times["ten_without_null"].append(timed(lambda p: extract_pages(monkey, [p], schema, without_null), page))
     one, ten, ten_without_null = (statistics.median(times[key]) for key in ("one", "ten", "ten_without_null"))
     return {
@@ -184,6 +191,7 @@ def page_section(monkey: Any, pages: list[Any], repeats: int) -> dict[str, Any]:
         "ratio_without_null_scoring": ten_without_null / one,
         "goal_met": ten / one < 2,
         "runs_ms": times,
+        "ten_fields_scheduler": work,  # one 10-field page: passes, steps, tokens
     }
 
 
@@ -246,23 +254,28 @@ def decode_section(monkey: Any, page: Any, tokens: int, rounds: int = 3) -> dict
 
 # ----------------------------------------------------------------------------------------------------
 def print_report(report: dict[str, Any]) -> None:
-    vocab = report["vocabulary"]
-    print(f"\nvocabulary: {vocab['vocab']:,} logits; llguidance tokenizer built in {vocab['tokenizer_build_s']:.2f} s")
-    print(f"{'field':<10} {'kind':<8} {'compile ms':>10} {'mask ms (median)':>17} {'mask ms (max)':>14}")
-    for name, row in vocab["kinds"].items():
-        print(f"{name:<10} {row['kind']:<8} {row['compile_ms']:>10.2f} {row['mask_ms_median']:>17.3f} "
-              f"{row['mask_ms_max']:>14.3f}")
-    page = report["page"]
-    print(f"\npage ({page['slots']} slots): one question ({page['one_question_answer_tokens']} tokens) "
-          f"{page['one_question_ms']:.0f} ms; {page['fields']} fields {page['ten_fields_ms']:.0f} ms "
-          f"({page['ratio']:.2f}x), without not-found scoring {page['ten_fields_without_null_scoring_ms']:.0f} ms "
-          f"({page['ratio_without_null_scoring']:.2f}x); goal < 2x: {'met' if page['goal_met'] else 'NOT met'}")
-    print(f"answer tokens per field (with <|endoftext|>): {page['answer_tokens_per_field']}")
-    decode = report["decode"]
-    print(f"\ndecode, {decode['slots']} busy slots: free {decode['free_ms_per_step']:.1f} ms/step, free text "
-          f"constrained {decode['text_constrained_ms_per_step']:.1f} ms/step ({decode['tokens']} tokens); free "
-          f"{decode['free_ms_per_step_12']:.1f}, number constrained {decode['number_constrained_ms_per_step']:.1f} "
-          "ms/step (12 tokens)")
+    if "vocabulary" in report:
+        vocab = report["vocabulary"]
+        print(f"\nvocabulary: {vocab['vocab']:,} logits; llguidance tokenizer built in "
+              f"{vocab['tokenizer_build_s']:.2f} s")
+        print(f"{'field':<10} {'kind':<8} {'compile ms':>10} {'mask ms (median)':>17} {'mask ms (max)':>14}")
+        for name, row in vocab["kinds"].items():
+            print(f"{name:<10} {row['kind']:<8} {row['compile_ms']:>10.2f} {row['mask_ms_median']:>17.3f} "
+                  f"{row['mask_ms_max']:>14.3f}")
+    if "page" in report:
+        page = report["page"]
+        print(f"\npage ({page['slots']} slots): one question ({page['one_question_answer_tokens']} tokens) "
+              f"{page['one_question_ms']:.0f} ms; {page['fields']} fields {page['ten_fields_ms']:.0f} ms "
+              f"({page['ratio']:.2f}x), without not-found scoring {page['ten_fields_without_null_scoring_ms']:.0f} "
+              f"ms ({page['ratio_without_null_scoring']:.2f}x); goal < 2x: {'met' if page['goal_met'] else 'NOT met'}")
+        print(f"answer tokens per field (with <|endoftext|>): {page['answer_tokens_per_field']}")
+        print(f"one 10-field page in the scheduler: {page['ten_fields_scheduler']}")
+    if "decode" in report:
+        decode = report["decode"]
+        print(f"\ndecode, {decode['slots']} busy slots: free {decode['free_ms_per_step']:.1f} ms/step, free text "
+              f"constrained {decode['text_constrained_ms_per_step']:.1f} ms/step ({decode['tokens']} tokens); free "
+              f"{decode['free_ms_per_step_12']:.1f}, number constrained "
+              f"{decode['number_constrained_ms_per_step']:.1f} ms/step (12 tokens)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -275,7 +288,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=32, help="tokens per timed decode run")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated, of {', '.join(SECTIONS)} (default: all)")
     args = parser.parse_args(argv)
+    sections = [name.strip() for name in args.sections.split(",") if name.strip()]
+    if not sections or set(sections) - set(SECTIONS):
+        parser.error(f"--sections: choose among {', '.join(SECTIONS)}, got {args.sections!r}")
 
     import torch
 
@@ -307,6 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, section in (("vocabulary", lambda: vocabulary_section(monkey)),
                               ("page", lambda: page_section(monkey, pages, args.repeats)),
                               ("decode", lambda: decode_section(monkey, pages[0], args.tokens))):
+            if name not in sections:
+                continue
             print(f"measuring: {name} ...", file=sys.stderr, flush=True)
             report[name] = section()
             print(json.dumps(report[name]), file=sys.stderr, flush=True)

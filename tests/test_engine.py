@@ -258,9 +258,34 @@ def test_prefix_reuse_equals_separate_runs() -> None:
     assert scheduler.stats.vision_passes == 1
     assert scheduler.stats.prefix_prefills == 1 and scheduler.stats.prefix_reuses == 3
     assert scheduler.stats.prefills == 0
+    assert scheduler.stats.suffix_prefill_passes == 1  # the three questions' own tokens, in one padded pass
     separate = [_alone(sharp, request) for request in requests]
     assert [r.token_ids for r in shared] == separate
     assert len({tuple(s) for s in separate}) == 3, "the answers should differ, or the test proves little"
+
+
+def test_a_batch_after_prefixes_writes_every_slot_and_attends_to_its_own_prefix() -> None:
+    """BatchWriter from a start position: each prompt's block goes into its own slot after the prefix already
+    there, and attention gets each slot's prefix then its new keys, for consecutive slots (a view of the cache)
+    and for slots out of order (a gather, after an admission failed)."""
+    config = model("tiny-monkey-sharp", "float32").config
+    for slots in ([1, 2, 3], [3, 0]):
+        cache = SlotCache(config, 4, 64, torch.float32, "cpu")
+        for layer in range(config.num_hidden_layers):
+            cache.keys[layer].normal_()
+            cache.values[layer].normal_()
+        before = [k.clone() for k in cache.keys]
+        writer = cache.batch_writer(slots, [5, 3, 4][: len(slots)], start=10)
+        assert writer.get_seq_length() == 10
+        new = torch.randn(len(slots), config.num_attention_heads, 5, config.head_dim)
+        keys, values = writer.update(new, new + 1, layer_idx=1)
+        assert keys.shape == (len(slots), config.num_attention_heads, 15, config.head_dim)
+        for row, slot in enumerate(slots):
+            assert torch.equal(keys[row, :, :10], before[1][slot, :, :10])  # its own prefix
+            assert torch.equal(keys[row, :, 10:], new[row]) and torch.equal(values[row, :, 10:], new[row] + 1)
+            assert torch.equal(cache.keys[1][slot, :, 10:15], new[row])
+        untouched = [slot for slot in range(4) if slot not in slots]
+        assert all(torch.equal(cache.keys[1][slot], before[1][slot]) for slot in untouched)
 
 
 def test_prefix_is_not_shared_across_ntk_regimes() -> None:

@@ -262,6 +262,62 @@ def test_top_logprobs_is_validated() -> None:
             SamplingParams(top_logprobs=bad)
 
 
+# --- scored tokens (teacher-forced in the prefill) ----------------------------------------------------
+
+# The same tokens scored in the prefill pass and decoded one step at a time (a FixedSequence answer): float32,
+# prefill attention against the static decode step's.
+SCORE_ATOL = 1e-5
+
+
+def _scored(question: str, image: int, score_ids: list[int], key: str | None, **params) -> GenerationRequest:
+    request = _request(question, image, **params)
+    return GenerationRequest(request.prompt_ids, image=request.image, image_key=key, params=request.params,
+                             score_ids=score_ids)  # fmt: skip
+
+
+def test_score_ids_are_scored_in_the_prefill_and_leave_the_answer_as_it_was() -> None:
+    """Three questions on one page (prefilled from its shared prefix, together) and one on another page (from
+    position 0), each scoring its own tokens: the answers equal their solo runs without scoring; each
+    score_logprobs equals a teacher-forced forward pass (LOGPROB_ATOL) and the log-probabilities of the same
+    tokens decoded as a forced answer (SCORE_ATOL); the three questions' own tokens took one prefill pass."""
+    sharp = model("tiny-monkey-sharp", "float32")
+    eos = sharp.config.eod_id
+    scores = [[101, 7, eos], [55], [9, 9, 9, 9, 9], [1500, 42, eos]]
+    requests = [
+        _scored("Title?", 0, scores[0], "page", max_new_tokens=6),
+        _scored("Who wrote this report?", 0, scores[1], "page", max_new_tokens=6),
+        _scored("How many rows does the table have?", 0, scores[2], "page", max_new_tokens=3),
+        _scored("Colour?", 1, scores[3], None, max_new_tokens=6),
+    ]
+    scheduler = _scheduler(sharp, slots=4)
+    results = scheduler.run(requests)
+    assert (scheduler.stats.prefix_prefills, scheduler.stats.suffix_prefill_passes) == (1, 1)
+    assert (scheduler.stats.prefills, scheduler.stats.prefill_passes) == (1, 1)
+    assert scheduler.stats.scored_tokens == sum(map(len, scores))
+    for request, result, score_ids in zip(requests, results, scores, strict=True):
+        plain = copy.copy(request)
+        plain.score_ids = ()
+        (unscored,) = _scheduler(sharp, slots=1).run([plain])
+        assert result.token_ids == unscored.token_ids and unscored.score_logprobs is None
+        assert result.logprobs == pytest.approx(unscored.logprobs, abs=SCORE_ATOL)
+        expected = _teacher_logprobs(sharp, request, score_ids[:-1])
+        teacher = [expected[step, token].item() for step, token in enumerate(score_ids)]
+        assert result.score_logprobs == pytest.approx(teacher, abs=LOGPROB_ATOL)
+        forced = copy.copy(plain)
+        forced.params, forced.constraint = SamplingParams(max_new_tokens=len(score_ids)), FixedSequence(score_ids)
+        (decoded,) = _scheduler(sharp, slots=1).run([forced])
+        ended = [decoded.stop_logprob] if decoded.stop_logprob is not None else []  # 2000 is <|endoftext|>
+        assert decoded.token_ids + [sharp.config.eod_id] * len(ended) == score_ids
+        assert result.score_logprobs == pytest.approx(decoded.logprobs + ended, abs=SCORE_ATOL)
+
+
+def test_score_ids_outside_the_vocabulary_are_refused_at_submit() -> None:
+    sharp = model("tiny-monkey-sharp", "float32")
+    for bad in (-1, sharp.config.vocab_size):
+        with pytest.raises(ValueError, match=f"score_ids: token {bad} is outside the vocabulary"):
+            _scheduler(sharp, slots=1).submit(_scored("Title?", 0, [5, bad], None))
+
+
 # --- fair admission ----------------------------------------------------------------------------------
 
 

@@ -30,6 +30,7 @@ from monkey_cli.engine import EngineLoop, GenerationRequest, SamplingParams
 from monkey_cli.engine.scheduler import Scheduler
 from monkey_cli.extract import NOT_FOUND, ExtractOptions, coerce_schema, extract_pages
 from monkey_cli.extract.constraint import CompiledGrammar, ForcedTokens, llguidance_tokenizer
+from monkey_cli.extract.extractor import Extractor
 from monkey_cli.output import answer_confidence
 
 _register_commands()
@@ -183,8 +184,9 @@ def submitted(monkeypatch) -> list:
 def test_confidence_equals_teacher_forced_log_probabilities(checkpoint: str, submitted: list) -> None:
     image, tiny = IMAGES[2], _load(checkpoint)
     result = tiny.extract(image, OPTIONAL, max_new_tokens=24)
-    by_prompt: dict[tuple, dict] = {}
+    by_prompt: dict[tuple, tuple] = {}
     worst = 0.0
+    null_ids = [*tiny.tokenizer.encode(NOT_FOUND), tiny.tokenizer.eod_id]
     for request, handle in submitted:
         answer = handle.wait()
         ended = answer.stop_logprob is not None
@@ -192,19 +194,74 @@ def test_confidence_equals_teacher_forced_log_probabilities(checkpoint: str, sub
         expected = _teacher_forced(tiny, image, list(request.prompt_ids), tokens)
         got = torch.tensor(answer.logprobs + ([answer.stop_logprob] if ended else []))
         worst = max(worst, (expected - got).abs().max().item())
-        kind = "null" if isinstance(request.constraint, ForcedTokens) else "value"
-        by_prompt.setdefault(tuple(request.prompt_ids), {})[kind] = (answer, expected)
+        assert list(request.score_ids) == null_ids  # every field is optional: not found is scored with it
+        null_expected = _teacher_forced(tiny, image, list(request.prompt_ids), null_ids)
+        worst = max(worst, (null_expected - torch.tensor(answer.score_logprobs)).abs().max().item())
+        by_prompt[tuple(request.prompt_ids)] = (expected, null_expected)
     assert worst <= LOGPROB_ATOL, f"engine log-probabilities differ from the teacher-forced ones by {worst:.2e}"
-    assert len(by_prompt) == len(result.fields)
+    assert len(by_prompt) == len(submitted) == len(result.fields)  # one request per field, nothing else
     for item in coerce_schema(OPTIONAL).fields:
         prompt = tuple(tiny.check_prompt(tasks.vqa_prompt(item.question), 2))
         (candidate,) = result.fields[item.name].candidates
-        answer, expected = by_prompt[prompt]["value"]
+        expected, null_expected = by_prompt[prompt]
         assert candidate.confidence == pytest.approx(math.exp(expected.mean().item()), rel=1e-4)
         assert candidate.confidence_min == pytest.approx(math.exp(expected.min().item()), rel=1e-4)
-        null_answer, null_expected = by_prompt[prompt]["null"]
-        assert null_answer.token_ids == tiny.tokenizer.encode(NOT_FOUND)
         assert candidate.null_probability == pytest.approx(math.exp(null_expected.sum().item()), rel=1e-3)
+
+
+# Not found scored in the value request's prefill (teacher-forced) against the separate forced request it
+# replaced (decoded step by step): float32, probabilities in [0, 1].
+NULL_PROBABILITY_ATOL = 1e-5
+CONFIDENCE_ATOL = 1e-5
+
+
+def _forced_request_record(monkey: Monkey, schema: dict, submitted: list, slots: int) -> dict[tuple, tuple]:
+    """What the extractor computed before not found was scored in the prefill, for the requests it `submitted`
+    now: per field, a value request (the same prompt, page and grammar, without score_ids) and a second request
+    decoding the forced not-found answer, on one scheduler, sharing the page's prefix."""
+    null_ids, eos = monkey.tokenizer.encode(NOT_FOUND), monkey.tokenizer.eod_id
+    extractor = Extractor(lambda: monkey, coerce_schema(schema), ExtractOptions(max_new_tokens=24))
+    plans = {tuple(plan.prompt_ids): plan for plan in extractor._prepare()}
+    requests, key = [], ("old path", object())  # its own page key: the scheduler keeps features by key
+    for request, _handle in submitted:
+        assert list(request.score_ids) == [*null_ids, eos]
+        grammar = plans[tuple(request.prompt_ids)].compiled
+        requests.append(GenerationRequest(request.prompt_ids, image=request.image, image_key=key,
+                                          params=request.params, constraint=grammar.constraint()))  # fmt: skip
+        requests.append(GenerationRequest(request.prompt_ids, image=request.image, image_key=key,
+                                          params=SamplingParams(max_new_tokens=len(null_ids) + 1),
+                                          constraint=ForcedTokens(null_ids, eos)))  # fmt: skip
+    results = monkey.scheduler(slots).run(requests)
+    record = {}
+    for index, (request, _handle) in enumerate(submitted):
+        value, null = results[2 * index], results[2 * index + 1]
+        assert null.token_ids == null_ids and null.stop_logprob is not None
+        null_probability = math.exp(sum(null.logprobs) + null.stop_logprob)
+        record[tuple(request.prompt_ids)] = (value.token_ids, answer_confidence(value.logprobs, value.stop_logprob),
+                                             null_probability)  # fmt: skip
+    return record
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny-monkey", "tiny-monkey-sharp"])
+def test_not_found_scored_in_the_prefill_equals_its_forced_request(checkpoint: str, submitted: list) -> None:
+    """The record's answers, confidences and null probabilities equal what a value request plus a separate
+    forced not-found request gave (the extractor's path before), within CONFIDENCE_ATOL / NULL_PROBABILITY_ATOL;
+    the greedy answers are identical. Two pages, 4 slots."""
+    monkey = _load(checkpoint, batch_size=4)
+    for image in IMAGES[:2]:
+        submitted.clear()
+        result = monkey.extract(image, OPTIONAL, max_new_tokens=24)
+        new = {tuple(request.prompt_ids): handle.wait().token_ids for request, handle in submitted}
+        asked = list(submitted)
+        old = _forced_request_record(monkey, OPTIONAL, asked, slots=4)
+        for item in coerce_schema(OPTIONAL).fields:
+            prompt = tuple(monkey.check_prompt(tasks.vqa_prompt(item.question), 2))
+            tokens, confidence, null_probability = old[prompt]
+            candidate = result.fields[item.name]
+            assert new[prompt] == tokens, item.name
+            assert candidate.confidence == pytest.approx(confidence, abs=CONFIDENCE_ATOL)
+            assert candidate.null_probability == pytest.approx(null_probability, abs=NULL_PROBABILITY_ATOL)
+            assert candidate.null_probability > 0
 
 
 def test_free_answers_report_the_same_log_probabilities_as_the_record(tiny: Monkey) -> None:
@@ -254,8 +311,8 @@ def test_not_found_is_null_where_allowed_and_a_value_where_required() -> None:
     for name in ("total", "note"):
         field_result = result.fields[name]
         assert (field_result.value, field_result.page, field_result.answer) == (None, None, NOT_FOUND)
-        # Scored by its own forced request, the not-found answer has exactly the probability it had when decoded:
-        # its tokens and <|endoftext|>, whose mean log-probability is the confidence.
+        # Scored in the prefill, the not-found answer has the probability it had when decoded: its tokens and
+        # <|endoftext|>, whose mean log-probability is the confidence.
         steps = len(monkey.tokenizer.encode(NOT_FOUND)) + 1
         assert field_result.null_probability == pytest.approx(field_result.confidence**steps, rel=1e-3)
     assert isinstance(result.values["code"], int)  # required: the grammar never offers "not found"

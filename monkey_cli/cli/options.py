@@ -449,7 +449,7 @@ NullProbability = Annotated[
     bool,
     typer.Option(
         "--null-probability/--no-null-probability", rich_help_panel=OUTPUT,
-        help="Score \"not found\" on every page where a field may be missing (null_probability): one short extra "
-        "request per field and page; --no-null-probability leaves it null.",
+        help="Score \"not found\" on every page where a field may be missing (null_probability): its tokens are "
+        "teacher-forced in the field's prefill pass; --no-null-probability leaves it null.",
     ),
 ]  # fmt: skip

@@ -97,9 +97,9 @@ class SlotCache:
         """A Cache for a prefill that writes slot `slot` from position `start` on (after a copied prefix)."""
         return SlotWriter(self, slot, start)
 
-    def batch_writer(self, slots: list[int], lengths: list[int]) -> BatchWriter:
-        """A Cache for one right-padded prefill of several prompts, prompt i into slot `slots[i]`."""
-        return BatchWriter(self, slots, lengths)
+    def batch_writer(self, slots: list[int], lengths: list[int], start: int = 0) -> BatchWriter:
+        """A Cache for one right-padded prefill of several prompts, prompt i into slot `slots[i]` from `start`."""
+        return BatchWriter(self, slots, lengths, start)
 
     def load_prefix(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Copy a computed prefix ([1, heads, length, head_dim] per layer) into the start of `slot`."""
@@ -156,22 +156,35 @@ class SlotWriter:
 
 
 class BatchWriter:
-    """Cache interface for a fresh prefill of several right-padded prompts: prompt i (its first `lengths[i]`
-    positions, the rest is padding) goes into slot `slots[i]` from position 0."""
+    """Cache interface for one prefill of several right-padded prompts: prompt i (its first `lengths[i]`
+    positions, the rest is padding) goes into slot `slots[i]` from position `start`.
 
-    def __init__(self, cache: SlotCache, slots: list[int], lengths: list[int]) -> None:
-        self.cache, self.slots, self.lengths = cache, slots, lengths
+    From 0 it returns the new keys and values themselves. After a prefix already in each slot (`start` > 0) it
+    writes the whole padded block into every slot (the padding lands past the prompt, where decoding writes over
+    it and never looks before) and returns the slots' rows up to the end of the block: a view when the slots are
+    consecutive (they are after the busy ones), so the prefixes are read in place, not copied."""
+
+    def __init__(self, cache: SlotCache, slots: list[int], lengths: list[int], start: int = 0) -> None:
+        self.cache, self.slots, self.lengths, self.start = cache, slots, lengths, start
+        consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
+        self._rows = slice(slots[0], slots[0] + len(slots)) if consecutive else torch.tensor(slots, device=cache.device)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0
+        return self.start
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         # key, value: [prompts, heads, longest, head_dim]
         keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
-        for row, (slot, length) in enumerate(zip(self.slots, self.lengths, strict=True)):
-            keys[slot, :, :length].copy_(key[row, :, :length])
-            values[slot, :, :length].copy_(value[row, :, :length])
-        return key, value
+        if self.start == 0:
+            for row, (slot, length) in enumerate(zip(self.slots, self.lengths, strict=True)):
+                keys[slot, :, :length].copy_(key[row, :, :length])
+                values[slot, :, :length].copy_(value[row, :, :length])
+            return key, value
+        end = self.start + key.shape[2]
+        for row, slot in enumerate(self.slots):
+            keys[slot, :, self.start : end].copy_(key[row])
+            values[slot, :, self.start : end].copy_(value[row])
+        return keys[self._rows, :, :end], values[self._rows, :, :end]
 
 
 class DecodeView:

@@ -73,6 +73,12 @@ class GenerationRequest:
     with each new token id as soon as it is chosen (from the engine's thread). `constraint` limits which tokens
     may come next (see `monkey_cli.engine.constraints`). Requests with the same `group` take turns with other
     groups for free slots (None: a group of its own).
+
+    `score_ids` are tokens scored after the prompt by teacher forcing, in the request's prefill pass (they are
+    fed after the prompt in the same forward pass, and cost no decode step): `GenerationResult.score_logprobs[i]`
+    is the model's log-probability of `score_ids[i]` after the prompt and `score_ids[:i]`. The answer itself is
+    decoded as it would be without them (its keys overwrite theirs; causal attention never lets the prompt see
+    them).
     """
 
     prompt_ids: Sequence[int]
@@ -83,6 +89,7 @@ class GenerationRequest:
     on_token: Callable[[int], None] | None = None
     constraint: TokenConstraint | None = None
     group: Hashable | None = None
+    score_ids: Sequence[int] = ()
 
 
 @dataclass(frozen=True)
@@ -90,7 +97,9 @@ class GenerationResult:
     """An answer. `logprobs[i]` is the model's log-probability of `token_ids[i]` (log-softmax of its raw float32
     logits, before temperature, min_new_tokens and constraint masks); `stop_logprob` that of <|endoftext|> at the
     step it was chosen (None if the answer did not end with it); `top_logprobs[i]` the `params.top_logprobs`
-    best (token id, log-probability) pairs at step i, best first (None when none were asked for)."""
+    best (token id, log-probability) pairs at step i, best first (None when none were asked for);
+    `score_logprobs[i]` that of the request's `score_ids[i]`, teacher-forced after the prompt (None without
+    score_ids)."""
 
     token_ids: list[int]  # the answer, without <|endoftext|>
     finish_reason: str  # "stop", "length" or "cancelled"
@@ -98,6 +107,7 @@ class GenerationResult:
     logprobs: list[float] = field(default_factory=list)
     stop_logprob: float | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    score_logprobs: list[float] | None = None
 
 
 class RequestHandle:
@@ -109,6 +119,7 @@ class RequestHandle:
         self.logprobs: list[float] = []
         self.top_logprobs: list[list[tuple[int, float]]] = []
         self.stop_logprob: float | None = None
+        self.score_logprobs: list[float] | None = None  # set at prefill when the request has score_ids
         self.result: GenerationResult | None = None
         self.error: BaseException | None = None
         self.cancelled = False
@@ -145,8 +156,9 @@ class RequestHandle:
 
     def _finish(self, reason: str) -> None:
         top = list(self.top_logprobs) if self.request.params.top_logprobs else None
+        scores = None if self.score_logprobs is None else list(self.score_logprobs)
         self.result = GenerationResult(
-            list(self.tokens), reason, len(self.request.prompt_ids), list(self.logprobs), self.stop_logprob, top
+            list(self.tokens), reason, len(self.request.prompt_ids), list(self.logprobs), self.stop_logprob, top, scores
         )
         self.finished_at = time.perf_counter()
         self._done.set()
@@ -164,14 +176,32 @@ class SchedulerStats:
     vision_passes: int = 0
     images_encoded: int = 0
     prefills: int = 0  # full prompt prefills (requests)
-    prefill_passes: int = 0  # forward passes that prefilled them (several prompts each)
+    prefill_passes: int = 0  # forward passes that prefilled them (several prompts each, prefix passes apart)
     prefix_prefills: int = 0  # image prefixes computed once for several requests
     prefix_reuses: int = 0  # requests that started from a stored prefix
+    suffix_prefill_passes: int = 0  # passes that prefilled the questions of requests started from a prefix
+    scored_tokens: int = 0  # score_ids teacher-forced in prefill passes
     decode_steps: int = 0
     decoded_tokens: int = 0
     busiest_step: int = 0  # the most sequences one decode step advanced together
     slot_moves: int = 0  # sequences moved down to keep the busy slots dense
     cache_allocations: int = 0  # KV caches allocated (more than one: a request outgrew the cache)
+
+
+@dataclass
+class _Prefill:
+    """An admitted request about to be prefilled into `slot` from position `start` (0, or the end of its image
+    prefix, already in the slot), its prompt rotated with `alpha`; `features` for a prefill from 0."""
+
+    slot: int
+    handle: RequestHandle
+    alpha: float
+    start: int
+    features: torch.Tensor | None = None
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.handle.request
 
 
 @dataclass
@@ -245,6 +275,10 @@ class Scheduler:
         if request.image is None and request.image_embeds is None:
             raise ValueError("a request needs an image or its image_embeds")
         _image_end(request.prompt_ids, self.image_end_id)  # a prompt without an image span fails here, not later
+        vocab = self.model.config.vocab_size
+        bad = next((token for token in request.score_ids if not 0 <= int(token) < vocab), None)
+        if bad is not None:
+            raise ValueError(f"score_ids: token {bad} is outside the vocabulary (0..{vocab - 1})")
         handle = RequestHandle(request)
         with self._inbox_lock:
             self._inbox.append(handle)
@@ -339,7 +373,7 @@ class Scheduler:
         self._compact()  # failed admissions leave holes
 
     def _ensure_cache(self, request: GenerationRequest, busy: bool) -> bool:
-        needed = len(request.prompt_ids) + request.params.max_new_tokens
+        needed = _needed_length(request)
         if self._cache is not None and self._cache.fits(self.slots, needed, self._weights.dtype):
             return True
         if busy:
@@ -349,7 +383,7 @@ class Scheduler:
                 "the engine's cache grows from %d to %d tokens for a longer request: the decode step compiles again",
                 self._cache.max_length, round_up_length(needed),
             )  # fmt: skip
-        wanted = max(needed, *(len(h.request.prompt_ids) + h.request.params.max_new_tokens for h in self._waiting))
+        wanted = max(needed, *(_needed_length(h.request) for h in self._waiting))
         self._allocate(max(round_up_length(wanted), self.max_length or 0))
         return True
 
@@ -383,9 +417,14 @@ class Scheduler:
         self, admitted: list[tuple[int, RequestHandle]], finished: list[RequestHandle]
     ) -> list[tuple[int, torch.Tensor]]:
         """Prefill every admitted request into its slot: (slot, logits [vocab] for its first token) of those that
-        started, in slot order; a request whose image or prompt fails fails alone."""
-        plain: list[tuple[int, RequestHandle, torch.Tensor]] = []
-        started: list[tuple[int, torch.Tensor]] = []
+        started, in slot order; a request whose image or prompt fails fails alone.
+
+        Prompts prefilled from position 0 go through one right-padded pass together. Prompts that share their
+        page's image prefix get it copied into their slots (computed once, by the first of them, when it is new)
+        and then prefill their own few tokens together, in one pass per prefix length (one for a page's
+        questions): a page's ten questions admitted at once cost one short pass, not ten."""
+        plain: list[_Prefill] = []
+        suffixes: list[_Prefill] = []
         for position, (slot, handle) in enumerate(admitted):
             try:
                 request = handle.request
@@ -395,71 +434,105 @@ class Scheduler:
                 prefix_end = _image_end(request.prompt_ids, self.image_end_id) + 1
                 shared = request.image_key is not None and prefix_end < len(request.prompt_ids)
                 if shared and self._sharers(request, alpha, prefix_end, later):
-                    started.append((slot, self._prefill_shared(request, slot, alpha, prefix_end, features)))
-                    self._start(slot, handle)
+                    self._load_prefix(request, slot, alpha, prefix_end, features)
+                    suffixes.append(_Prefill(slot, handle, alpha, prefix_end))
                 else:
-                    plain.append((slot, handle, features))
+                    plain.append(_Prefill(slot, handle, alpha, 0, features))
             except Exception as exc:  # this request fails alone; the others go on
                 self._fail_admission(handle, exc, finished)
-        if plain:
+        starts = sorted({item.start for item in suffixes})
+        groups = [plain, *([item for item in suffixes if item.start == start] for start in starts)]
+        started = [pair for group in groups if group for pair in self._prefill_group(group, finished)]
+        return sorted(started, key=lambda pair: pair[0])
+
+    def _prefill_group(self, items: list[_Prefill], finished: list[RequestHandle]) -> list[tuple[int, torch.Tensor]]:
+        """One pass for `items` (all from the same position); if it fails, each alone, so that only the prompt
+        that broke it fails."""
+        try:
+            together = list(self._prefill_batch(items))
+        except Exception:  # noqa: BLE001 - which prompt broke the batch? each one alone says
+            together = None
+        started: list[tuple[int, torch.Tensor]] = []
+        for index, item in enumerate(items):
             try:
-                together = list(self._prefill_batch(plain))
-            except Exception:  # noqa: BLE001 - which prompt broke the batch? each one alone says
-                together = None
-            for index, (slot, handle, _features) in enumerate(plain):
-                try:
-                    logits = together[index] if together is not None else self._prefill_batch([plain[index]])[0]
-                    started.append((slot, logits))
-                    self._start(slot, handle)
-                except Exception as exc:  # noqa: BLE001 - this request fails alone
-                    self._fail_admission(handle, exc, finished)
-        return sorted(started, key=lambda item: item[0])
+                logits = together[index] if together is not None else self._prefill_batch([item])[0]
+                started.append((item.slot, logits))
+                self._start(item.slot, item.handle)
+            except Exception as exc:  # noqa: BLE001 - this request fails alone
+                self._fail_admission(item.handle, exc, finished)
+        return started
 
     def _fail_admission(self, handle: RequestHandle, error: BaseException, finished: list[RequestHandle]) -> None:
         self._release_image(handle.request)
         handle._fail(error)
         finished.append(handle)
 
-    def _prefill_batch(self, items: list[tuple[int, RequestHandle, torch.Tensor]]) -> torch.Tensor:
-        """One right-padded forward pass over several prompts, each into its slot: logits [prompts, vocab] for
-        each prompt's first new token. Padding comes after a prompt, where causal attention never looks."""
+    def _prefill_batch(self, items: list[_Prefill]) -> torch.Tensor:
+        """One right-padded forward pass over several prompts, each into its slot from the same position `start`
+        (0, or the end of an image prefix already in every slot): logits [prompts, vocab] for each prompt's first
+        new token. Padding comes after a prompt, where causal attention never looks. A request's `score_ids` are
+        fed after its prompt in the same pass, and their log-probabilities kept on its handle."""
         model, cache, device = self.model, self._cache, self._weights.device
-        rows = [list(handle.request.prompt_ids) for _, handle, _ in items]
+        start = items[0].start
+        rows = [[*item.request.prompt_ids[start:], *item.request.score_ids[:-1]] for item in items]
         lengths = [len(ids) for ids in rows]
         longest = max(lengths)
         input_ids = torch.full((len(rows), longest), self.eos_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        mask = torch.zeros((len(rows), start + longest), dtype=torch.long)
+        mask[:, :start] = 1
         for row, ids in enumerate(rows):
             input_ids[row, : len(ids)] = torch.tensor(ids)
-            mask[row, : len(ids)] = 1
-        alphas = [model.transformer.ntk_alpha_for(n) for n in lengths]
-        features = torch.stack([f for _, _, f in items])
+            mask[row, start : start + len(ids)] = 1
+        features = torch.stack([item.features for item in items]) if start == 0 else None
         out = model.transformer(
             input_ids=input_ids.to(device),
             attention_mask=mask.to(device) if len(rows) > 1 else None,
-            past_key_values=cache.batch_writer([slot for slot, _, _ in items], lengths),
+            past_key_values=cache.batch_writer([item.slot for item in items], lengths, start),
             image_embeds=features,
             use_cache=True,
-            ntk_alphas=alphas,
+            ntk_alphas=[item.alpha for item in items],  # each prompt's own, whatever its scored tokens add
         )
-        last = torch.tensor(lengths, device=device) - 1
-        hidden = out.last_hidden_state[torch.arange(len(rows), device=device), last]  # [prompts, hidden]
+        # The hidden states that matter: each prompt's last (its first new token), then one per scored token.
+        picks = [(row, len(item.request.prompt_ids) - start - 1, max(len(item.request.score_ids), 1))
+                 for row, item in enumerate(items)]  # fmt: skip
+        row_index = torch.tensor([row for row, _, count in picks for _ in range(count)], device=device)
+        position_index = torch.tensor([last + i for _, last, count in picks for i in range(count)], device=device)
+        hidden = out.last_hidden_state[row_index, position_index]  # [picked, hidden]
         lm_head = model.lm_head
-        self.stats.prefills += len(rows)
-        self.stats.prefill_passes += 1
-        for _, handle, _ in items:
-            self._release_image(handle.request)
-        return lm_head(hidden.to(lm_head.weight.dtype)).float()
+        logits = lm_head(hidden.to(lm_head.weight.dtype)).float()  # [picked, vocab]
+        offsets = [sum(count for _, _, count in picks[:row]) for row in range(len(picks))]
+        for item, offset in zip(items, offsets, strict=True):
+            score_ids = list(item.request.score_ids)
+            if score_ids:
+                scored = torch.log_softmax(logits[offset : offset + len(score_ids)], dim=-1)
+                chosen = scored.gather(1, torch.tensor(score_ids, device=device)[:, None])[:, 0]
+                item.handle.score_logprobs = chosen.tolist()
+                self.stats.scored_tokens += len(score_ids)
+        if start == 0:
+            self.stats.prefills += len(rows)
+            self.stats.prefill_passes += 1
+            for item in items:
+                self._release_image(item.request)
+        else:
+            self.stats.suffix_prefill_passes += 1
+        return logits[torch.tensor(offsets, device=device)]
 
-    def _prefill_shared(
+    def _load_prefix(
         self, request: GenerationRequest, slot: int, alpha: float, prefix_end: int, features: torch.Tensor
-    ) -> torch.Tensor:
-        """Prefill `request` from its page's stored image prefix (computing and storing it first if needed)."""
+    ) -> None:
+        """Put `request`'s page's image prefix into `slot`: a copy of the stored one, or (the first time) computed
+        there and stored."""
         ids, cache = list(request.prompt_ids), self._cache
         key = (request.image_key, alpha, tuple(ids[:prefix_end]))
         prefix = self._prefixes.get(key)
         if prefix is None:
-            self._forward(ids[:prefix_end], cache.writer(slot, 0), alpha, features)
+            self.model.transformer(
+                input_ids=torch.tensor([ids[:prefix_end]], dtype=torch.long, device=self._weights.device),
+                past_key_values=cache.writer(slot, 0),
+                image_embeds=features[None],
+                use_cache=True,
+                ntk_alphas=[alpha],
+            )
             prefix = [(k[slot : slot + 1, :, :prefix_end].clone(), v[slot : slot + 1, :, :prefix_end].clone())
                       for k, v in zip(cache.keys, cache.values, strict=True)]  # fmt: skip
             self._prefixes.put(key, prefix)
@@ -468,28 +541,6 @@ class Scheduler:
             cache.load_prefix(slot, [k for k, _ in prefix], [v for _, v in prefix])
         self.stats.prefix_reuses += 1
         self._release_image(request)
-        mask = torch.ones(1, len(ids), dtype=torch.long, device=self._weights.device)
-        return self._forward(ids[prefix_end:], cache.writer(slot, prefix_end), alpha, None, mask)
-
-    def _forward(
-        self,
-        ids: list[int],
-        writer: Any,
-        alpha: float,
-        features: torch.Tensor | None,
-        mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self._weights.device)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            past_key_values=writer,
-            image_embeds=None if features is None else features[None],
-            use_cache=True,
-            ntk_alphas=[alpha],
-            logits_to_keep=1,
-        )
-        return out.logits[0, -1]
 
     def _start(self, slot: int, handle: RequestHandle) -> None:
         """Make `slot` busy with `handle`'s request (prefilled): its per-slot state on the device."""
@@ -794,6 +845,11 @@ def _notify_all(notices: list[Callable[[], None]]) -> None:
             error = error or exc
     if error is not None:
         raise error
+
+
+def _needed_length(request: GenerationRequest) -> int:
+    """The cache positions a request may write: its prompt, then its answer or its scored tokens."""
+    return len(request.prompt_ids) + max(request.params.max_new_tokens, len(request.score_ids))
 
 
 def _image_end(ids: Sequence[int], image_end_id: int) -> int:

@@ -4,8 +4,10 @@ Every field of every page is one request to the model's scheduler: the field's q
 its answer constrained by the field's grammar (`grammar.py`, through `constraint.py`). A page's requests share
 its vision features and its image prefix (the ~1,280-token prefill is done once per page, each field then
 prefills only its own question), and continuous batching keeps the decode slots busy across fields, pages and
-documents, so a field costs about its question and its answer's few tokens. Where "not found" is allowed, a
-second short request scores the not-found answer itself (forced tokens), which gives its probability exactly.
+documents, so a field costs about its question and its answer's few tokens. The fields of a page admitted
+together prefill their questions in one forward pass. Where "not found" is allowed, the not-found answer itself
+is scored in that same pass (its tokens and <|endoftext|> fed after the question, teacher-forced:
+`GenerationRequest.score_ids`), which gives its probability exactly and costs no decode step.
 
 `Extractor.run(pages)` streams records in input order (the CLI); `extract_pages(model, pages, schema)` returns
 one document's record (the Python API and a server, which passes its `EngineLoop` as `loop`).
@@ -29,7 +31,7 @@ from monkey_cli.extract.schema import ExtractSchema, Field
 from monkey_cli.output import answer_confidence
 
 DEFAULT_MAX_NEW_TOKENS = 64
-IN_FLIGHT_PER_SLOT = 4  # requests kept submitted per decode slot (a page brings one or two per field)
+IN_FLIGHT_PER_SLOT = 4  # requests kept submitted per decode slot (a page brings one per field)
 _PAGE_KEYS = itertools.count()  # image keys unique in the process (a server's documents never share a page)
 
 
@@ -38,7 +40,7 @@ class ExtractOptions:
     """How to extract. `max_new_tokens` caps the answers that can be long (strings, lists; the other kinds take
     what their grammar needs); `min_confidence` lists fields under it in `needs_review`; `all_pages` keeps
     every page's candidates in the record; `null_probability` scores "not found" on every page where it is
-    allowed (one short extra request per field and page)."""
+    allowed (its few tokens teacher-forced in the field's prefill pass)."""
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     min_confidence: float | None = None
@@ -66,11 +68,10 @@ class _Plan:
 
 @dataclass
 class _Ask:
-    """One field asked of one page: its value request and, where not found is allowed, the not-found score."""
+    """One field asked of one page: its value request (which scores not found too, where that is allowed)."""
 
     plan: _Plan
     value: Any = None  # RequestHandle
-    null: Any = None
 
 
 @dataclass
@@ -84,8 +85,7 @@ class _Document:
 
     def handles(self) -> Iterator[Any]:
         for _page, asks in self.asks:
-            for ask in asks:
-                yield from (handle for handle in (ask.value, ask.null) if handle is not None)
+            yield from (ask.value for ask in asks if ask.value is not None)
 
 
 class Extractor:
@@ -200,7 +200,6 @@ class Extractor:
 
     def _submit(self, page: Page, pixels: Any) -> list[_Ask]:
         from monkey_cli.engine import GenerationRequest, SamplingParams
-        from monkey_cli.extract.constraint import ForcedTokens
 
         model = self._model()
         target = self.loop or model.scheduler(self._slots())
@@ -211,15 +210,11 @@ class Extractor:
             ask = _Ask(plan)
             if plan.prompt_ids is not None:
                 params = SamplingParams(max_new_tokens=plan.grammar.max_tokens)
+                scored = plan.field.nullable and self.options.null_probability
                 ask.value = target.submit(GenerationRequest(
-                    plan.prompt_ids, image=image, image_key=key, params=params, constraint=plan.compiled.constraint()
-                ))
-                if plan.field.nullable and self.options.null_probability:
-                    forced = ForcedTokens(self._null_ids, model.tokenizer.eod_id)
-                    params = SamplingParams(max_new_tokens=len(self._null_ids) + 1)
-                    ask.null = target.submit(GenerationRequest(
-                        plan.prompt_ids, image=image, image_key=key, params=params, constraint=forced
-                    ))
+                    plan.prompt_ids, image=image, image_key=key, params=params, constraint=plan.compiled.constraint(),
+                    score_ids=[*self._null_ids, model.tokenizer.eod_id] if scored else (),
+                ))  # fmt: skip
             asks.append(ask)
         return asks
 
@@ -272,7 +267,6 @@ class Extractor:
             return Candidate(page.page, None, False, None, None, None, None, error=ask.plan.error)
         try:
             result = ask.value.wait()
-            null = ask.null.wait() if ask.null is not None else None
         except Exception as exc:  # noqa: BLE001 - this page's request failed; the record says so
             return Candidate(page.page, None, False, None, None, None, None,
                              error=f"p.{page.page}: field {item.name!r}: {type(exc).__name__}: {exc}")
@@ -295,7 +289,7 @@ class Extractor:
             answer=text.strip(),
             confidence=answer_confidence(result.logprobs, result.stop_logprob),
             confidence_min=math.exp(min(logprobs)) if logprobs else None,
-            null_probability=_null_probability(null, result, self._null_ids) if item.nullable else None,
+            null_probability=_null_probability(result, self._null_ids) if item.nullable else None,
             error=error,
         )
 
@@ -319,14 +313,14 @@ def extract_pages(
     return next(iter(extractor.run(pages)))
 
 
-def _null_probability(null: Any, result: Any, null_ids: list[int]) -> float | None:
-    """The model's probability of answering "not found" (its tokens, then <|endoftext|>)."""
-    scored = null
-    if scored is None and result.token_ids == null_ids and result.stop_logprob is not None:
-        scored = result  # the answer was "not found" itself: the same tokens, the same probability
-    if scored is None or scored.stop_logprob is None or scored.token_ids != null_ids:
-        return None
-    return math.exp(sum(scored.logprobs) + scored.stop_logprob)
+def _null_probability(result: Any, null_ids: list[int]) -> float | None:
+    """The model's probability of answering "not found" (its tokens, then <|endoftext|>): scored in the value
+    request's prefill (`score_logprobs`), or, without that scoring, read from an answer that was "not found"."""
+    if result.score_logprobs is not None:
+        return math.exp(sum(result.score_logprobs))
+    if result.token_ids == null_ids and result.stop_logprob is not None:
+        return math.exp(sum(result.logprobs) + result.stop_logprob)  # the same tokens, the same probability
+    return None
 
 
 def _span(handles: list[Any]) -> float:

@@ -160,7 +160,7 @@ def test_out_files_and_resume_through_the_server(server, workspace, tmp_path) ->
     assert "1 already done" in again.stderr, again.stderr  # report.pdf
     # notes.txt and broken.pdf (no document), chart.png (no page 2): failed for good, reported, not sent again
     assert again.stderr.count("as in an earlier run with these settings (--retry-failed redoes it)") == 3
-    assert server.health()["engine"]["prefills"] == before["prefills"], "a finished document was sent again"
+    assert server.health()["engine"]["decode_steps"] == before["decode_steps"], "a finished document was sent again"
     local_again = _local(workspace, *args, "--out", str(local_out))
     assert _stderr(again) == [line.replace(str(local_out), str(remote_out)) for line in _stderr(local_again)]
     shorter = _remote(server, workspace, *args, "--out", str(remote_out), "--max-new-tokens", "4")
@@ -308,14 +308,14 @@ def test_extract_out_files_and_resume_through_the_server(server, workspace, tmp_
         if name != ".monkey-manifest.json":
             mine, theirs = [(folder / name).read_text(encoding="utf-8") for folder in (remote_out, local_out)]
             assert _SECONDS.sub("", mine) == _SECONDS.sub("", theirs), name
-    before = server.health()["engine"]["prefills"]
+    before = server.health()["engine"]["decode_steps"]  # any field answered takes decode steps
     again = _remote(server, workspace, *args, "--out", str(remote_out))
     assert again.exit_code == 1 and "1 already done" in again.stderr, again.stderr
     assert "as in an earlier run with these settings (--retry-failed redoes it)" in again.stderr  # notes.txt
-    assert server.health()["engine"]["prefills"] == before, "a finished document was sent again"
+    assert server.health()["engine"]["decode_steps"] == before, "a finished document was sent again"
     other = _remote(server, workspace, *args[:-2], "--field", "date:date", "-p", "1-2", "--out", str(remote_out))
     assert "already done" not in other.stderr
-    assert server.health()["engine"]["prefills"] > before
+    assert server.health()["engine"]["decode_steps"] > before
 
 
 def test_extract_a_servers_own_limit_fails_that_document_only(server, workspace) -> None:

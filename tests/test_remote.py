@@ -343,3 +343,18 @@ def test_extract_model_options_are_the_servers(server, workspace, extra: list[st
     assert result.exit_code == 2 and result.stdout == "", result.output
     assert result.stderr.splitlines() == [result.stderr.splitlines()[0]]
     assert result.stderr.startswith(message.format(url=server.base)), result.stderr
+
+
+def test_extract_more_fields_than_the_server_takes_is_refused_before_any_work(server, workspace, tmp_path) -> None:
+    """33 fields against a server's --max-questions 32 (its /health says so): one line, exit 2, nothing sent
+    or made (not an error record per document, and not one sent again by every rerun)."""
+    fields = [arg for number in range(33) for arg in ("--field", f"f{number}:string")]
+    before = server.health()["engine"]["decode_steps"]
+    out = tmp_path / "out"
+    result = _remote(server, workspace, "extract", "docs/chart.png", "docs/sub", *fields, "--out", str(out))
+    assert result.exit_code == 2 and result.stdout == "", result.output
+    assert result.stderr.splitlines() == [
+        f"error: 33 fields; --server {server.base} extracts at most 32 per document (its --max-questions): extract "
+        "fewer, or start the server with a higher --max-questions"
+    ]
+    assert not out.exists() and server.health()["engine"]["decode_steps"] == before

@@ -55,6 +55,7 @@ class ServerInfo:
     prompt_style: str
     adapter_sha256: str | None
     slots: int
+    max_questions: int | None = None  # per request (None: an older server that does not say)
 
     @classmethod
     def from_health(cls, body: dict[str, Any]) -> ServerInfo:
@@ -68,6 +69,7 @@ class ServerInfo:
             prompt_style=str(body.get("prompt_style") or "auto"),
             adapter_sha256=body.get("adapter_sha256"),
             slots=int(body.get("slots") or 1),
+            max_questions=body.get("max_questions") if isinstance(body.get("max_questions"), int) else None,
         )
 
 
@@ -181,7 +183,7 @@ def _events(response: Any) -> Iterator[dict]:
             return
         try:
             event = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             raise DocumentFailed("the server sent an event that is not JSON") from None
         if isinstance(event, dict) and event.get("type") == "error":
             raise DocumentFailed(f"the server stopped answering it: {_error_message(event) or 'an error'}")

@@ -3,7 +3,7 @@
 As for the other tasks (`runner`): the server's settings first (reachable, the key right, its model ready),
 then the inputs listed and the output folder planned and resumed by the local code, with a resume
 fingerprint made of the server's model settings and the schema's fingerprint. Each document goes whole to
-`POST /v1/extract` (streamed: its pages are counted as the server renders them), a few at a time, and its
+`POST /v1/extract` (streamed; its pages are counted when its record is given out), a few at a time, and its
 record comes back in input order, written through the local run's own atomic per-document files.
 
 The record is the record a local run makes but for what is the server's: `model` as the server names its
@@ -62,6 +62,11 @@ def run(
     if options.size is not None:
         raise UsageError("--size: not available with --server (the server uses its model's page size); run it "
                          "locally")  # fmt: skip
+    fields = len(options.schema.fields)
+    if info.max_questions is not None and fields > info.max_questions:
+        raise UsageError(f"{fields} fields; --server {server.url} extracts at most {info.max_questions} per document "
+                         "(its --max-questions): extract fewer, or start the server with a higher "
+                         "--max-questions")  # fmt: skip
     max_tokens = max_tokens_for(options.extract.max_new_tokens, info, say_cap)
     if max_tokens < 2:
         raise UsageError(f"--server {server.url} gives answers of at most {max_tokens} token (its "

@@ -247,6 +247,9 @@ class Health(BaseModel):
     prompt_style: str | None = None
     family: str | None = None
     adapter_sha256: str | None = Field(None, description="The --adapter's content hash (null: none).")
+    max_questions: int | None = Field(
+        None, description="The most questions (or /v1/extract fields) one request may ask (--max-questions)."
+    )
 
 
 class Liveness(BaseModel):

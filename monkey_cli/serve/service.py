@@ -183,6 +183,7 @@ class ModelService:
                 prompt_style=s.prompt_style,
                 family=getattr(monkey, "family", "monkey"),
                 adapter_sha256=self._adapter_sha256,
+                max_questions=s.max_questions,  # a client refuses a run over it before any work
             )
         return health
 

@@ -9,9 +9,9 @@
   the file, unless the folder was opened with `overwrite=True` (`--overwrite`).
 * Every file is written whole or not at all: into a temp file in monkey's own work folder
   (`DIR/.monkey-work-<16 hex digits>`, recorded in the manifest before its first use), flushed to disk, then
-  renamed into place after the manifest records it. A run killed outright leaves its work folder behind; a
-  later run removes the recorded work folders whose run has ended (a lock on each tells) and only the temp
-  files in them that monkey names; nothing else is ever deleted.
+  renamed into place after the manifest records it. A run killed outright leaves its work folder behind; the
+  next run's first write, and every run's end, remove the recorded work folders whose run has ended (a lock on
+  each tells) and only the temp files in them that monkey names; nothing else is ever deleted.
 * A full disk, an exceeded quota or file-size limit, or a read-only filesystem raises `OutputFull` naming the
   file: a run stops there, and everything written before stays whole.
 """
@@ -602,7 +602,14 @@ class OutputFolder:
             os.close(fd)
 
     def close(self) -> None:
-        """Remove this run's work folder; its record goes at the next run's first write (which finds it gone)."""
+        """Remove this run's work folder (its record goes at the next run's first write, which finds it gone),
+        and those of runs that ended without removing theirs: a worker or a run killed outright, whose lock
+        is free now (a run still going keeps its own)."""
+        with contextlib.suppress(MonkeyError, OSError):  # tidying up after others never fails a finished run
+            others = [name for name in self._read_manifest()[1] if name != self._work_name]
+            if others:
+                self._work_folder()  # the manifest is written through it (a first use removes the ended ones)
+                self._remove_work_folders(others)
         if self._work is None:
             return
         name, work = self._work_name, self._work

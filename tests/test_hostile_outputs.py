@@ -199,6 +199,30 @@ def test_a_killed_runs_work_folder_is_cleared_of_its_temps_only_and_a_live_ones_
     assert not live_work.exists()
 
 
+@pytest.mark.parametrize("wrote", [True, False])
+def test_a_run_ending_clears_a_killed_workers_work_folder_and_keeps_a_live_one(tmp_path, wrote: bool) -> None:
+    """Workers share --out: one killed mid-run leaves its work folder; the run's end (its driver's folder
+    closing, whether it wrote through it or not) removes it, and never a worker's that is still going."""
+    out = tmp_path / "out"
+    killed, live = OutputFolder(out), OutputFolder(out)
+    killed.write("x.json", b"1")
+    live.write("y.json", b"2")
+    killed_work, live_work = out / killed._work_name, out / live._work_name
+    (killed_work / "3-0123abcd.tmp").write_bytes(b"half a document")
+    killed._work.close()  # killed: its lock is gone, its folder stays
+    killed._work = None
+    driver = OutputFolder(out)
+    if wrote:
+        driver.write("z.json", b"3")
+    driver.close()
+    assert not killed_work.exists(), "a killed worker's work folder outlived the run"
+    assert live_work.is_dir(), "a live worker's work folder was removed"
+    live.close()
+    assert not list(out.glob(".monkey-work-*"))
+    expected = ["x.json", "y.json", MANIFEST_NAME, *(["z.json"] if wrote else [])]
+    assert sorted(path.name for path in out.iterdir()) == sorted(expected)  # nothing else removed or left
+
+
 def test_a_work_folder_name_taken_by_a_link_is_left_alone(tmp_path, never_load):
     docs, out, outside = tmp_path / "docs", tmp_path / "out", tmp_path / "outside"
     text_pdf(docs / "a.pdf", "a")

@@ -576,6 +576,23 @@ class OutputFolder:
         if ended:
             self._save(lambda _entries, work_dirs: [work_dirs.remove(n) for n in ended if n in work_dirs])
 
+    def _left(self, name: str) -> bool:
+        """Whether the recorded work folder `name` is still there, a real folder, and its run has ended (its lock
+        is free): left behind by a run killed outright."""
+        if fcntl is None or self._root.fd is None:
+            return False
+        try:
+            fd = os.open(name, _FOLDER_FLAGS, dir_fd=self._root.fd)
+        except OSError:
+            return False  # gone (its record goes at the next write), or not a folder monkey made
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            return False  # its run is still going
+        finally:
+            os.close(fd)  # the lock goes with the descriptor
+
     def _clear_work_folder(self, name: str) -> bool:
         """Empty and remove one ended run's work folder; False while its run still holds its lock."""
         if fcntl is None or self._root.fd is None:
@@ -606,10 +623,10 @@ class OutputFolder:
         and those of runs that ended without removing theirs: a worker or a run killed outright, whose lock
         is free now (a run still going keeps its own)."""
         with contextlib.suppress(MonkeyError, OSError):  # tidying up after others never fails a finished run
-            others = [name for name in self._read_manifest()[1] if name != self._work_name]
-            if others:
+            ended = [name for name in self._read_manifest()[1] if name != self._work_name and self._left(name)]
+            if ended:  # otherwise nothing is touched (a refused run leaves DIR exactly as it was)
                 self._work_folder()  # the manifest is written through it (a first use removes the ended ones)
-                self._remove_work_folders(others)
+                self._remove_work_folders(ended)
         if self._work is None:
             return
         name, work = self._work_name, self._work

@@ -314,3 +314,32 @@ def _bad_value(exc: Any, ctx: Any) -> str:
     from monkey_cli.cli.options import Sentence
 
     return f"{name}: {exc.message}" if isinstance(exc, Sentence) else f"{name} {exc.message}"
+
+
+# With --server, the server's own settings decide these (it was started with them): given on the command line
+# they are a usage error (from an environment variable they are left to the server, unused).
+SERVER_SIDE = {
+    "family": "--family", "quant": "--quant", "quant_vision": "--quant-vision", "device": "--device",
+    "dtype": "--dtype", "adapter": "--adapter", "compile": "--compile/--no-compile", "batch_size": "--batch-size",
+    "prompt_style": "--prompt-style", "render_timeout": "--render-timeout", "workers": "--workers", "ray": "--ray",
+}  # fmt: skip
+# ... and these a server does not do: it answers with its own prompts, at its model's page size, no positions.
+LOCAL_ONLY = {"size": "--size", "prompt": "--prompt", "overlay": "--overlay"}
+
+
+def refuse_local_options(positions: bool = False) -> None:
+    """With --server: a model option given on the command line is the server's to decide, and what a server
+    does not do is refused, each in one line before any work."""
+    from monkey_cli.errors import UsageError
+
+    for name, flag in SERVER_SIDE.items():
+        if option_given(name, environment=False):
+            raise UsageError(f"{flag} is the server's with --server (set it when starting `monkey serve`): drop it, "
+                             "or run without --server")  # fmt: skip
+    for name, flag in LOCAL_ONLY.items():
+        if option_given(name, environment=False):
+            raise UsageError(f"{flag}: not available with --server (the server uses its own prompts, at its model's "
+                             "page size); run without --server")  # fmt: skip
+    if positions:
+        raise UsageError("text positions (spot, read --positions, ask --ground) are not available with --server; "
+                         "run without --server")  # fmt: skip

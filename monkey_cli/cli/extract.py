@@ -20,6 +20,7 @@ from monkey_cli.cli.common import (
     Command,
     adapter_base,
     option_given,
+    refuse_local_options,
     user_errors,
     warn,
 )
@@ -93,7 +94,7 @@ def extract(
 
         server = server or None
         if server is not None:
-            _refuse_local_options()
+            refuse_local_options()
         else:
             model = adapter_base(model, adapter)  # --adapter alone: the base it was trained on
         if quant_vision and quant == "none":
@@ -133,27 +134,6 @@ def extract(
         if server is not None:
             remote = (server, model if option_given("model", False) else None, option_given("max_new_tokens", False))
         _execute(options, remote)
-
-
-# With --server the server's settings decide these (given on the command line: a usage error), and it answers
-# at its model's page size.
-SERVER_SIDE = {
-    "quant": "--quant", "quant_vision": "--quant-vision", "device": "--device", "dtype": "--dtype",
-    "adapter": "--adapter", "compile": "--compile/--no-compile", "batch_size": "--batch-size",
-    "prompt_style": "--prompt-style",
-}  # fmt: skip
-
-
-def _refuse_local_options() -> None:
-    from monkey_cli.errors import UsageError
-
-    for name, flag in SERVER_SIDE.items():
-        if option_given(name, environment=False):
-            raise UsageError(f"{flag} is the server's with --server (set it when starting `monkey serve`): drop it, "
-                             "or run without --server")  # fmt: skip
-    if option_given("size", environment=False):
-        raise UsageError("--size: not available with --server (the server uses its model's page size); run "
-                         "without --server")  # fmt: skip
 
 
 def _schema(schema: Path | None, fields_file: Path | None, specs: list[str], fmt: str) -> Any:

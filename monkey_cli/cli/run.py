@@ -23,6 +23,7 @@ from monkey_cli.cli.common import (
     adapter_base,
     needs_extra,
     option_given,
+    refuse_local_options,
     user_errors,
     warn,
 )
@@ -116,17 +117,6 @@ def _document_options(
     server: Server = None,
 ) -> None:
     """The options ask, caption, read and spot share: only its signature is used (see `_with_document_options`)."""
-
-
-# With --server, the server's own settings decide these (it was started with them): given on the command line
-# they are a usage error (from an environment variable they are left to the server, unused).
-SERVER_SIDE = {
-    "family": "--family", "quant": "--quant", "quant_vision": "--quant-vision", "device": "--device",
-    "dtype": "--dtype", "adapter": "--adapter", "compile": "--compile/--no-compile", "batch_size": "--batch-size",
-    "prompt_style": "--prompt-style", "render_timeout": "--render-timeout", "workers": "--workers", "ray": "--ray",
-}  # fmt: skip
-# ... and these a server does not do: it answers with its own prompts, at its model's page size, no positions.
-LOCAL_ONLY = {"size": "--size", "prompt": "--prompt", "overlay": "--overlay"}
 
 
 class _RunCommand(Command):
@@ -259,7 +249,7 @@ def _run(
 
     server = args["server"] or None
     if server is not None:
-        _refuse_local_options(positions)
+        refuse_local_options(positions)
     if args["quant_vision"] and args["quant"] == "none":
         raise UsageError("--quant-vision needs --quant auto, 8bit or 4bit")
     if args["ray"] is not None and server is None:
@@ -313,24 +303,6 @@ def _run(
                          say_cap=option_given("max_new_tokens", False))  # fmt: skip
     with process_budget(args["render_timeout"]):
         _execute(options, ScaleOptions(workers=workers, ray=args["ray"], verbose=args["verbose"]), remote)
-
-
-def _refuse_local_options(positions: bool) -> None:
-    """With --server: a model option given on the command line is the server's to decide, and what a server
-    does not do is refused, each in one line before any work."""
-    from monkey_cli.errors import UsageError
-
-    for name, flag in SERVER_SIDE.items():
-        if option_given(name, environment=False):
-            raise UsageError(f"{flag} is the server's with --server (set it when starting `monkey serve`): drop it, "
-                             "or run without --server")  # fmt: skip
-    for name, flag in LOCAL_ONLY.items():
-        if option_given(name, environment=False):
-            raise UsageError(f"{flag}: not available with --server (the server uses its own prompts, at its model's "
-                             "page size); run without --server")  # fmt: skip
-    if positions:
-        raise UsageError("text positions (spot, read --positions, ask --ground) are not available with --server; "
-                         "run without --server")  # fmt: skip
 
 
 class _Remote:

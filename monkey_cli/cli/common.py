@@ -343,3 +343,32 @@ def refuse_local_options(positions: bool = False) -> None:
     if positions:
         raise UsageError("text positions (spot, read --positions, ask --ground) are not available with --server; "
                          "run without --server")  # fmt: skip
+
+
+def model_options(
+    model: str,
+    *,
+    device: str,
+    dtype: str,
+    quant: str,
+    quant_vision: bool,
+    prompt_style: str,
+    compile: bool | None,
+    adapter: Any,
+) -> Any:
+    """The `pipeline.ModelOptions` of the model options every model command shares (one line for a bad pair)."""
+    from monkey_cli.errors import UsageError
+    from monkey_cli.pipeline import ModelOptions
+
+    if quant_vision and quant == "none":
+        raise UsageError("--quant-vision needs --quant auto, 8bit or 4bit")
+    return ModelOptions(
+        source=model,
+        device=device,
+        dtype=None if dtype == "auto" else dtype,
+        quant=quant,
+        quant_vision=quant_vision,
+        prompt_style=prompt_style,
+        compile=compile,
+        adapter=None if adapter is None else str(adapter),
+    )

@@ -19,6 +19,7 @@ from monkey_cli.cli.common import (
     EXIT_SOME_FAILED,
     Command,
     adapter_base,
+    model_options,
     option_given,
     refuse_local_options,
     user_errors,
@@ -90,31 +91,20 @@ def extract(
         from monkey_cli.errors import UsageError
         from monkey_cli.extract import ExtractOptions
         from monkey_cli.extract.run import ExtractRunOptions
-        from monkey_cli.pipeline import ModelOptions
 
         server = server or None
         if server is not None:
             refuse_local_options()
         else:
             model = adapter_base(model, adapter)  # --adapter alone: the base it was trained on
-        if quant_vision and quant == "none":
-            raise UsageError("--quant-vision needs --quant auto, 8bit or 4bit")
         if max_new_tokens < 2:
             raise UsageError(f"--max-new-tokens must be at least 2 for extract; got {max_new_tokens}")
         extract_schema = _schema(schema, fields_file, field or [], fmt)
         options = ExtractRunOptions(
             inputs=tuple(inputs),
             schema=extract_schema,
-            model=ModelOptions(
-                source=model,
-                device=device,
-                dtype=None if dtype == "auto" else dtype,
-                quant=quant,
-                quant_vision=quant_vision,
-                prompt_style=prompt_style,
-                compile=compile,
-                adapter=None if adapter is None else str(adapter),
-            ),
+            model=model_options(model, device=device, dtype=dtype, quant=quant, quant_vision=quant_vision,
+                                prompt_style=prompt_style, compile=compile, adapter=adapter),  # fmt: skip
             extract=ExtractOptions(
                 max_new_tokens=max_new_tokens,
                 min_confidence=min_confidence,

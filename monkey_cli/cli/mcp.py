@@ -10,7 +10,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from monkey_cli.cli import app
-from monkey_cli.cli.common import Command, adapter_base, needs_extra, user_errors, warn
+from monkey_cli.cli.common import Command, adapter_base, model_options, needs_extra, user_errors, warn
 from monkey_cli.cli.options import (
     INPUT,
     PROMPT,
@@ -77,22 +77,10 @@ def mcp(
     with user_errors(verbose):
         needs_extra("mcp")
         model = adapter_base(model, adapter)
-        from monkey_cli.errors import UsageError
         from monkey_cli.mcp import DocumentService, RootFolder, ToolSettings, serve_stdio
-        from monkey_cli.pipeline import ModelOptions
 
-        if quant_vision and quant == "none":
-            raise UsageError("--quant-vision needs --quant auto, 8bit or 4bit")
-        options = ModelOptions(
-            source=model,
-            device=device,
-            dtype=None if dtype == "auto" else dtype,
-            quant=quant,
-            quant_vision=quant_vision,
-            prompt_style=prompt_style,
-            compile=compile,
-            adapter=None if adapter is None else str(adapter),
-        )
+        options = model_options(model, device=device, dtype=dtype, quant=quant, quant_vision=quant_vision,
+                                prompt_style=prompt_style, compile=compile, adapter=adapter)  # fmt: skip
         settings = ToolSettings(options, max_new_tokens=max_new_tokens, batch_size=batch_size, max_fields=max_fields)
         try:
             serve_stdio(DocumentService(RootFolder(root), settings))
